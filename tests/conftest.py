@@ -1,0 +1,30 @@
+"""Test set-up: two logical CPU devices, quiet TensorFlow, shared data paths."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from tfadv import distribute  # pylint: disable=g-import-not-at-top
+
+# Logical devices must exist before TensorFlow initialises; every test then
+# has /cpu:0 and /cpu:1 for MirroredStrategy, and the default strategy uses
+# /cpu:0 alone.
+distribute.split_cpu(2)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("TFADV_SHARED_DATA",
+                        os.path.join(os.path.dirname(REPO), "shared", "data"))
+FEWCLUE = os.path.join(SHARED, "fewclue")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def fewclue_dir():
+  if not os.path.isdir(FEWCLUE):
+    pytest.fail(f"Shared data not found at {FEWCLUE}: check out ../shared "
+                "beside the repo or set TFADV_SHARED_DATA.")
+  return FEWCLUE

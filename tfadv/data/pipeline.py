@@ -1,0 +1,96 @@
+"""Step-indexed, deterministic input pipelines for any `tf.distribute` strategy.
+
+The example seen at global position p (p = step * global_batch + row) is
+`index_shuffle(p mod n, seed=[seed, p div n])`: a fresh permutation each
+epoch, computed from the position alone. A run resumed at step s therefore
+starts its input at position s * global_batch and sees exactly the batches an
+uninterrupted run would have seen; no iterator state is checkpointed.
+
+Each replica receives rows [g * b, (g + 1) * b) of every global batch, where g
+is its global replica index and b the per-replica batch, so N replicas see the
+same global batches as one device, on any number of workers.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+WEIGHTS = "example_weight"
+
+
+def _per_replica_rows(context: tf.distribute.InputContext, global_batch_size: int):
+  per_replica = context.get_per_replica_batch_size(global_batch_size)
+  replicas_per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
+  first_replica = context.input_pipeline_id * replicas_per_pipeline
+  return per_replica, first_replica, replicas_per_pipeline
+
+
+def distributed_dataset(strategy: tf.distribute.Strategy,
+                        arrays: Dict[str, np.ndarray], global_batch_size: int,
+                        *, shuffle: bool, seed: int = 0, start_step: int = 0,
+                        num_steps: Optional[int] = None,
+                        repeats_per_batch: int = 1):
+  """Builds the distributed dataset of `arrays` (equal-length numpy arrays).
+
+  Args:
+    strategy: the strategy whose replicas consume the batches.
+    arrays: features and labels, all with the same first dimension n.
+    global_batch_size: examples per step across all replicas.
+    shuffle: training order (reshuffled each epoch, endless) when True;
+      evaluation order (each example once, in order) when False. The last
+      evaluation batch is padded with `example_weight` 0 to keep shapes static.
+    seed: seed of the training order.
+    start_step: first global step to produce (resume point).
+    num_steps: number of steps; defaults to endless for training and one pass
+      for evaluation.
+    repeats_per_batch: each batch is produced this many times in a row
+      (minibatch replay, as Free adversarial training needs).
+
+  Returns:
+    A distributed dataset yielding dicts with the keys of `arrays` plus
+    `example_weight`.
+  """
+  n = len(next(iter(arrays.values())))
+  if global_batch_size % strategy.num_replicas_in_sync:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible "
+                     f"by the {strategy.num_replicas_in_sync} replicas.")
+  if num_steps is None and not shuffle:
+    num_steps = -(-n // global_batch_size)
+  tensors = {k: tf.constant(v) for k, v in arrays.items()}
+
+  def dataset_fn(context: tf.distribute.InputContext):
+    per_replica, first_replica, local_replicas = _per_replica_rows(
+        context, global_batch_size)
+    steps = tf.data.Dataset.range(start_step, start_step + num_steps) if num_steps \
+        else tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    if repeats_per_batch > 1:
+      steps = steps.flat_map(
+          lambda s: tf.data.Dataset.from_tensors(s).repeat(repeats_per_batch))
+
+    def positions_of(step):
+      # The rows of `step`'s global batch that this pipeline's replicas take.
+      first = step * global_batch_size + first_replica * per_replica
+      return tf.data.Dataset.range(first, first + local_replicas * per_replica)
+
+    def index_and_weight(position):
+      if shuffle:
+        seed_vector = tf.stack([tf.cast(seed, tf.int64), position // n])
+        index = tf.random.experimental.index_shuffle(position % n, seed_vector,
+                                                     max_index=n - 1)
+        return index, tf.constant(1.0)
+      valid = position < n
+      return tf.where(valid, position, 0), tf.cast(valid, tf.float32)
+
+    def gather(index, weight):
+      batch = {k: tf.gather(t, index) for k, t in tensors.items()}
+      batch[WEIGHTS] = weight
+      return batch
+
+    ds = (steps.flat_map(positions_of)
+          .map(index_and_weight)
+          .batch(per_replica, drop_remainder=True)
+          .map(gather, num_parallel_calls=tf.data.AUTOTUNE))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return strategy.distribute_datasets_from_function(dataset_fn)

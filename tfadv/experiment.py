@@ -1,0 +1,166 @@
+"""The gin-configured experiment: task + method + optimizer + trainer + controller."""
+
+import functools
+import os
+from typing import Optional
+
+import gin
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfadv import distribute
+from tfadv.controller import Controller
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.methods.base import Method
+from tfadv.methods.plain import Plain
+from tfadv.optimization import adamw
+from tfadv.trainer import Trainer
+
+MODES = ("train", "evaluate", "train_and_evaluate", "export")
+
+
+def sparse_cross_entropy(labels, logits):
+  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+@gin.configurable
+class Experiment:
+  """One run: what to train (`task`), how (`method`), for how long.
+
+  Args:
+    task: e.g. `TextClassificationTask`.
+    method: a `tfadv.methods.Method`; `None` is plain training.
+    train_steps: optimizer steps of the whole run (resume counts on).
+    global_batch_size: training examples per step over all replicas.
+    eval_batch_size: evaluation examples per step (default: training's).
+    seed: weights, dropout and data order all follow from it.
+    deterministic: enable TensorFlow's deterministic ops (bit-exact resume).
+    jit_compile: compile each per-replica step with XLA.
+    steps_per_loop: steps per in-graph loop and progress line.
+    checkpoint_every: checkpoint interval in steps.
+    eval_every: evaluation interval in steps (0: at the end only).
+    max_checkpoints: checkpoints kept in the model dir.
+  """
+
+  def __init__(self, task=gin.REQUIRED, method: Optional[Method] = None,
+               train_steps: int = 1000, global_batch_size: int = 32,
+               eval_batch_size: Optional[int] = None, seed: int = 0,
+               deterministic: bool = True, jit_compile: bool = False,
+               steps_per_loop: int = 50, checkpoint_every: int = 500,
+               eval_every: int = 0, max_checkpoints: int = 3):
+    self.task = task
+    self.method = method if method is not None else Plain()
+    self.train_steps = train_steps
+    self.global_batch_size = global_batch_size
+    self.eval_batch_size = eval_batch_size or global_batch_size
+    self.seed = seed
+    self.deterministic = deterministic
+    self.jit_compile = jit_compile
+    self.steps_per_loop = steps_per_loop
+    self.checkpoint_every = checkpoint_every
+    self.eval_every = eval_every
+    self.max_checkpoints = max_checkpoints
+    self.model = None
+    self.controller = None
+
+  def build(self, model_dir: str, strategy: tf.distribute.Strategy, print_fn=None):
+    """Creates model, optimizer, trainer and controller; returns the controller."""
+    keras.utils.set_random_seed(self.seed)
+    if self.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    self.strategy = strategy
+    print_fn = print_fn or functools.partial(print, flush=True)
+    self.task.prepare(model_dir)
+    with strategy.scope():
+      self.model = self.task.build_model()
+      self.optimizer = adamw(total_steps=self.train_steps)
+      self.optimizer.build(self.model.trainable_variables)
+      self.method.build(self.model)
+    self.trainer = Trainer(
+        strategy, self.model, self.optimizer, self.method,
+        split_batch=self.task.split_batch, per_example_loss=sparse_cross_entropy,
+        global_batch_size=self.global_batch_size, jit_compile=self.jit_compile)
+    checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                     global_step=self.trainer.global_step,
+                                     random_state=_random_state(self.model),
+                                     method=_method_state(self.method))
+    self._train_arrays = None
+    self.controller = Controller(
+        self.trainer, model_dir, checkpoint,
+        train_iterator_fn=self._train_iterator, eval_iterator_fn=self._eval_iterator,
+        train_steps=self.train_steps, examples_per_step=self.global_batch_size,
+        steps_per_loop=self.steps_per_loop, checkpoint_every=self.checkpoint_every,
+        eval_every=self.eval_every, max_checkpoints=self.max_checkpoints,
+        is_chief=distribute.is_chief(strategy),
+        learning_rate_fn=lambda: float(self.optimizer.learning_rate),
+        print_fn=print_fn)
+    return self.controller
+
+  def _train_iterator(self, start_step: int):
+    if self._train_arrays is None:
+      self._train_arrays = self.task.arrays("train")
+    dataset = distributed_dataset(
+        self.strategy, self._train_arrays, self.global_batch_size, shuffle=True,
+        seed=self.seed, start_step=start_step,
+        repeats_per_batch=self.method.batch_replays)
+    return iter(dataset)
+
+  def _eval_iterator(self):
+    arrays = self.task.arrays("eval")
+    n = len(arrays[next(iter(arrays))])
+    num_steps = -(-n // self.eval_batch_size)
+    dataset = distributed_dataset(self.strategy, arrays, self.eval_batch_size,
+                                  shuffle=False)
+    return iter(dataset), num_steps
+
+
+def _random_state(model: keras.Model) -> tf.train.Checkpoint:
+  # Dropout's seed generators live in `model.variables` but not in
+  # `model.weights`, which is all that a Keras model checkpoints by itself;
+  # without them a resumed run would draw other dropout masks.
+  weights = {id(w) for w in model.weights}
+  states = [v for v in model.variables if id(v) not in weights]
+  return tf.train.Checkpoint(**{f"seed_{i}": v for i, v in enumerate(states)})
+
+
+def _method_state(method: Method) -> tf.train.Checkpoint:
+  """The method's own variables (e.g. perturbation buffers), for checkpoints."""
+  variables = getattr(method, "variables", None) or []
+  return tf.train.Checkpoint(**{f"v{i}": v for i, v in enumerate(variables)})
+
+
+def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
+        print_fn=None) -> dict:
+  """Runs `mode` of the gin-configured `Experiment` in `model_dir`."""
+  if mode not in MODES:
+    raise ValueError(f"--mode={mode!r}; expected one of {MODES}.")
+  print_fn = print_fn or functools.partial(print, flush=True)
+  experiment = Experiment()  # pylint: disable=no-value-for-parameter
+  controller = experiment.build(model_dir, strategy, print_fn=print_fn)
+  results = {}
+  try:
+    if controller.is_chief:
+      with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+      controller.write_text("train", "gin/operative_config",
+                            gin.markdown(gin.operative_config_str()))
+    if mode in ("train", "train_and_evaluate"):
+      results["train"] = controller.train()
+    if mode == "train_and_evaluate":
+      results["eval"] = controller.evaluate()
+    if mode in ("evaluate", "export"):
+      if not tf.train.latest_checkpoint(model_dir):
+        raise FileNotFoundError(f"No checkpoint in {model_dir}: train first "
+                                "(--mode=train) or pass the right --model_dir.")
+      controller.restore()
+    if mode == "evaluate":
+      results["eval"] = controller.evaluate()
+    if mode == "export":
+      path = experiment.task.export(experiment.model, os.path.join(model_dir, "export"))
+      print_fn(f"Exported {path}")
+      results["export"] = path
+  finally:
+    controller.close()
+  results["experiment"] = experiment
+  return results

@@ -1,0 +1,98 @@
+"""Command-line entry point.
+
+    python -m tfadv.main --gin_file=configs/demo.gin [--gin_param=...]
+        [--model_dir=...] [--mode=train_and_evaluate]
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import gin
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings (repeatable), e.g. "
+                          "'Experiment.train_steps = 100'.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, summaries, the "
+                    "operative config and exports go; default "
+                    "runs/<first gin file's name>.")
+flags.DEFINE_enum("mode", "train_and_evaluate",
+                  ["train", "evaluate", "train_and_evaluate", "export"],
+                  "What to do.")
+flags.DEFINE_string("tpu", None, "TPU name or address (implies "
+                    "make_strategy.kind='tpu'); 'local' on a TPU VM.")
+
+
+_SEARCH_PATHS = set()
+
+
+class ConfigError(ValueError):
+  """A gin file or binding that cannot be applied."""
+
+
+def parse_config(gin_files, gin_params, extra_search_paths=()):
+  """Parses gin files and bindings; errors name the offending binding."""
+  import tfadv.configurables  # pylint: disable=g-import-not-at-top,unused-import
+  for path in gin_files:
+    if not os.path.exists(path) and "://" not in path:
+      raise ConfigError(f"--gin_file={path}: no such file.")
+  # `include 'base/x.gin'` resolves next to the including file.
+  for path in list(extra_search_paths) + [os.path.dirname(p) for p in gin_files]:
+    if path not in _SEARCH_PATHS:
+      gin.add_config_file_search_path(path)
+      _SEARCH_PATHS.add(path)
+  # gin logs every include it looks for along the search path as an error.
+  std_logging.disable(std_logging.ERROR)
+  try:
+    gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+  except (ValueError, KeyError, ImportError, SyntaxError, IOError) as e:
+    raise ConfigError(f"In --gin_file={','.join(gin_files)}: {e}") from e
+  finally:
+    std_logging.disable(std_logging.NOTSET)
+  for binding in gin_params:
+    try:
+      gin.parse_config(binding)
+    except (ValueError, KeyError, ImportError, SyntaxError) as e:
+      raise ConfigError(f"In --gin_param={binding!r}: {e}") from e
+  gin.finalize()
+
+
+def default_model_dir(gin_files) -> str:
+  name = os.path.splitext(os.path.basename(gin_files[0]))[0] if gin_files else "run"
+  return os.path.join("runs", name)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.gin_file and not FLAGS.gin_param:
+    raise app.UsageError("Pass --gin_file=configs/<experiment>.gin.")
+  try:
+    parse_config(FLAGS.gin_file, FLAGS.gin_param)
+  except ConfigError as e:
+    logging.error("%s", e)
+    print(f"tfadv: config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  # Strategy first: splitting the CPU must happen before TensorFlow starts.
+  from tfadv import distribute, experiment  # pylint: disable=g-import-not-at-top
+  bindings = {}
+  if FLAGS.tpu is not None:
+    bindings = {"kind": "tpu", "tpu": FLAGS.tpu}
+  strategy = distribute.make_strategy(**bindings)
+  model_dir = FLAGS.model_dir or default_model_dir(FLAGS.gin_file)
+  logging.info("Model dir: %s; strategy %s with %d replicas.", model_dir,
+               type(strategy).__name__, strategy.num_replicas_in_sync)
+  results = experiment.run(FLAGS.mode, model_dir, strategy)
+  if "eval" in results:
+    print(f"final eval accuracy: {results['eval']['accuracy']:.4f}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,74 @@
+"""The interface between the trainer and an adversarial training method.
+
+The trainer knows only this: a method gets the model, the loss function and
+one per-replica batch, and returns the gradients to apply plus the clean
+logits and loss for reporting. How it gets there (extra forward/backward
+passes, perturbed weights, nested tapes, persistent buffers) is its own
+business.
+
+Loss convention: `loss_fn(labels, logits, weights)` returns this replica's
+share of the global-batch mean (the sum over its examples divided by the
+global batch size). Gradients of that loss, summed over replicas by the
+trainer, are the global-batch mean gradient, so N replicas match one device.
+A method that needs a global quantity inside the step (FGM's embedding
+gradient norm, say) all-reduces it itself through
+`tf.distribute.get_replica_context()`.
+"""
+
+import dataclasses
+from typing import Callable, Dict, List, Optional
+
+import keras
+import tensorflow as tf
+
+LossFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+@dataclasses.dataclass
+class MethodOutput:
+  """What a method returns for one per-replica batch.
+
+  Attributes:
+    loss: the clean loss (per-replica share of the global mean).
+    logits: the clean logits, for accuracy.
+    gradients: one per `model.trainable_variables` entry (None allowed),
+      per replica, not yet all-reduced.
+    metrics: the method's own scalars (per replica; the trainer averages
+      them over replicas and steps), e.g. `{"adv_loss": ...}`.
+  """
+  loss: tf.Tensor
+  logits: tf.Tensor
+  gradients: List[Optional[tf.Tensor]]
+  metrics: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Method:
+  """Base class of training methods.
+
+  Subclasses implement `compute_gradients`; they may create variables in
+  `build`, which the trainer calls once under the strategy's scope.
+  `batch_replays` > 1 asks the input pipeline to deliver each batch that
+  many times in a row (Free adversarial training).
+  """
+
+  name = "method"
+  batch_replays = 1
+
+  def build(self, model: keras.Model) -> None:
+    del model
+
+  def compute_gradients(self, model: keras.Model, loss_fn: LossFn,
+                        inputs, labels, weights) -> MethodOutput:
+    raise NotImplementedError
+
+  def get_config(self) -> dict:
+    return {}
+
+
+def clean_gradients(model: keras.Model, loss_fn: LossFn, inputs, labels,
+                    weights):
+  """One forward/backward pass: (loss, logits, gradients)."""
+  with tf.GradientTape() as tape:
+    logits = model(inputs, training=True)
+    loss = loss_fn(labels, logits, weights)
+  return loss, logits, tape.gradient(loss, model.trainable_variables)

@@ -1,0 +1,2 @@
+"""Model factories."""
+from tfadv.models.bert import bert_classifier

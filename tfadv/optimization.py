@@ -1,0 +1,53 @@
+"""AdamW with linear warmup and linear decay, as BERT fine-tuning uses."""
+
+import gin
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="tfadv")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup from 0 to `peak_learning_rate`, then linear decay to `end`.
+
+  Example:
+  >>> schedule = WarmupLinearDecay(1e-3, warmup_steps=10, total_steps=100)
+  >>> float(schedule(5)), float(schedule(10)), float(schedule(100))
+  (0.0005, 0.001, 0.0)
+  """
+
+  def __init__(self, peak_learning_rate: float, warmup_steps: int,
+               total_steps: int, end_learning_rate: float = 0.0):
+    self.peak_learning_rate = peak_learning_rate
+    self.warmup_steps = warmup_steps
+    self.total_steps = total_steps
+    self.end_learning_rate = end_learning_rate
+
+  def __call__(self, step):
+    step = ops.cast(step, "float32")
+    warmup = ops.cast(max(self.warmup_steps, 1), "float32")
+    decay_steps = ops.cast(max(self.total_steps - self.warmup_steps, 1), "float32")
+    warm = self.peak_learning_rate * step / warmup
+    progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+    decayed = self.peak_learning_rate + (
+        self.end_learning_rate - self.peak_learning_rate) * progress
+    return ops.where(step < self.warmup_steps, warm, decayed)
+
+  def get_config(self):
+    return {"peak_learning_rate": self.peak_learning_rate,
+            "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+            "end_learning_rate": self.end_learning_rate}
+
+
+@gin.configurable(denylist=["total_steps"])
+def adamw(total_steps: int, learning_rate: float = 5e-5,
+          warmup_fraction: float = 0.1, weight_decay: float = 0.01,
+          beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-6,
+          clipnorm=None) -> keras.optimizers.Optimizer:
+  """AdamW; LayerNorm parameters and biases are excluded from weight decay."""
+  schedule = WarmupLinearDecay(learning_rate, int(warmup_fraction * total_steps),
+                               total_steps)
+  optimizer = keras.optimizers.AdamW(
+      learning_rate=schedule, weight_decay=weight_decay, beta_1=beta_1,
+      beta_2=beta_2, epsilon=epsilon, global_clipnorm=clipnorm)
+  optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+  return optimizer

@@ -1,0 +1,157 @@
+"""The runner: in-graph train and evaluation steps under a `tf.distribute` strategy.
+
+In the style of orbit's runners, a `Trainer` exposes `train(num_steps)` and
+`evaluate()`; the `Controller` owns the loop, checkpoints and summaries.
+Every train step is one `strategy.run` of a per-replica function inside a
+`tf.function`; `num_steps` of them run in one in-graph loop, so the host
+touches the device once per loop, not once per step.
+"""
+
+from typing import Callable, Dict
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfadv.data.pipeline import WEIGHTS
+from tfadv.methods.base import Method
+
+SUM = tf.distribute.ReduceOp.SUM
+MEAN = tf.distribute.ReduceOp.MEAN
+
+
+def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None:
+  # The trainer all-reduces gradients itself (once) so that it can report the
+  # global gradient norm; stop the Keras optimizer from summing them again.
+  if not hasattr(optimizer, "_all_reduce_sum_gradients"):
+    raise RuntimeError("This Keras version's optimizer has no "
+                       "_all_reduce_sum_gradients; tfadv needs updating.")
+  optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+
+
+def _dense(gradient):
+  return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
+class Trainer:
+  """Trains and evaluates `model` with `method` under `strategy`.
+
+  Args:
+    strategy: the `tf.distribute.Strategy`; model, optimizer and method
+      variables must have been created under its scope.
+    model: a Keras model mapping a batch's inputs to logits.
+    optimizer: a built Keras optimizer.
+    method: the training method (`tfadv.methods`).
+    split_batch: maps a batch dict to `(inputs, labels)`.
+    per_example_loss: `(labels, logits) -> per-example loss`.
+    global_batch_size: examples per step over all replicas.
+    jit_compile: compile each per-replica step with XLA. Used as given on
+      one device and TPU; under Mirrored/MultiWorker strategies the step's
+      cross-replica reductions run outside XLA, so it is turned off there.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
+               optimizer: keras.optimizers.Optimizer, method: Method,
+               split_batch: Callable, per_example_loss: Callable,
+               global_batch_size: int, jit_compile: bool = False):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self.method = method
+    self.split_batch = split_batch
+    self.per_example_loss = per_example_loss
+    self.global_batch_size = global_batch_size
+    multi_replica_host = isinstance(strategy, (
+        tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
+    if jit_compile and multi_replica_host:
+      logging.info("jit_compile is off under %s: its all-reduce runs outside "
+                   "XLA.", type(strategy).__name__)
+      jit_compile = False
+    self.jit_compile = jit_compile
+    _apply_reduced_gradients_only(optimizer)
+    with strategy.scope():
+      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                     name="global_step")
+    replica_train = tf.function(self._replica_train_step, jit_compile=jit_compile)
+    replica_eval = tf.function(self._replica_eval_step, jit_compile=jit_compile)
+    self._replica_train = replica_train
+    self._replica_eval = replica_eval
+    self._train_loop = tf.function(self._train_loop_fn)
+    self._eval_loop = tf.function(self._eval_loop_fn)
+
+  def _loss_fn(self, labels, logits, weights):
+    per_example = self.per_example_loss(labels, tf.cast(logits, tf.float32))
+    return tf.reduce_sum(per_example * weights) / self.global_batch_size
+
+  def _replica_train_step(self, batch):
+    inputs, labels = self.split_batch(batch)
+    weights = batch[WEIGHTS]
+    out = self.method.compute_gradients(self.model, self._loss_fn, inputs,
+                                        labels, weights)
+    variables = self.model.trainable_variables
+    context = tf.distribute.get_replica_context()
+    present = [i for i, g in enumerate(out.gradients) if g is not None]
+    reduced = context.all_reduce(SUM, [out.gradients[i] for i in present])
+    reduced = [_dense(g) for g in reduced]
+    self.optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
+    correct = tf.cast(tf.equal(tf.argmax(out.logits, -1, output_type=labels.dtype),
+                               labels), tf.float32)
+    sums = {"loss": out.loss, "correct": tf.reduce_sum(correct * weights),
+            "examples": tf.reduce_sum(weights)}
+    means = dict(out.metrics)
+    means["grad_norm"] = tf.linalg.global_norm(reduced)
+    return sums, means
+
+  def _replica_eval_step(self, batch):
+    inputs, labels = self.split_batch(batch)
+    weights = batch[WEIGHTS]
+    logits = tf.cast(self.model(inputs, training=False), tf.float32)
+    per_example = self.per_example_loss(labels, logits)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype),
+                               labels), tf.float32)
+    return {"loss": tf.reduce_sum(per_example * weights),
+            "correct": tf.reduce_sum(correct * weights),
+            "examples": tf.reduce_sum(weights)}
+
+  def _reduce(self, per_replica, op):
+    return tf.nest.map_structure(
+        lambda v: self.strategy.reduce(op, v, axis=None), per_replica)
+
+  def _train_one(self, iterator):
+    sums, means = self.strategy.run(self._replica_train, args=(next(iterator),))
+    self.global_step.assign_add(1)
+    return self._reduce(sums, SUM), self._reduce(means, MEAN)
+
+  def _train_loop_fn(self, iterator, num_steps):
+    # The first step fixes the structure of the accumulators for the loop.
+    sums, means = self._train_one(iterator)
+    for _ in tf.range(num_steps - 1):
+      step_sums, step_means = self._train_one(iterator)
+      sums = tf.nest.map_structure(tf.add, sums, step_sums)
+      means = tf.nest.map_structure(tf.add, means, step_means)
+    return sums, means
+
+  def train(self, iterator, num_steps: int) -> Dict[str, float]:
+    """Runs `num_steps` train steps; returns metrics averaged over them."""
+    sums, means = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    sums = {k: float(v) for k, v in sums.items()}
+    examples = max(sums["examples"], 1.0)
+    metrics = {"loss": sums["loss"] / num_steps,
+               "accuracy": sums["correct"] / examples}
+    metrics.update({k: float(v) / num_steps for k, v in means.items()})
+    return metrics
+
+  def _eval_loop_fn(self, iterator, num_steps):
+    sums = self._reduce(self.strategy.run(self._replica_eval, args=(next(iterator),)), SUM)
+    for _ in tf.range(num_steps - 1):
+      step = self._reduce(self.strategy.run(self._replica_eval, args=(next(iterator),)), SUM)
+      sums = tf.nest.map_structure(tf.add, sums, step)
+    return sums
+
+  def evaluate(self, iterator, num_steps: int) -> Dict[str, float]:
+    """Runs `num_steps` evaluation steps; returns loss and accuracy."""
+    sums = self._eval_loop(iterator, tf.constant(num_steps, tf.int64))
+    sums = {k: float(v) for k, v in sums.items()}
+    examples = max(sums["examples"], 1.0)
+    return {"loss": sums["loss"] / examples, "accuracy": sums["correct"] / examples,
+            "examples": sums["examples"]}
