@@ -1,0 +1,95 @@
+"""Command line, gin errors, strategy factory, evaluate/export modes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from tfadv import distribute
+from tfadv.main import ConfigError
+
+
+def test_unknown_parameter_names_the_binding():
+  with pytest.raises(ConfigError) as info:
+    helpers.configure(["Experiment.trian_steps = 5"])
+  assert "Experiment.trian_steps = 5" in str(info.value)
+  assert "trian_steps" in str(info.value)
+
+
+def test_unknown_configurable_names_the_binding():
+  with pytest.raises(ConfigError, match="Experimnt"):
+    helpers.configure(["Experimnt.train_steps = 5"])
+
+
+def test_gin_file_typo_names_file_and_binding(tmp_path):
+  path = tmp_path / "bad.gin"
+  path.write_text("include 'configs/base/train.gin'\nadamw.learnig_rate = 1e-3\n")
+  with pytest.raises(ConfigError) as info:
+    gin_path = str(path)
+    os.chdir(helpers.REPO)
+    helpers.parse_config([gin_path], [])
+  assert "bad.gin" in str(info.value) and "learnig_rate" in str(info.value)
+
+
+def test_command_line_config_error_exits_2_with_message():
+  proc = subprocess.run(
+      [sys.executable, "-m", "tfadv.main", "--gin_file=configs/demo.gin",
+       "--gin_param=Experiment.trian_steps = 5", "--model_dir=/tmp/unused"],
+      cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config error" in proc.stderr and "Experiment.trian_steps" in proc.stderr
+
+
+def test_strategy_factory():
+  assert distribute.make_strategy("default") is tf.distribute.get_strategy()
+  mirrored = distribute.make_strategy("mirrored", num_cpu_devices=2)
+  assert mirrored.num_replicas_in_sync == 2
+  with pytest.raises(ValueError, match="TF_CONFIG"):
+    os.environ.pop("TF_CONFIG", None)
+    distribute.make_strategy("multi_worker")
+  with pytest.raises(ValueError, match="--tpu"):
+    distribute.make_strategy("tpu")
+  with pytest.raises(ValueError, match="expected one of"):
+    distribute.make_strategy("gpu")
+  with pytest.raises(RuntimeError, match="already initialised"):
+    distribute.split_cpu(3)
+
+
+def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path):
+  strategy = tf.distribute.get_strategy()
+  bindings = helpers.tnews_bindings(fewclue_dir, train_steps=10, checkpoint_every=10)
+  trained = helpers.run("train", tmp_path, strategy, bindings)
+  # A 3-record CLUE file elsewhere, in the `label_des` spelling.
+  records = [{"label": "101", "label_des": "news_culture", "sentence": "一本书的文化史"},
+             {"label": "103", "label_des": "news_sports", "sentence": "球队赢得冠军"},
+             {"label": "104", "label_des": "news_finance", "sentence": "股市今日上涨"}]
+  test_file = tmp_path / "test.json"
+  test_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), "utf-8")
+  evaluated = helpers.run("evaluate", tmp_path, strategy,
+                          bindings + [f"ClueDataset.eval_file = '{test_file}'"])
+  assert any("3 examples" in line for line in evaluated["lines"])
+  model = evaluated["experiment"].model
+  arrays = evaluated["experiment"].task.arrays("eval")
+  logits = model({k: arrays[k] for k in ("token_ids", "segment_ids", "padding_mask")})
+  expected_acc = float(np.mean(np.argmax(logits, -1) == arrays["label"]))
+  assert evaluated["eval"]["accuracy"] == pytest.approx(expected_acc)
+
+  exported = helpers.run("export", tmp_path, strategy, bindings)
+  path = exported["export"]
+  assert path.endswith("model.keras") and os.path.exists(path)
+  code = ("import sys, json, keras, keras_hub, numpy as np\n"
+          f"m = keras.saving.load_model({path!r})\n"
+          f"texts = {[r['sentence'] for r in records]!r}\n"
+          "print(json.dumps(np.asarray(m.predict(texts, verbose=0)).tolist()))\n"
+          "assert not any(k.startswith('tfadv') for k in sys.modules)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=180, cwd=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  served = np.array(json.loads(proc.stdout.strip().splitlines()[-1]))
+  np.testing.assert_allclose(served, np.asarray(logits), rtol=1e-4, atol=1e-5)
+  del trained
