@@ -2,6 +2,6 @@
 # pylint: disable=unused-import
 from tfadv import distribute, experiment, optimization
 from tfadv.data import clue, reviews
-from tfadv.methods import plain
+from tfadv.methods import fgm, gradient_penalty, plain
 from tfadv.models import bert
 from tfadv.tasks import text

@@ -91,8 +91,10 @@ class Trainer:
     variables = self.model.trainable_variables
     context = tf.distribute.get_replica_context()
     present = [i for i, g in enumerate(out.gradients) if g is not None]
-    reduced = context.all_reduce(SUM, [out.gradients[i] for i in present])
-    reduced = [_dense(g) for g in reduced]
+    # Dense all-reduce: the optimizer densifies embedding gradients anyway,
+    # and sparse (all-gather) reductions of differently sized IndexedSlices
+    # can be paired up wrongly between replicas by the collective executor.
+    reduced = context.all_reduce(SUM, [_dense(out.gradients[i]) for i in present])
     self.optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
     correct = tf.cast(tf.equal(tf.argmax(out.logits, -1, output_type=labels.dtype),
                                labels), tf.float32)

@@ -1,3 +1,5 @@
 """Training methods behind one interface (`tfadv.methods.base.Method`)."""
 from tfadv.methods.base import Method, MethodOutput
+from tfadv.methods.fgm import EmbeddingFGM
+from tfadv.methods.gradient_penalty import EmbeddingGradientPenalty
 from tfadv.methods.plain import Plain

@@ -1,0 +1,143 @@
+"""FGM on the token-embedding matrix (Miyato et al. 2017; Su Jianlin's Keras form).
+
+One training step:
+  1. clean pass: L(E) and g = ∂L/∂E, all-reduced over replicas, so the
+     perturbation is that of the global batch;
+  2. Δ = ε·g/(‖g‖ + tiny) (or ε·sign(g)); only rows of tokens in the batch
+     are non-zero;
+  3. adversarial pass on E + Δ; its gradients (alone, or added to the clean
+     ones) are the update.
+
+E + Δ is never written into the variable: the adversarial pass runs inside a
+`keras.StatelessScope` that substitutes the value E + Δ for E. Nothing has to
+be "removed" afterwards, so E after the step is exactly E before it plus the
+optimizer's update (adding and subtracting Δ in float32 would not be), and no
+replica writes to a mirrored variable inside the step.
+"""
+
+import gin
+import keras
+import tensorflow as tf
+
+from tfadv.methods import embedding
+from tfadv.methods.base import Method, MethodOutput
+
+FORMS = ("adversarial", "clean_plus_adversarial")
+NORMS = ("l2", "sign")
+TOKEN_EMBEDDING = "token_embedding/embeddings"
+
+
+@gin.configurable
+class EmbeddingFGM(Method):
+  """Fast gradient method on the embedding matrix.
+
+  Args:
+    epsilon: size of the perturbation Δ (its L2 norm, or its per-entry
+      magnitude for `norm="sign"`).
+    norm: "l2" (Δ = ε·g/‖g‖) or "sign" (Δ = ε·sign(g)).
+    form: "adversarial" updates from the adversarial loss only (Su's Keras
+      code); "clean_plus_adversarial" adds the clean and adversarial
+      gradients (most PyTorch FGM code).
+    adversarial_weight: weight of the adversarial gradient in
+      "clean_plus_adversarial".
+    embedding_path: path (or path suffix) of the embedding variable;
+      keras-hub's BERT calls it `token_embedding/embeddings`.
+
+  Example:
+  >>> method = EmbeddingFGM(epsilon=0.5)
+  >>> method.build(classifier)  # finds token_embedding/embeddings
+  >>> out = method.compute_gradients(classifier, loss_fn, inputs, labels, weights)
+  >>> sorted(out.metrics)
+  ['adv_loss', 'delta_norm']
+  """
+
+  name = "fgm"
+
+  def __init__(self, epsilon: float = 1.0, norm: str = "l2",
+               form: str = "adversarial", adversarial_weight: float = 1.0,
+               embedding_path: str = TOKEN_EMBEDDING):
+    if norm not in NORMS:
+      raise ValueError(f"EmbeddingFGM.norm={norm!r}; expected one of {NORMS}.")
+    if form not in FORMS:
+      raise ValueError(f"EmbeddingFGM.form={form!r}; expected one of {FORMS}.")
+    self.epsilon = epsilon
+    self.norm = norm
+    self.form = form
+    self.adversarial_weight = adversarial_weight
+    self.embedding_path = embedding_path
+    self._embedding = None
+
+  def build(self, model):
+    self._embedding = embedding.find_variable(model, self.embedding_path)
+    self._random_state = embedding.random_state_variables(model)
+
+  def perturbation(self, gradient: tf.IndexedSlices):
+    """(indices, rows) of Δ for the all-reduced embedding gradient."""
+    indices, rows = embedding.combine_rows(gradient)
+    if self.norm == "sign":
+      return indices, self.epsilon * tf.sign(rows)
+    norm = tf.sqrt(tf.reduce_sum(tf.square(rows)))
+    return indices, self.epsilon * rows / (norm + 1e-12)
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    table = self._embedding
+    variables = model.trainable_variables
+    position = embedding.index_of(variables, table)
+    with tf.GradientTape() as tape:
+      logits = model(inputs, training=True)
+      loss = loss_fn(labels, logits, weights)
+    if self.form == "adversarial":
+      # Only ∂L/∂E is needed: the backward pass stops at the embeddings.
+      gradient = tape.gradient(loss, table)
+      clean = None
+    else:
+      clean = tape.gradient(loss, variables)
+      gradient = clean[position]
+    if not isinstance(gradient, tf.IndexedSlices):
+      gradient = tf.IndexedSlices(gradient, tf.range(tf.shape(gradient)[0]),
+                                  tf.shape(gradient, out_type=tf.int64))
+    gradient = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, gradient)
+    indices, delta = self.perturbation(gradient)
+    delta = tf.stop_gradient(tf.cast(delta, table.dtype))
+    perturbed = tf.tensor_scatter_nd_add(tf.convert_to_tensor(table.value),
+                                         indices[:, None], delta)
+    others = [v for v in variables if v is not table]
+    with tf.GradientTape() as tape:
+      tape.watch(perturbed)
+      with keras.StatelessScope(state_mapping=[(table, perturbed)]) as scope:
+        adv_logits = model(inputs, training=True)
+        adv_loss = loss_fn(labels, adv_logits, weights)
+    adv_others = tape.gradient(adv_loss, others + [perturbed])
+    # The adversarial pass drew dropout masks; keep the seed moving forward.
+    for state in self._random_state:
+      value = scope.get_current_value(state)
+      if value is not None:
+        state.assign(value)
+    adv = list(adv_others[:-1])
+    adv.insert(position, adv_others[-1])
+    if clean is None:
+      gradients = adv
+    else:
+      gradients = [_add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+    delta_norm = tf.sqrt(tf.reduce_sum(tf.square(delta)))
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    # Metrics are averaged over replicas: report this replica's mean loss.
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients,
+                        metrics={"adv_loss": adv_loss * replicas,
+                                 "delta_norm": delta_norm})
+
+  def get_config(self):
+    return {"epsilon": self.epsilon, "norm": self.norm, "form": self.form,
+            "adversarial_weight": self.adversarial_weight,
+            "embedding_path": self.embedding_path}
+
+
+def _add(clean, adversarial, weight):
+  if clean is None or adversarial is None:
+    return clean if adversarial is None else adversarial
+  if isinstance(clean, tf.IndexedSlices) and isinstance(adversarial, tf.IndexedSlices):
+    return tf.IndexedSlices(
+        tf.concat([clean.values, weight * adversarial.values], 0),
+        tf.concat([clean.indices, adversarial.indices], 0), clean.dense_shape)
+  return tf.convert_to_tensor(clean) + weight * tf.convert_to_tensor(adversarial)
