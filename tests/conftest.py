@@ -28,3 +28,14 @@ def fewclue_dir():
     pytest.fail(f"Shared data not found at {FEWCLUE}: check out ../shared "
                 "beside the repo or set TFADV_SHARED_DATA.")
   return FEWCLUE
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+  """One MirroredStrategy over /cpu:0 and /cpu:1 for the whole session.
+
+  Each strategy object numbers its collective ops from the same start; two
+  of them in one process over the same devices collide, so tests share one
+  (as a real run has one).
+  """
+  return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -128,10 +128,9 @@ def test_pipeline_epochs_are_permutations_and_resume_is_exact():
   np.testing.assert_array_equal(np.stack(resumed), np.stack(batches[4:6]))
 
 
-def test_pipeline_replicas_split_each_global_batch():
+def test_pipeline_replicas_split_each_global_batch(mirrored):
   arrays = {"x": np.arange(12, dtype=np.int32)}
   one = _collect(tf.distribute.get_strategy(), arrays, 4, 3, shuffle=True, seed=1)
-  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   two = _collect(mirrored, arrays, 4, 3, shuffle=True, seed=1)
   np.testing.assert_array_equal(np.stack(one), np.stack(two))
 

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
+from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain
 from tfadv.methods.embedding import combine_rows
 from tfadv.trainer import Trainer
@@ -111,8 +112,7 @@ def _trainer(strategy, model_fn, method, optimizer_fn, jit=False, global_batch=B
     optimizer.build(model.trainable_variables)
     method.build(model)
   return Trainer(strategy, model, optimizer, method, split_batch=split,
-                 per_example_loss=lambda y, logits: keras.losses.sparse_categorical_crossentropy(
-                     y, logits, from_logits=True),
+                 per_example_loss=sparse_cross_entropy,
                  global_batch_size=global_batch, jit_compile=jit)
 
 
@@ -154,11 +154,10 @@ def test_fgm_step_leaves_no_float_drift():
 @pytest.mark.parametrize("method_fn", [
     lambda: EmbeddingFGM(epsilon=0.5),
     lambda: EmbeddingFGM(epsilon=0.5, norm="sign", form="clean_plus_adversarial")])
-def test_fgm_two_replicas_equal_one_device(method_fn):
+def test_fgm_two_replicas_equal_one_device(method_fn, mirrored):
   arrays = batch_arrays(n=16)
   make_opt = lambda: keras.optimizers.Adam(1e-2)
   one = _trainer(tf.distribute.get_strategy(), tiny_bert, method_fn(), make_opt, global_batch=8)
-  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   two = _trainer(mirrored, tiny_bert, method_fn(), make_opt, global_batch=8)
   m1 = _train(one, arrays, 3, global_batch=8)
   m2 = _train(two, arrays, 3, global_batch=8)

@@ -61,14 +61,13 @@ def test_kill_and_resume_matches_uninterrupted_run(fewclue_dir, tmp_path):
     np.testing.assert_array_equal(a, b.numpy())
 
 
-def test_two_replicas_match_one_device(fewclue_dir, tmp_path):
+def test_two_replicas_match_one_device(fewclue_dir, tmp_path, mirrored):
   # Dropout draws different masks per replica than on one device, so the
   # equality is checked with dropout off; everything else is the same math.
   bindings = helpers.tnews_bindings(fewclue_dir, train_steps=8, steps_per_loop=4,
                                     checkpoint_every=8) + [
       "bert_classifier.dropout = 0.0", "bert_classifier.classifier_dropout = 0.0"]
   one = helpers.run("train", tmp_path / "one", tf.distribute.get_strategy(), bindings)
-  mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   two = helpers.run("train", tmp_path / "two", mirrored, bindings)
   assert two["experiment"].trainer.strategy.num_replicas_in_sync == 2
   worst = 0.0

@@ -14,6 +14,7 @@ from tfadv.controller import Controller
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
+from tfadv.models.state import random_state_variables
 from tfadv.optimization import adamw
 from tfadv.trainer import Trainer
 
@@ -83,8 +84,8 @@ class Experiment:
         global_batch_size=self.global_batch_size, jit_compile=self.jit_compile)
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
-                                     random_state=_random_state(self.model),
-                                     method=_method_state(self.method))
+                                     random_state=_numbered(random_state_variables(self.model)),
+                                     method=_numbered(getattr(self.method, "variables", [])))
     self._train_arrays = None
     self.controller = Controller(
         self.trainer, model_dir, checkpoint,
@@ -115,18 +116,8 @@ class Experiment:
     return iter(dataset), num_steps
 
 
-def _random_state(model: keras.Model) -> tf.train.Checkpoint:
-  # Dropout's seed generators live in `model.variables` but not in
-  # `model.weights`, which is all that a Keras model checkpoints by itself;
-  # without them a resumed run would draw other dropout masks.
-  weights = {id(w) for w in model.weights}
-  states = [v for v in model.variables if id(v) not in weights]
-  return tf.train.Checkpoint(**{f"seed_{i}": v for i, v in enumerate(states)})
-
-
-def _method_state(method: Method) -> tf.train.Checkpoint:
-  """The method's own variables (e.g. perturbation buffers), for checkpoints."""
-  variables = getattr(method, "variables", None) or []
+def _numbered(variables) -> tf.train.Checkpoint:
+  """A checkpoint node for a list of variables (seed states, method buffers)."""
   return tf.train.Checkpoint(**{f"v{i}": v for i, v in enumerate(variables)})
 
 

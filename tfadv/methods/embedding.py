@@ -66,9 +66,3 @@ def index_of(variables: List[tf.Variable], variable) -> int:
     if v is variable:
       return i
   raise ValueError(f"{variable.path} is not among the trainable variables.")
-
-
-def random_state_variables(model: keras.Model) -> list:
-  """Dropout seed states: in `model.variables` but not in `model.weights`."""
-  weights = {id(w) for w in model.weights}
-  return [v for v in model.variables if id(v) not in weights]

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfadv.methods import embedding
 from tfadv.methods.base import Method, MethodOutput
+from tfadv.models.state import random_state_variables
 
 FORMS = ("adversarial", "clean_plus_adversarial")
 NORMS = ("l2", "sign")
@@ -69,7 +70,7 @@ class EmbeddingFGM(Method):
 
   def build(self, model):
     self._embedding = embedding.find_variable(model, self.embedding_path)
-    self._random_state = embedding.random_state_variables(model)
+    self._random_state = random_state_variables(model)
 
   def perturbation(self, gradient: tf.IndexedSlices):
     """(indices, rows) of Δ for the all-reduced embedding gradient."""

@@ -1,0 +1,90 @@
+"""Step time of plain, FGM (both forms) and gradient-penalty training, in one process.
+
+    .venv/bin/python benchmarks/nlp_step_time.py [--layers 4 --hidden 256 ...]
+
+Every method trains the same keras-hub BERT on the same batches through the
+same `Trainer`; each is timed over `--steps` steps after a warm-up loop (which
+also traces and compiles), best of `--repeats`, and reported with its ratio to
+plain training.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # pylint: disable=g-import-not-at-top
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain
+from tfadv.trainer import Trainer
+
+METHODS = {
+    "plain": Plain,
+    "fgm_adversarial": lambda: EmbeddingFGM(epsilon=1.0, form="adversarial"),
+    "fgm_clean_plus_adversarial": lambda: EmbeddingFGM(epsilon=1.0, form="clean_plus_adversarial"),
+    "gp_squared": lambda: EmbeddingGradientPenalty(epsilon=1.0),
+}
+TARGETS = {"fgm_adversarial": 1.75, "fgm_clean_plus_adversarial": 2.05, "gp_squared": 2.6}
+
+
+def make_trainer(args, method, jit):
+  keras.utils.set_random_seed(0)
+  backbone = keras_hub.models.BertBackbone(
+      vocabulary_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
+      hidden_dim=args.hidden, intermediate_dim=4 * args.hidden,
+      max_sequence_length=args.length)
+  model = keras_hub.models.BertTextClassifier(backbone, num_classes=args.classes)
+  optimizer = keras.optimizers.AdamW(1e-4)
+  optimizer.build(model.trainable_variables)
+  method.build(model)
+  return Trainer(tf.distribute.get_strategy(), model, optimizer, method,
+                 split_batch=lambda b: ({k: b[k] for k in ("token_ids", "segment_ids", "padding_mask")}, b["label"]),
+                 per_example_loss=lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True),
+                 global_batch_size=args.batch, jit_compile=jit)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--hidden", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--vocab", type=int, default=6000)
+  parser.add_argument("--length", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--classes", type=int, default=15)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--jit", action="store_true", help="XLA-compile the step")
+  args = parser.parse_args()
+  rng = np.random.RandomState(0)
+  n = 4 * args.batch
+  arrays = {"token_ids": rng.randint(5, args.vocab, (n, args.length)).astype(np.int32),
+            "segment_ids": np.zeros((n, args.length), np.int32),
+            "padding_mask": np.ones((n, args.length), bool),
+            "label": rng.randint(0, args.classes, n).astype(np.int32)}
+  print(f"BERT {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch} x "
+        f"{args.length} tokens, jit_compile={args.jit}, {os.cpu_count()} CPUs, "
+        f"TF {tf.__version__}")
+  times = {}
+  for name, factory in METHODS.items():
+    trainer = make_trainer(args, factory(), args.jit)
+    iterator = iter(distributed_dataset(trainer.strategy, arrays, args.batch, shuffle=True))
+    trainer.train(iterator, 3)  # trace, compile, warm caches
+    best = float("inf")
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      trainer.train(iterator, args.steps)
+      best = min(best, (time.perf_counter() - start) / args.steps)
+    times[name] = best
+    ratio = best / times["plain"]
+    target = f" (target <= {TARGETS[name]:.2f}x)" if name in TARGETS else ""
+    print(f"{name:28s} {1000 * best:8.1f} ms/step  {ratio:5.2f}x plain{target}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
