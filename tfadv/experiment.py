@@ -87,6 +87,7 @@ class Experiment:
                                      random_state=_numbered(random_state_variables(self.model)),
                                      method=_numbered(getattr(self.method, "variables", [])))
     self._train_arrays = None
+    self._eval_arrays = None
     self.controller = Controller(
         self.trainer, model_dir, checkpoint,
         train_iterator_fn=self._train_iterator, eval_iterator_fn=self._eval_iterator,
@@ -108,7 +109,10 @@ class Experiment:
     return iter(dataset)
 
   def _eval_iterator(self):
-    arrays = self.task.arrays("eval")
+    # Tokenize the evaluation split once; every evaluation reuses it.
+    if self._eval_arrays is None:
+      self._eval_arrays = self.task.arrays("eval")
+    arrays = self._eval_arrays
     n = len(arrays[next(iter(arrays))])
     num_steps = -(-n // self.eval_batch_size)
     dataset = distributed_dataset(self.strategy, arrays, self.eval_batch_size,
