@@ -40,8 +40,8 @@ def tnews_bindings(fewclue_dir, **experiment):
   return lines
 
 
-def run(mode, model_dir, strategy, bindings):
-  configure(bindings)
+def run(mode, model_dir, strategy, bindings, gin_files=()):
+  configure(bindings, gin_files)
   lines = []
   results = experiment_lib.run(mode, str(model_dir), strategy, print_fn=lines.append)
   results["lines"] = lines

@@ -156,9 +156,11 @@ class Controller:
     examples = metrics.pop("examples")
     self.last_eval = metrics
     self.write_summaries("eval", metrics, self.step)
+    extra = "".join(f" | {k} {v:.4f}" for k, v in metrics.items()
+                    if k not in ("loss", "accuracy"))
     self.print(f"eval at step {self.step} | loss {metrics['loss']:.4f} | "
-               f"accuracy {metrics['accuracy']:.4f} | {int(examples)} examples "
-               f"in {time.time() - start:.1f}s")
+               f"accuracy {metrics['accuracy']:.4f}{extra} | {int(examples)} "
+               f"examples in {time.time() - start:.1f}s")
     return metrics
 
   def close(self):

@@ -1,6 +1,8 @@
 """The gin-configured experiment: task + method + optimizer + trainer + controller."""
 
 import functools
+import json
+import math
 import os
 from typing import Optional
 
@@ -8,6 +10,7 @@ import gin
 import keras
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from tfadv import distribute
 from tfadv.controller import Controller
@@ -33,15 +36,23 @@ class Experiment:
     task: e.g. `TextClassificationTask`.
     method: a `tfadv.methods.Method`; `None` is plain training.
     train_steps: optimizer steps of the whole run (resume counts on).
+    train_epochs: alternatively, epochs of the training split; a method that
+      replays each batch m times (Free-m) passes over the data m times less
+      often for the same number of optimizer steps: epochs are divided by m.
     global_batch_size: training examples per step over all replicas.
     eval_batch_size: evaluation examples per step (default: training's).
     seed: weights, dropout and data order all follow from it.
-    deterministic: enable TensorFlow's deterministic ops (bit-exact resume).
+    deterministic: enable TensorFlow's deterministic ops (bit-exact resume);
+      with jit_compile, XLA's kernels are used as they are.
     jit_compile: compile each per-replica step with XLA.
     steps_per_loop: steps per in-graph loop and progress line.
     checkpoint_every: checkpoint interval in steps.
     eval_every: evaluation interval in steps (0: at the end only).
     max_checkpoints: checkpoints kept in the model dir.
+    optimizer_fn: `(total_steps) -> optimizer`, e.g. `@adamw` (default) or
+      `@sgd_momentum`.
+    eval_attacks: `{name: InputAttack}` for image tasks: evaluation also
+      reports `accuracy_<name>` under each attack (robust accuracy).
   """
 
   def __init__(self, task=gin.REQUIRED, method: Optional[Method] = None,
@@ -49,16 +60,23 @@ class Experiment:
                eval_batch_size: Optional[int] = None, seed: int = 0,
                deterministic: bool = True, jit_compile: bool = False,
                steps_per_loop: int = 50, checkpoint_every: int = 500,
-               eval_every: int = 0, max_checkpoints: int = 3):
+               eval_every: int = 0, max_checkpoints: int = 3,
+               train_epochs: Optional[float] = None, optimizer_fn=adamw,
+               eval_attacks: Optional[dict] = None):
     self.task = task
     self.method = method if method is not None else Plain()
     self.train_steps = train_steps
+    self.train_epochs = train_epochs
+    self.optimizer_fn = optimizer_fn
+    self.eval_attacks = dict(eval_attacks or {})
     self.global_batch_size = global_batch_size
     self.eval_batch_size = eval_batch_size or global_batch_size
     self.seed = seed
     self.deterministic = deterministic
     self.jit_compile = jit_compile
-    self.steps_per_loop = steps_per_loop
+    # A batch's replays belong in one in-graph loop.
+    replays = self.method.batch_replays
+    self.steps_per_loop = -(-steps_per_loop // replays) * replays
     self.checkpoint_every = checkpoint_every
     self.eval_every = eval_every
     self.max_checkpoints = max_checkpoints
@@ -68,20 +86,31 @@ class Experiment:
   def build(self, model_dir: str, strategy: tf.distribute.Strategy, print_fn=None):
     """Creates model, optimizer, trainer and controller; returns the controller."""
     keras.utils.set_random_seed(self.seed)
-    if self.deterministic:
+    if self.deterministic and not self.jit_compile:
       tf.config.experimental.enable_op_determinism()
+    elif self.jit_compile and tf_config.is_op_determinism_enabled():
+      # TF refuses some XLA kernels under op determinism (MaxPool's gradient);
+      # XLA's own CPU/TPU kernels do not depend on thread timing.
+      logging.info("jit_compile=True: op determinism left to XLA.")
+      tf_config.disable_op_determinism()
     self.strategy = strategy
     print_fn = print_fn or functools.partial(print, flush=True)
     self.task.prepare(model_dir)
+    if self.train_epochs is not None:
+      self.train_steps = self._steps_for_epochs()
+    per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
+    input_shape = (self.task.input_shape(per_replica_batch)
+                   if hasattr(self.task, "input_shape") else None)
     with strategy.scope():
       self.model = self.task.build_model()
-      self.optimizer = adamw(total_steps=self.train_steps)
+      self.optimizer = self.optimizer_fn(total_steps=self.train_steps)
       self.optimizer.build(self.model.trainable_variables)
-      self.method.build(self.model)
+      self.method.build(self.model, input_shape=input_shape)
     self.trainer = Trainer(
         strategy, self.model, self.optimizer, self.method,
         split_batch=self.task.split_batch, per_example_loss=sparse_cross_entropy,
-        global_batch_size=self.global_batch_size, jit_compile=self.jit_compile)
+        global_batch_size=self.global_batch_size, jit_compile=self.jit_compile,
+        eval_attacks=self.eval_attacks)
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
                                      random_state=_numbered(random_state_variables(self.model)),
@@ -99,13 +128,20 @@ class Experiment:
         print_fn=print_fn)
     return self.controller
 
+  def _steps_for_epochs(self) -> int:
+    replays = self.method.batch_replays
+    n = len(self.task.arrays("train")["label"])
+    batches = math.ceil(self.train_epochs / replays * n / self.global_batch_size)
+    return batches * replays
+
   def _train_iterator(self, start_step: int):
     if self._train_arrays is None:
       self._train_arrays = self.task.arrays("train")
     dataset = distributed_dataset(
         self.strategy, self._train_arrays, self.global_batch_size, shuffle=True,
         seed=self.seed, start_step=start_step,
-        repeats_per_batch=self.method.batch_replays)
+        repeats_per_batch=self.method.batch_replays,
+        augment_fn=getattr(self.task, "augment_batch", None))
     return iter(dataset)
 
   def _eval_iterator(self):
@@ -151,6 +187,12 @@ def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
       controller.restore()
     if mode == "evaluate":
       results["eval"] = controller.evaluate()
+    if "eval" in results and controller.is_chief:
+      # A machine-readable record of the final evaluation, for tables and sweeps.
+      record = {"step": controller.step,
+                **{k: float(v) for k, v in results["eval"].items()}}
+      with tf.io.gfile.GFile(os.path.join(model_dir, "eval_results.json"), "w") as f:
+        json.dump(record, f, indent=1)
     if mode == "export":
       path = experiment.task.export(experiment.model, os.path.join(model_dir, "export"))
       print_fn(f"Exported {path}")

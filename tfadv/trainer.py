@@ -7,7 +7,7 @@ Every train step is one `strategy.run` of a per-replica function inside a
 touches the device once per loop, not once per step.
 """
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import keras
 import tensorflow as tf
@@ -29,6 +29,11 @@ def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None
   optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
 
 
+def _correct(logits, labels):
+  return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+                 tf.float32)
+
+
 def _dense(gradient):
   return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
 
@@ -48,12 +53,17 @@ class Trainer:
     jit_compile: compile each per-replica step with XLA. Used as given on
       one device and TPU; under Mirrored/MultiWorker strategies the step's
       cross-replica reductions run outside XLA, so it is turned off there.
+    eval_attacks: `{name: attack}` (`tfadv.attacks.InputAttack`): evaluation
+      also reports `accuracy_<name>` on each attack's adversarial inputs.
+      The attacks' random starts restart from `eval_seed` at every
+      evaluation, so evaluating the same weights twice gives the same numbers.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, method: Method,
                split_batch: Callable, per_example_loss: Callable,
-               global_batch_size: int, jit_compile: bool = False):
+               global_batch_size: int, jit_compile: bool = False,
+               eval_attacks: Optional[Dict] = None, eval_seed: int = 1234):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -69,9 +79,12 @@ class Trainer:
       jit_compile = False
     self.jit_compile = jit_compile
     _apply_reduced_gradients_only(optimizer)
+    self.eval_attacks = dict(eval_attacks or {})
+    self.eval_seed = eval_seed
     with strategy.scope():
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="global_step")
+      self._eval_rng = tf.random.Generator.from_seed(eval_seed)
     replica_train = tf.function(self._replica_train_step, jit_compile=jit_compile)
     replica_eval = tf.function(self._replica_eval_step, jit_compile=jit_compile)
     self._replica_train = replica_train
@@ -109,11 +122,15 @@ class Trainer:
     weights = batch[WEIGHTS]
     logits = tf.cast(self.model(inputs, training=False), tf.float32)
     per_example = self.per_example_loss(labels, logits)
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype),
-                               labels), tf.float32)
-    return {"loss": tf.reduce_sum(per_example * weights),
-            "correct": tf.reduce_sum(correct * weights),
+    sums = {"loss": tf.reduce_sum(per_example * weights),
+            "correct": tf.reduce_sum(_correct(logits, labels) * weights),
             "examples": tf.reduce_sum(weights)}
+    for name, attack in self.eval_attacks.items():
+      adversarial = attack(self.model, inputs, labels, rng=self._eval_rng,
+                           loss_fn=self.per_example_loss)
+      adv_logits = tf.cast(self.model(adversarial, training=False), tf.float32)
+      sums[f"correct_{name}"] = tf.reduce_sum(_correct(adv_logits, labels) * weights)
+    return sums
 
   def _reduce(self, per_replica, op):
     return tf.nest.map_structure(
@@ -152,8 +169,13 @@ class Trainer:
 
   def evaluate(self, iterator, num_steps: int) -> Dict[str, float]:
     """Runs `num_steps` evaluation steps; returns loss and accuracy."""
+    if self.eval_attacks:
+      self._eval_rng.reset_from_seed(self.eval_seed)
     sums = self._eval_loop(iterator, tf.constant(num_steps, tf.int64))
     sums = {k: float(v) for k, v in sums.items()}
     examples = max(sums["examples"], 1.0)
-    return {"loss": sums["loss"] / examples, "accuracy": sums["correct"] / examples,
-            "examples": sums["examples"]}
+    metrics = {"loss": sums["loss"] / examples, "accuracy": sums["correct"] / examples,
+               "examples": sums["examples"]}
+    for name in self.eval_attacks:
+      metrics[f"accuracy_{name}"] = sums[f"correct_{name}"] / examples
+    return metrics

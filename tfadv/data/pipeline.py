@@ -11,7 +11,7 @@ is its global replica index and b the per-replica batch, so N replicas see the
 same global batches as one device, on any number of workers.
 """
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +30,8 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
                         arrays: Dict[str, np.ndarray], global_batch_size: int,
                         *, shuffle: bool, seed: int = 0, start_step: int = 0,
                         num_steps: Optional[int] = None,
-                        repeats_per_batch: int = 1):
+                        repeats_per_batch: int = 1,
+                        augment_fn: Optional[Callable] = None):
   """Builds the distributed dataset of `arrays` (equal-length numpy arrays).
 
   Args:
@@ -41,11 +42,16 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
       evaluation order (each example once, in order) when False. The last
       evaluation batch is padded with `example_weight` 0 to keep shapes static.
     seed: seed of the training order.
-    start_step: first global step to produce (resume point).
+    start_step: first global step to produce (resume point). With replays,
+      steps count replays: step s carries batch s // repeats_per_batch, so a
+      run resumed in the middle of a batch's replays finishes them.
     num_steps: number of steps; defaults to endless for training and one pass
       for evaluation.
     repeats_per_batch: each batch is produced this many times in a row
       (minibatch replay, as Free adversarial training needs).
+    augment_fn: `(per_replica_batch, seed) -> batch`, applied to training
+      batches with a seed [2] derived from the batch's position, so that
+      augmentation too is a function of the step alone.
 
   Returns:
     A distributed dataset yielding dicts with the keys of `arrays` plus
@@ -65,8 +71,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
     steps = tf.data.Dataset.range(start_step, start_step + num_steps) if num_steps \
         else tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
     if repeats_per_batch > 1:
-      steps = steps.flat_map(
-          lambda s: tf.data.Dataset.from_tensors(s).repeat(repeats_per_batch))
+      steps = steps.map(lambda s: s // repeats_per_batch)
 
     def positions_of(step):
       # The rows of `step`'s global batch that this pipeline's replicas take.
@@ -78,12 +83,14 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
         seed_vector = tf.stack([tf.cast(seed, tf.int64), position // n])
         index = tf.random.experimental.index_shuffle(position % n, seed_vector,
                                                      max_index=n - 1)
-        return index, tf.constant(1.0)
+        return index, tf.constant(1.0), position
       valid = position < n
-      return tf.where(valid, position, 0), tf.cast(valid, tf.float32)
+      return tf.where(valid, position, 0), tf.cast(valid, tf.float32), position
 
-    def gather(index, weight):
+    def gather(index, weight, position):
       batch = {k: tf.gather(t, index) for k, t in tensors.items()}
+      if augment_fn is not None and shuffle:
+        batch = augment_fn(batch, tf.stack([tf.cast(seed, tf.int64), position[0]]))
       batch[WEIGHTS] = weight
       return batch
 

@@ -46,7 +46,9 @@ class Method:
   """Base class of training methods.
 
   Subclasses implement `compute_gradients`; they may create variables in
-  `build`, which the trainer calls once under the strategy's scope.
+  `build`, which the experiment calls once under the strategy's scope with
+  the per-replica shape of a batch's inputs (when they are one tensor).
+  Variables a method lists in `variables` are checkpointed with the model.
   `batch_replays` > 1 asks the input pipeline to deliver each batch that
   many times in a row (Free adversarial training).
   """
@@ -54,8 +56,12 @@ class Method:
   name = "method"
   batch_replays = 1
 
-  def build(self, model: keras.Model) -> None:
-    del model
+  def build(self, model: keras.Model, input_shape=None) -> None:
+    del model, input_shape
+
+  @property
+  def variables(self) -> list:
+    return []
 
   def compute_gradients(self, model: keras.Model, loss_fn: LossFn,
                         inputs, labels, weights) -> MethodOutput:

@@ -68,7 +68,7 @@ class EmbeddingFGM(Method):
     self.embedding_path = embedding_path
     self._embedding = None
 
-  def build(self, model):
+  def build(self, model, input_shape=None):
     self._embedding = embedding.find_variable(model, self.embedding_path)
     self._random_state = random_state_variables(model)
 

@@ -54,7 +54,7 @@ class EmbeddingGradientPenalty(Method):
     self.embedding_path = embedding_path
     self._embedding = None
 
-  def build(self, model):
+  def build(self, model, input_shape=None):
     self._embedding = embedding.find_variable(model, self.embedding_path)
 
   def penalty(self, squared_norm):

@@ -1,0 +1,337 @@
+"""Vision: IDX data, attacks, PGD/FGSM/Free training, robust evaluation, export."""
+
+import gzip
+import os
+import struct
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
+
+from helpers import run as run_experiment
+from tfadv.attacks import InputAttack
+from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.experiment import sparse_cross_entropy
+from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
+from tfadv.models.vision import preact_resnet18, small_cnn, wide_resnet
+from tfadv.trainer import Trainer
+
+B, H, C = 8, 12, 4
+EPS = 0.1
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture
+def xla_kernels():
+  """XLA's MaxPool gradient is refused while TF's op determinism is on (an
+  earlier test in the process may have turned it on); `Experiment` turns it
+  off for jit_compile runs in the same way."""
+  was_on = tf_config.is_op_determinism_enabled()
+  tf_config.disable_op_determinism()
+  yield
+  if was_on:
+    tf.config.experimental.enable_op_determinism()
+
+
+def write_idx(path, array):
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+      f">{array.ndim}I", *array.shape)
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def tiny_cnn(seed=0):
+  keras.utils.set_random_seed(seed)
+  return small_cnn((H, H, 1), C, filters=(4, 8), dense_units=16)
+
+
+def image_arrays(n=2 * B, seed=0):
+  rng = np.random.RandomState(seed)
+  return {"image": rng.randint(0, 256, (n, H, H, 1)).astype(np.uint8),
+          "label": rng.randint(0, C, n).astype(np.int32)}
+
+
+def split(batch):
+  return tf.cast(batch["image"], tf.float32) / 255.0, batch["label"]
+
+
+def make_trainer(strategy, method, jit=False, lr=0.05, attacks=None, seed=0):
+  with strategy.scope():
+    model = tiny_cnn(seed)
+    optimizer = keras.optimizers.SGD(lr)
+    optimizer.build(model.trainable_variables)
+    method.build(model, input_shape=(B // strategy.num_replicas_in_sync, H, H, 1))
+  return Trainer(strategy, model, optimizer, method, split_batch=split,
+                 per_example_loss=sparse_cross_entropy, global_batch_size=B,
+                 jit_compile=jit, eval_attacks=attacks)
+
+
+def train(trainer, arrays, steps, replays=1):
+  ds = distributed_dataset(trainer.strategy, arrays, B, shuffle=True, seed=5,
+                           repeats_per_batch=replays)
+  return trainer.train(iter(ds), steps)
+
+
+def values(model):
+  return [v.numpy() for v in model.trainable_variables]
+
+
+# --- data ------------------------------------------------------------------
+
+def test_idx_reader_round_trip_and_errors(tmp_path):
+  images = np.arange(3 * 4 * 5).reshape(3, 4, 5) % 256
+  write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), images)
+  write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.array([1, 2, 9]))
+  np.testing.assert_array_equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
+  data = ImageDataset("fashion_mnist", source="idx", data_dir=str(tmp_path)).arrays("train")
+  assert data["image"].shape == (3, 4, 5, 1) and data["label"].tolist() == [1, 2, 9]
+
+  bad = tmp_path / "truncated-idx3-ubyte"
+  bad.write_bytes(struct.pack(">BBBBIII", 0, 0, 8, 3, 3, 4, 5) + b"\0" * 10)
+  with pytest.raises(IdxFormatError, match="truncated-idx3-ubyte.*60 bytes.*10 bytes"):
+    read_idx(str(bad))
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    ImageDataset("fashion_mnist", source="idx", data_dir=str(tmp_path / "nowhere")).arrays("train")
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                    reason="apt-get install -y dataset-fashion-mnist (.ci/run does)")
+def test_debian_fashion_mnist_is_read_from_its_idx_files():
+  data = ImageDataset("fashion_mnist", source="auto")
+  train, test = data.arrays("train"), data.arrays("eval")
+  assert train["image"].shape == (60000, 28, 28, 1) and test["image"].shape == (10000, 28, 28, 1)
+  assert train["image"].dtype == np.uint8 and train["image"].max() == 255
+  # Fashion-MNIST is balanced: 6000 training and 1000 test images per class.
+  assert np.bincount(train["label"]).tolist() == [6000] * 10
+  assert np.bincount(test["label"]).tolist() == [1000] * 10
+
+
+# --- attacks ---------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_every_pgd_iterate_stays_in_the_ball_and_pixel_range(norm):
+  model = tiny_cnn()
+  x, y = split(image_arrays())
+  eps = EPS if norm == "linf" else 0.5
+  for steps in range(1, 6):
+    attack = InputAttack(epsilon=eps, step_size=eps / 2, num_steps=steps, norm=norm,
+                         random_start=True)
+    x_adv = attack(model, x, y, rng=tf.random.Generator.from_seed(steps)).numpy()
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    delta = (x_adv - x.numpy()).reshape(len(x_adv), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
+    assert size.max() <= eps * (1 + 1e-5)
+    assert size.max() > 0.5 * eps  # it did move
+
+
+def test_pgd_raises_the_loss_more_than_fgsm_and_a_random_point():
+  model = tiny_cnn()
+  # Train a little so the loss surface is not flat.
+  trainer = make_trainer(tf.distribute.get_strategy(), Plain(), lr=0.1)
+  arrays = image_arrays(64)
+  train(trainer, arrays, 30)
+  model = trainer.model
+  x, y = split(arrays)
+  rng = tf.random.Generator.from_seed(0)
+
+  def loss(images):
+    return float(tf.reduce_mean(sparse_cross_entropy(y, model(images))))
+
+  noise = tf.clip_by_value(x + rng.uniform(x.shape, -EPS, EPS), 0, 1)
+  fgsm = InputAttack(epsilon=EPS, num_steps=1)(model, x, y)
+  pgd = InputAttack(epsilon=EPS, step_size=EPS / 4, num_steps=10, random_start=True)(
+      model, x, y, rng=rng)
+  assert loss(x) < loss(noise) < loss(fgsm) <= loss(pgd) + 1e-6
+
+
+# --- training methods ------------------------------------------------------
+
+def test_free_buffer_persists_across_steps_and_follows_the_sign_rule():
+  arrays = image_arrays(B)  # one batch: every step sees the same images
+  method = FreeTraining(epsilon=EPS, replays=1)
+  trainer = make_trainer(tf.distribute.get_strategy(), method, lr=0.0)
+  x, y = split(arrays)
+  order = next(iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=True, seed=5)))
+  x, y = split(order)
+  deltas = []
+  for _ in range(3):
+    before = method.perturbation.numpy()
+    x_adv = tf.clip_by_value(x + before, 0, 1)
+    with tf.GradientTape() as tape:
+      tape.watch(x_adv)
+      loss = tf.reduce_sum(sparse_cross_entropy(y, trainer.model(x_adv, training=True)))
+    expected = np.clip(before + EPS * np.sign(tape.gradient(loss, x_adv).numpy()), -EPS, EPS)
+    train(trainer, arrays, 1)
+    np.testing.assert_allclose(method.perturbation.numpy(), expected, atol=1e-7)
+    deltas.append(method.perturbation.numpy())
+  # Carried over and accumulating: the buffer is not reset between steps.
+  assert not np.array_equal(deltas[0], deltas[2])
+  assert np.abs(deltas[2]).max() == pytest.approx(EPS)
+
+
+def test_free_with_one_replay_and_zero_buffer_is_plain_training_then_fgsm():
+  arrays = image_arrays(B)
+  free = make_trainer(tf.distribute.get_strategy(), FreeTraining(epsilon=EPS, replays=1))
+  plain = make_trainer(tf.distribute.get_strategy(), Plain())
+  train(free, arrays, 1)
+  train(plain, arrays, 1)
+  for a, b in zip(values(free.model), values(plain.model)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The buffer is then the FGSM perturbation of the clean batch (pre-update weights).
+  reference = tiny_cnn()
+  batch = next(iter(distributed_dataset(free.strategy, arrays, B, shuffle=True, seed=5)))
+  x, y = split(batch)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    loss = tf.reduce_sum(sparse_cross_entropy(y, reference(x, training=True)))
+  np.testing.assert_array_equal(free.method.perturbation.numpy(),
+                                EPS * np.sign(tape.gradient(loss, x).numpy()))
+
+
+def test_free_buffer_is_distinct_per_replica(mirrored):
+  method = FreeTraining(epsilon=EPS, replays=2)
+  trainer = make_trainer(mirrored, method)
+  assert method.perturbation.shape == (B // 2, H, H, 1)
+  train(trainer, image_arrays(), 4, replays=2)
+  local = [v.numpy() for v in mirrored.experimental_local_results(method.perturbation)]
+  assert len(local) == 2 and local[0].shape == (B // 2, H, H, 1)
+  assert np.abs(local[0]).max() > 0 and not np.array_equal(local[0], local[1])
+
+
+def test_replays_deliver_each_batch_m_times_and_resume_mid_batch():
+  arrays = {"i": np.arange(40, dtype=np.int64)}
+  strategy = tf.distribute.get_strategy()
+
+  def batches(start, steps):
+    ds = distributed_dataset(strategy, arrays, 4, shuffle=True, seed=1,
+                             start_step=start, num_steps=steps, repeats_per_batch=3)
+    return [b["i"].numpy().tolist() for b in ds]
+
+  full = batches(0, 9)
+  assert full[0] == full[1] == full[2] and full[3] == full[4] == full[5] != full[0]
+  assert batches(4, 5) == full[4:]  # resumed after the 2nd replay of batch 1
+
+
+@pytest.mark.parametrize("method_fn", [
+    lambda: PGDTraining(epsilon=EPS, step_size=0.03, num_steps=3, random_start=False),
+    lambda: PGDTraining(epsilon=0.5, step_size=0.2, num_steps=2, norm="l2", random_start=False),
+    lambda: FGSMTraining(epsilon=EPS, random_start=False),
+    lambda: FreeTraining(epsilon=EPS, replays=2),
+], ids=["pgd_linf", "pgd_l2", "fgsm", "free"])
+def test_vision_steps_compile_with_xla_and_match_graph_mode(method_fn, xla_kernels):
+  arrays = image_arrays()
+  results = []
+  for jit in (False, True):
+    trainer = make_trainer(tf.distribute.get_strategy(), method_fn(), jit=jit)
+    train(trainer, arrays, 4, replays=trainer.method.batch_replays)
+    results.append(values(trainer.model))
+    if jit:
+      batch = next(iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=False)))
+      hlo = trainer._replica_train.experimental_get_compiler_ir(batch)(stage="hlo")
+      assert "HloModule" in hlo
+  for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_random_start_methods_compile_with_xla(xla_kernels):
+  for method in (PGDTraining(epsilon=EPS, num_steps=2), FGSMTraining(epsilon=EPS)):
+    trainer = make_trainer(tf.distribute.get_strategy(), method, jit=True)
+    before = values(trainer.model)
+    metrics = train(trainer, image_arrays(), 2)
+    assert np.isfinite(metrics["loss"])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, values(trainer.model)))
+
+
+def test_pgd_on_two_replicas_equals_one_device(mirrored):
+  arrays = image_arrays(4 * B)
+  results = []
+  for strategy in (tf.distribute.get_strategy(), mirrored):
+    method = PGDTraining(epsilon=EPS, step_size=0.03, num_steps=3, random_start=False)
+    trainer = make_trainer(strategy, method)
+    train(trainer, arrays, 5)
+    results.append(values(trainer.model))
+  for a, b in zip(*results):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_robust_evaluation_is_ordered_and_repeatable():
+  attacks = {"fgsm": InputAttack(epsilon=EPS, num_steps=1),
+             "pgd20": InputAttack(epsilon=EPS, step_size=EPS / 4, num_steps=20,
+                                  random_start=True, restarts=2)}
+  trainer = make_trainer(tf.distribute.get_strategy(), Plain(), lr=0.1, attacks=attacks)
+  arrays = image_arrays(64)
+  train(trainer, arrays, 30)
+
+  def evaluate():
+    ds = distributed_dataset(trainer.strategy, arrays, B, shuffle=False)
+    return trainer.evaluate(iter(ds), len(arrays["label"]) // B)
+
+  first, second = evaluate(), evaluate()
+  assert first == second
+  assert first["accuracy"] > first["accuracy_fgsm"] >= first["accuracy_pgd20"]
+
+
+# --- models and end to end -------------------------------------------------
+
+def test_models_have_the_published_shapes():
+  assert small_cnn((28, 28, 1), 10).count_params() == 3274634  # Madry's MNIST CNN
+  assert preact_resnet18((32, 32, 3), 10).count_params() == pytest.approx(11.17e6, rel=0.01)
+  wrn = wide_resnet((32, 32, 3), 10, depth=28, width=10)
+  assert wrn.count_params() == pytest.approx(36.5e6, rel=0.01)  # WRN-28-10
+  assert len([l for l in wide_resnet((32, 32, 3), 10, depth=32, width=1).layers
+              if isinstance(l, keras.layers.Add)]) == 15  # 5 blocks per stage
+  with pytest.raises(ValueError, match="6n"):
+    wide_resnet((32, 32, 3), 10, depth=30)
+
+
+def fashion_bindings(tmp_path):
+  """A tiny Fashion-MNIST-shaped IDX set and a small config."""
+  rng = np.random.RandomState(0)
+  data = tmp_path / "idx"
+  data.mkdir(exist_ok=True)
+  for split, n in (("train", 96), ("t10k", 40)):
+    labels = rng.randint(0, 10, n)
+    # Learnable: the class decides which rows are bright.
+    images = rng.randint(0, 60, (n, 28, 28))
+    for i, label in enumerate(labels):
+      images[i, 2 * label:2 * label + 3] += 180
+    write_idx(str(data / f"{split}-images-idx3-ubyte.gz"), images)
+    write_idx(str(data / f"{split}-labels-idx1-ubyte.gz"), labels)
+  return [f"ImageDataset.data_dir = '{data}'",
+          "ImageDataset.source = 'idx'", "small_cnn.filters = (4, 8)",
+          "small_cnn.dense_units = 16", "Experiment.global_batch_size = 16",
+          "Experiment.eval_batch_size = 20", "Experiment.train_epochs = 8",
+          "Experiment.steps_per_loop = 8", "Experiment.checkpoint_every = 16"]
+
+
+def test_free_divides_epochs_and_end_to_end_evaluate_and_export(tmp_path):
+  bindings = fashion_bindings(tmp_path)
+  natural = (bindings, ["configs/fashion_mnist_natural.gin"])
+  free = (bindings, ["configs/fashion_mnist_free8.gin"])
+  default = tf.distribute.get_strategy()
+  out_natural = run_experiment("train_and_evaluate", tmp_path / "natural", default, *natural)
+  out_free = run_experiment("train_and_evaluate", tmp_path / "free", default, *free)
+  # 96 images / 16 = 6 batches per epoch; 8 epochs = 48 steps. Free-8 takes
+  # as many optimizer steps over 1/8 of the epochs: 6 batches x 8 replays.
+  assert out_natural["experiment"].train_steps == 48
+  assert out_free["experiment"].train_steps == 48
+  assert out_free["experiment"].steps_per_loop % 8 == 0
+  evaluated = out_natural["eval"]
+  assert set(evaluated) >= {"accuracy", "accuracy_fgsm", "accuracy_pgd20"}
+  assert evaluated["accuracy"] > 0.3  # learnable data: well above chance (0.1)
+  assert evaluated["accuracy"] >= evaluated["accuracy_fgsm"] >= evaluated["accuracy_pgd20"]
+  again = run_experiment("evaluate", tmp_path / "natural", default, *natural)
+  assert again["eval"] == evaluated
+  assert any("accuracy_pgd20" in line for line in again["lines"])
+  exported = run_experiment("export", tmp_path / "natural", default, *natural)["export"]
+  model = keras.models.load_model(exported)
+  x = tf.random.uniform((2, 28, 28, 1))
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    logits = model(x)
+    total = tf.reduce_sum(logits)
+  assert logits.shape == (2, 10) and tape.gradient(total, x).shape == x.shape

@@ -1,0 +1,92 @@
+"""Free adversarial training (Shafahi et al. 2019, "Adversarial Training for Free!").
+
+Each minibatch is replayed m times in a row (the input pipeline does that,
+from `batch_replays`). Every replay is one forward/backward pass on
+clip(x + δ, 0, 1) whose gradients serve twice: the weight gradients are the
+update, and the input gradient moves the perturbation,
+δ ← clip(δ + ε·sign(∇ₓL), -ε, ε). δ lives in a `tf.Variable` and is carried
+over to the next minibatch, so the attack keeps improving across batches.
+A replay costs one plain step; the run takes as many weight updates as
+natural training and hence sees 1/m of its epochs ("epochs divided by m":
+`Experiment.train_epochs` does the division).
+
+Under a distribution strategy the buffer is a sync-on-read variable: every
+replica holds its own δ for its own slice of the batch. A checkpoint stores
+replica 0's δ and restores it to every replica (exact on one device).
+
+Training batches are always full: the input pipeline is step-indexed and
+wraps around epoch boundaries, so there is no last partial batch and the
+buffer's shape (the per-replica batch) never changes.
+"""
+
+import gin
+import tensorflow as tf
+
+from tfadv.methods.base import Method, MethodOutput
+
+
+@gin.configurable
+class FreeTraining(Method):
+  """Free-m adversarial training with a persistent perturbation buffer.
+
+  Args:
+    epsilon: ℓ∞ radius; also the ascent step of δ, as in the paper.
+    replays: m, the times each minibatch is replayed.
+    clip_min, clip_max: pixel range of x + δ.
+
+  Special case: with m = 1 and a zero buffer, the first step's update is
+  plain training's, and the buffer after it is the FGSM perturbation
+  ε·sign(∇ₓL(x)).
+
+  Example:
+  >>> method = FreeTraining(epsilon=0.1, replays=8)
+  >>> method.build(model, input_shape=(64, 28, 28, 1))  # per-replica batch
+  >>> out = method.compute_gradients(model, loss_fn, images, labels, weights)
+  """
+
+  name = "free"
+
+  def __init__(self, epsilon: float = 0.1, replays: int = 8,
+               clip_min: float = 0.0, clip_max: float = 1.0):
+    if replays < 1:
+      raise ValueError(f"FreeTraining.replays={replays}; expected >= 1.")
+    self.epsilon = float(epsilon)
+    self.batch_replays = int(replays)
+    self.clip_min = clip_min
+    self.clip_max = clip_max
+    self.perturbation = None
+
+  def build(self, model, input_shape=None):
+    del model
+    if input_shape is None:
+      raise ValueError("FreeTraining needs the per-replica input shape: its "
+                       "perturbation buffer has the shape of one replica's batch.")
+    self.perturbation = tf.Variable(
+        tf.zeros(input_shape, tf.float32), trainable=False,
+        synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        name="free_perturbation")
+
+  @property
+  def variables(self):
+    return [self.perturbation] if self.perturbation is not None else []
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    images = tf.convert_to_tensor(inputs)
+    delta = tf.convert_to_tensor(self.perturbation)
+    x_adv = tf.clip_by_value(images + tf.cast(delta, images.dtype),
+                             self.clip_min, self.clip_max)
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+      tape.watch(x_adv)
+      logits = model(x_adv, training=True)
+      loss = loss_fn(labels, logits, weights)
+    *gradients, input_gradient = tape.gradient(loss, variables + [x_adv])
+    # One backward pass, two uses: the weights' update above, δ's ascent here.
+    step = self.epsilon * tf.sign(tf.cast(input_gradient, tf.float32))
+    self.perturbation.assign(tf.clip_by_value(delta + step, -self.epsilon, self.epsilon))
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients)
+
+  def get_config(self):
+    return {"epsilon": self.epsilon, "replays": self.batch_replays,
+            "clip_min": self.clip_min, "clip_max": self.clip_max}

@@ -1,0 +1,156 @@
+"""The methods table: baseline, FGM and GP on FewCLUE TNEWS and IFLYTEK, over seeds.
+
+    python -m tfadv.tools.methods_table --data_dir=../shared/data/fewclue \\
+        --out_dir=docs --work_dir=runs/methods_table
+
+Each run is `python -m tfadv.main --gin_file=configs/<task>_<method>.gin` in
+its own process (one clean gin and TensorFlow state per run), trained on the
+task's train split and evaluated on dev. A run whose model dir already holds
+`eval_results.json` is read back, not repeated, so a killed table resumes
+where it stopped. The tool writes its section of `<out_dir>/results.md` (mean ± std
+per method and task, every run with its wall time, the command) and
+`<out_dir>/results_text.png`.
+
+`--sweep=fgm:0.1,0.3,3` adds rows for other ε values of a method (on
+`--sweep_seeds`), for when the configs' ε does not help at this scale.
+"""
+
+import os
+import platform
+
+from absl import app, flags
+
+from tfadv.tools import runs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", "../shared/data/fewclue", "FewCLUE directory "
+                    "holding tnews/ and iflytek/.")
+flags.DEFINE_string("out_dir", "docs", "Where results.md and results.png go.")
+flags.DEFINE_string("work_dir", "runs/methods_table", "Model dirs of the runs.")
+flags.DEFINE_string("config_dir", "configs", "Where <task>_<method>.gin live.")
+flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks (rows).")
+flags.DEFINE_list("methods", ["baseline", "fgm", "gp"], "Methods (columns).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every task x method.")
+flags.DEFINE_multi_string("sweep", [], "method:eps1,eps2,... extra ε rows.")
+flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
+flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
+flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
+
+EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon"}
+TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
+
+
+class NlpRun(runs.Run):
+  """One (task, method, ε, seed) run of configs/<task>_<method>.gin."""
+
+  def __init__(self, task, method, seed, epsilon=None):
+    self.task, self.method, self.seed, self.epsilon = task, method, int(seed), epsilon
+    eps = "" if epsilon is None else f"_eps{epsilon:g}"
+    params = [f"Experiment.seed = {self.seed}",
+              f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
+    if epsilon is not None:
+      params.append(f"{EPSILON_BINDING[method]} = {epsilon}")
+    super().__init__(f"{task}_{method}{eps}_seed{self.seed}",
+                     os.path.join(FLAGS.config_dir, f"{task}_{method}.gin"),
+                     params + FLAGS.gin_param, FLAGS.work_dir)
+
+  @property
+  def variant(self) -> str:
+    return self.method if self.epsilon is None else f"{self.method} ε={self.epsilon:g}"
+
+
+def plot(groups, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = list(dict.fromkeys(task for task, _ in groups))
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    variants = [v for t, v in groups if t == task]
+    for i, variant in enumerate(variants):
+      accs = [100 * r["accuracy"] for r in groups[(task, variant)]]
+      mean, std = runs.mean_std(accs)
+      ax.bar(i, mean, yerr=std, capsize=4, color=f"C{i}", alpha=0.7)
+      ax.scatter([i] * len(accs), accs, color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    ax.set_title(f"FewCLUE {TASK_TITLES.get(task, task)} dev")
+    ax.set_ylabel("accuracy (%)")
+    lows = [100 * r["accuracy"] for v in variants for r in groups[(task, v)]]
+    ax.set_ylim(max(0, min(lows) - 5), max(lows) + 3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def write_markdown(groups, finished, total_seconds, path, argv):
+  tasks = list(dict.fromkeys(task for task, _ in groups))
+  variants = list(dict.fromkeys(v for _, v in groups))
+  lines = ["## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)", "",
+           "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
+           "```", runs.command_line("tfadv.tools.methods_table", argv), "```", "",
+           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+           f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
+           f"of wall time over {len(finished)} runs.", "",
+           "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
+           "in brackets the difference from the baseline's mean:", "",
+           "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
+           "|---" * (len(tasks) + 1) + "|"]
+  for variant in variants:
+    cells = []
+    for task in tasks:
+      records = groups.get((task, variant))
+      if not records:
+        cells.append("")
+        continue
+      mean, std = runs.mean_std([100 * r["accuracy"] for r in records])
+      cell = f"{mean:.2f} ± {std:.2f} (n={len(records)})"
+      baseline = groups.get((task, "baseline"))
+      if baseline and variant != "baseline":
+        cell += f" [{mean - runs.mean_std([100 * r['accuracy'] for r in baseline])[0]:+.2f}]"
+      cells.append(cell)
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  lines += ["", "![methods table](results_text.png)", "", "Every run:", "",
+            "| task | method | seed | dev accuracy | dev loss | steps | wall time |",
+            "|---|---|---|---|---|---|---|"]
+  for run, record in finished:
+    lines.append(f"| {run.task} | {run.variant} | {run.seed} | "
+                 f"{100 * record['accuracy']:.2f} | {record['loss']:.4f} | "
+                 f"{record['step']} | {record['wall_seconds']:.0f} s |")
+  runs.replace_section(path, "text-methods-table", "\n".join(lines))
+
+
+def planned_runs():
+  planned = [NlpRun(task, method, seed) for task in FLAGS.tasks
+             for method in FLAGS.methods for seed in FLAGS.seeds]
+  for spec in FLAGS.sweep:
+    method, _, values = spec.partition(":")
+    if method not in EPSILON_BINDING or not values:
+      raise app.UsageError(f"--sweep={spec!r}: expected fgm:eps,... or gp:eps,...")
+    for epsilon in values.split(","):
+      planned += [NlpRun(task, method, seed, float(epsilon))
+                  for task in (FLAGS.sweep_tasks or FLAGS.tasks)
+                  for seed in FLAGS.sweep_seeds]
+  return planned
+
+
+def main(argv):
+  for task in FLAGS.tasks:
+    if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
+      raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
+  planned = planned_runs()
+  groups, finished = {}, []
+  for i, run in enumerate(planned, 1):
+    record = run.result()
+    print(f"[{i}/{len(planned)}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
+          f"({record['wall_seconds']:.0f} s)", flush=True)
+    finished.append((run, record))
+    groups.setdefault((run.task, run.variant), []).append(record)
+  total = sum(record["wall_seconds"] for _, record in finished)
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  write_markdown(groups, finished, total, os.path.join(FLAGS.out_dir, "results.md"), argv)
+  plot(groups, os.path.join(FLAGS.out_dir, "results_text.png"))
+  print(f"Wrote {FLAGS.out_dir}/results.md and results_text.png "
+        f"({total / 60:.1f} min of runs).")
+
+
+if __name__ == "__main__":
+  app.run(main)

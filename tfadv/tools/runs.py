@@ -1,0 +1,78 @@
+"""Shared parts of the result tables: one run per process, cached on disk; doc sections.
+
+A `Run` is `python -m tfadv.main --gin_file=... --gin_param=...` in a
+subprocess with its own model dir. Its result is the `eval_results.json` the
+run writes plus the wall time the tool measured; a run whose model dir
+already has both is read back, not repeated, so a killed table resumes.
+"""
+
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import List, Sequence
+
+
+class Run:
+  """One training-and-evaluation run of a gin config in its own process."""
+
+  def __init__(self, name: str, gin_file: str, params: Sequence[str], work_dir: str):
+    self.name = name
+    self.gin_file = gin_file
+    self.params = list(params)
+    self.model_dir = os.path.join(work_dir, name)
+
+  def command(self) -> List[str]:
+    return ([sys.executable, "-m", "tfadv.main", f"--gin_file={self.gin_file}",
+             f"--model_dir={self.model_dir}"]
+            + [f"--gin_param={p}" for p in self.params])
+
+  def result(self) -> dict:
+    """Trains and evaluates unless a finished result is already on disk."""
+    path = os.path.join(self.model_dir, "eval_results.json")
+    wall_path = os.path.join(self.model_dir, "wall_seconds.txt")
+    if not (os.path.exists(path) and os.path.exists(wall_path)):
+      os.makedirs(self.model_dir, exist_ok=True)
+      start = time.time()
+      with open(os.path.join(self.model_dir, "log.txt"), "w") as log:
+        proc = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                              check=False)
+      if proc.returncode != 0:
+        raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
+                           f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
+      with open(wall_path, "w") as f:
+        f.write(f"{time.time() - start:.1f}\n")
+    with open(path) as f:
+      record = json.load(f)
+    with open(wall_path) as f:
+      record["wall_seconds"] = float(f.read())
+    return record
+
+
+def mean_std(values):
+  """Mean and sample standard deviation (0 for one value)."""
+  values = list(values)
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def replace_section(path: str, section: str, text: str,
+                    title: str = "# Results") -> None:
+  """Writes `text` between `<!-- section -->` markers of `path`, keeping the rest."""
+  begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+  block = f"{begin}\n{text.rstrip()}\n{end}"
+  content = open(path).read() if os.path.exists(path) else f"{title}\n"
+  pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+  if pattern.search(content):
+    content = pattern.sub(lambda _: block, content)
+  else:
+    content = content.rstrip() + "\n\n" + block + "\n"
+  with open(path, "w") as f:
+    f.write(content)
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+  return f"python -m {module} " + " ".join(shlex.quote(a) for a in argv[1:])
