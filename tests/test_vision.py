@@ -1,6 +1,5 @@
 """Vision: IDX data, attacks, PGD/FGSM/Free training, robust evaluation, export."""
 
-import gzip
 import os
 import struct
 
@@ -10,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
-from helpers import run as run_experiment
+from helpers import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
 from tfadv.attacks import InputAttack
 from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
 from tfadv.data.pipeline import distributed_dataset
@@ -34,14 +33,6 @@ def xla_kernels():
   yield
   if was_on:
     tf.config.experimental.enable_op_determinism()
-
-
-def write_idx(path, array):
-  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
 
 
 def tiny_cnn(seed=0):
@@ -290,22 +281,7 @@ def test_models_have_the_published_shapes():
 
 def fashion_bindings(tmp_path):
   """A tiny Fashion-MNIST-shaped IDX set and a small config."""
-  rng = np.random.RandomState(0)
-  data = tmp_path / "idx"
-  data.mkdir(exist_ok=True)
-  for split, n in (("train", 96), ("t10k", 40)):
-    labels = rng.randint(0, 10, n)
-    # Learnable: the class decides which rows are bright.
-    images = rng.randint(0, 60, (n, 28, 28))
-    for i, label in enumerate(labels):
-      images[i, 2 * label:2 * label + 3] += 180
-    write_idx(str(data / f"{split}-images-idx3-ubyte.gz"), images)
-    write_idx(str(data / f"{split}-labels-idx1-ubyte.gz"), labels)
-  return [f"ImageDataset.data_dir = '{data}'",
-          "ImageDataset.source = 'idx'", "small_cnn.filters = (4, 8)",
-          "small_cnn.dense_units = 16", "Experiment.global_batch_size = 16",
-          "Experiment.eval_batch_size = 20", "Experiment.train_epochs = 8",
-          "Experiment.steps_per_loop = 8", "Experiment.checkpoint_every = 16"]
+  return tiny_fashion_bindings(write_tiny_fashion_idx(tmp_path / "idx"))
 
 
 def test_free_divides_epochs_and_end_to_end_evaluate_and_export(tmp_path):

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional
 
 import tensorflow as tf
 
+from tfadv.preemption import Preempted, SigtermWatcher
 from tfadv.trainer import Trainer
 
 
@@ -116,36 +117,47 @@ class Controller:
     return min(candidates)
 
   def train(self) -> Dict[str, float]:
-    """Trains from the restored step to `train_steps`."""
+    """Trains from the restored step to `train_steps`.
+
+    On SIGTERM it stops at the next step boundary, saves a checkpoint there
+    and raises `Preempted` (see `tfadv.preemption`).
+    """
     step = self.restore()
     if step >= self.train_steps:
       self.print(f"Already trained {step} of {self.train_steps} steps.")
       return self.last_train
     iterator = self.train_iterator_fn(step)
+    self.print(f"Training from step {step} to {self.train_steps}.")
     start_time, start_step = time.time(), step
-    while step < self.train_steps:
-      num_steps = self._next_boundary(step) - step
-      loop_start = time.time()
-      metrics = self.trainer.train(iterator, num_steps)
-      elapsed = time.time() - loop_start
-      step = self.step
-      metrics["examples_per_sec"] = num_steps * self.examples_per_step / elapsed
-      if self.learning_rate_fn is not None:
-        metrics["learning_rate"] = self.learning_rate_fn()
-      self.last_train = metrics
-      self.write_summaries("train", metrics, step)
-      rate = (time.time() - start_time) / (step - start_step)
-      extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items() if k not in (
-          "loss", "accuracy", "examples_per_sec", "learning_rate"))
-      self.print(f"step {step}/{self.train_steps} | loss {metrics['loss']:.4f} | "
-                 f"accuracy {metrics['accuracy']:.4f} | lr "
-                 f"{metrics.get('learning_rate', float('nan')):.3g}{extra} | "
-                 f"{metrics['examples_per_sec']:.1f} examples/sec | ETA "
-                 f"{_format_duration(rate * (self.train_steps - step))}")
-      if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.train_steps:
-        self.save()
-      if self.eval_every and step % self.eval_every == 0 and step < self.train_steps:
-        self.evaluate()
+    with SigtermWatcher(self.trainer.stop_requested) as watcher:
+      while step < self.train_steps:
+        num_steps = self._next_boundary(step) - step
+        loop_start = time.time()
+        metrics = self.trainer.train(iterator, num_steps)
+        elapsed = time.time() - loop_start
+        num_steps = metrics.pop("steps")
+        step = self.step
+        metrics["examples_per_sec"] = num_steps * self.examples_per_step / elapsed
+        if self.learning_rate_fn is not None:
+          metrics["learning_rate"] = self.learning_rate_fn()
+        self.last_train = metrics
+        self.write_summaries("train", metrics, step)
+        rate = (time.time() - start_time) / max(step - start_step, 1)
+        extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items() if k not in (
+            "loss", "accuracy", "examples_per_sec", "learning_rate"))
+        self.print(f"step {step}/{self.train_steps} | loss {metrics['loss']:.4f} | "
+                   f"accuracy {metrics['accuracy']:.4f} | lr "
+                   f"{metrics.get('learning_rate', float('nan')):.3g}{extra} | "
+                   f"{metrics['examples_per_sec']:.1f} examples/sec | ETA "
+                   f"{_format_duration(rate * (self.train_steps - step))}")
+        if watcher.triggered or bool(self.trainer.stop_requested.numpy()):
+          path = self.save()
+          self.print(f"Preempted (SIGTERM) at step {step}: saved {path}.")
+          raise Preempted(step, path)
+        if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.train_steps:
+          self.save()
+        if self.eval_every and step % self.eval_every == 0 and step < self.train_steps:
+          self.evaluate()
     return self.last_train
 
   def evaluate(self) -> Dict[str, float]:

@@ -53,6 +53,10 @@ class Experiment:
       `@sgd_momentum`.
     eval_attacks: `{name: InputAttack}` for image tasks: evaluation also
       reports `accuracy_<name>` under each attack (robust accuracy).
+    mixed_precision: a Keras dtype policy for the model, e.g.
+      "mixed_bfloat16" (TPU): layers compute in bfloat16, variables, losses,
+      gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and the
+      optimizer stay float32. None: float32 throughout.
   """
 
   def __init__(self, task=gin.REQUIRED, method: Optional[Method] = None,
@@ -62,13 +66,15 @@ class Experiment:
                steps_per_loop: int = 50, checkpoint_every: int = 500,
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
-               eval_attacks: Optional[dict] = None):
+               eval_attacks: Optional[dict] = None,
+               mixed_precision: Optional[str] = None):
     self.task = task
     self.method = method if method is not None else Plain()
     self.train_steps = train_steps
     self.train_epochs = train_epochs
     self.optimizer_fn = optimizer_fn
     self.eval_attacks = dict(eval_attacks or {})
+    self.mixed_precision = mixed_precision
     self.global_batch_size = global_batch_size
     self.eval_batch_size = eval_batch_size or global_batch_size
     self.seed = seed
@@ -101,6 +107,7 @@ class Experiment:
     per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
     input_shape = (self.task.input_shape(per_replica_batch)
                    if hasattr(self.task, "input_shape") else None)
+    keras.mixed_precision.set_global_policy(self.mixed_precision or "float32")
     with strategy.scope():
       self.model = self.task.build_model()
       self.optimizer = self.optimizer_fn(total_steps=self.train_steps)

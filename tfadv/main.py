@@ -85,7 +85,12 @@ def main(argv):
   model_dir = FLAGS.model_dir or default_model_dir(FLAGS.gin_file)
   logging.info("Model dir: %s; strategy %s with %d replicas.", model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync)
-  results = experiment.run(FLAGS.mode, model_dir, strategy)
+  from tfadv import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    results = experiment.run(FLAGS.mode, model_dir, strategy)
+  except preemption.Preempted as e:
+    print(f"tfadv: {e}", flush=True)
+    sys.exit(preemption.EXIT_CODE)
   if "eval" in results:
     print(f"final eval accuracy: {results['eval']['accuracy']:.4f}")
 

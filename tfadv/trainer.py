@@ -20,6 +20,12 @@ SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
 
 
+def _host_flag() -> tf.Variable:
+  """A boolean variable outside any strategy: the host sets it, the loop reads it."""
+  with tf.init_scope():
+    return tf.Variable(False, trainable=False, name="stop_requested")
+
+
 def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None:
   # The trainer all-reduces gradients itself (once) so that it can report the
   # global gradient norm; stop the Keras optimizer from summing them again.
@@ -85,6 +91,9 @@ class Trainer:
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                      name="global_step")
       self._eval_rng = tf.random.Generator.from_seed(eval_seed)
+    # Set from outside the loop (a SIGTERM watcher thread); the in-graph loop
+    # checks it before every step, agreed over all workers.
+    self.stop_requested = _host_flag()
     replica_train = tf.function(self._replica_train_step, jit_compile=jit_compile)
     replica_eval = tf.function(self._replica_eval_step, jit_compile=jit_compile)
     self._replica_train = replica_train
@@ -141,23 +150,45 @@ class Trainer:
     self.global_step.assign_add(1)
     return self._reduce(sums, SUM), self._reduce(means, MEAN)
 
+  def _stop_flag(self):
+    return tf.cast(self.stop_requested.read_value(), tf.int32)
+
+  def _should_stop(self):
+    # Every worker must take the same number of steps (their all-reduces
+    # pair up), so a stop seen by any worker stops all of them: the sum of
+    # the 0/1 flags is > 0 iff any is set.
+    if self.strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+      flags = self.strategy.run(self._stop_flag)
+      return self.strategy.reduce(SUM, flags, axis=None) > 0
+    return self.stop_requested.read_value()
+
   def _train_loop_fn(self, iterator, num_steps):
     # The first step fixes the structure of the accumulators for the loop.
     sums, means = self._train_one(iterator)
-    for _ in tf.range(num_steps - 1):
+    done = tf.constant(1, tf.int64)
+    stop = self._should_stop()
+    while done < num_steps and not stop:
       step_sums, step_means = self._train_one(iterator)
       sums = tf.nest.map_structure(tf.add, sums, step_sums)
       means = tf.nest.map_structure(tf.add, means, step_means)
-    return sums, means
+      done += 1
+      stop = self._should_stop()
+    return sums, means, done
 
   def train(self, iterator, num_steps: int) -> Dict[str, float]:
-    """Runs `num_steps` train steps; returns metrics averaged over them."""
-    sums, means = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    """Runs `num_steps` train steps; returns metrics averaged over them.
+
+    Stops early, at a step boundary, when `stop_requested` is set (then
+    `metrics["steps"]` < `num_steps`).
+    """
+    sums, means, done = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    done = int(done)
     sums = {k: float(v) for k, v in sums.items()}
     examples = max(sums["examples"], 1.0)
-    metrics = {"loss": sums["loss"] / num_steps,
+    metrics = {"loss": sums["loss"] / done,
                "accuracy": sums["correct"] / examples}
-    metrics.update({k: float(v) / num_steps for k, v in means.items()})
+    metrics.update({k: float(v) / done for k, v in means.items()})
+    metrics["steps"] = done
     return metrics
 
   def _eval_loop_fn(self, iterator, num_steps):

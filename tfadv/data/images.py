@@ -9,7 +9,6 @@ not those TFDS checksums, so they are read directly here rather than through
 TFDS's manual-download path.
 """
 
-import glob
 import gzip
 import os
 import struct
@@ -17,6 +16,7 @@ from typing import Dict, List, Optional
 
 import gin
 import numpy as np
+import tensorflow as tf
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -40,10 +40,11 @@ class IdxFormatError(ValueError):
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped) into a numpy array."""
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  """Reads an IDX file (optionally gzipped; local or gs://) into a numpy array."""
+  with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
+  if path.endswith(".gz"):
+    data = gzip.decompress(data)
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise IdxFormatError(f"{path}: not an IDX file (magic bytes {data[:4]!r}).")
   dtype_code, ndim = data[2], data[3]
@@ -61,9 +62,10 @@ def read_idx(path: str) -> np.ndarray:
 
 def find_idx_file(directory: str, stem: str) -> str:
   for candidate in (stem, stem + ".gz"):
-    matches = glob.glob(os.path.join(directory, "**", candidate), recursive=True)
-    if matches:
-      return sorted(matches)[0]
+    for pattern in (candidate, os.path.join("*", candidate)):
+      matches = tf.io.gfile.glob(os.path.join(directory, pattern))
+      if matches:
+        return sorted(matches)[0]
   raise FileNotFoundError(f"No {stem}[.gz] under {directory}.")
 
 
@@ -104,7 +106,7 @@ class ImageDataset:
   def _idx_dir(self) -> Optional[str]:
     candidates = [self.data_dir] if self.data_dir else DEFAULT_IDX_DIRS.get(self.name, [])
     for directory in candidates:
-      if directory and os.path.isdir(directory):
+      if directory and tf.io.gfile.isdir(directory):
         try:
           find_idx_file(directory, IDX_FILES["train"][0])
           return directory

@@ -1,0 +1,165 @@
+"""Runs a tfadv experiment on a Cloud TPU VM (single host or pod slice) with gcloud.
+
+    python launch/tpu_vm.py --name=tfadv-v4 --zone=us-central2-b \\
+        --accelerator_type=v4-8 --spot \\
+        --model_dir=gs://BUCKET/tfadv/runs/iflytek_fgm \\
+        --gin_file=configs/iflytek_fgm.gin \\
+        --gin_param="ClueDataset.data_dir = 'gs://BUCKET/data/clue/iflytek'" \\
+        --action=all [--dry_run]
+
+Actions (`--action`, repeatable; `all` = create, setup, train, logs):
+  create  gcloud compute tpus tpu-vm create (type, zone, runtime, spot/preemptible)
+  setup   copies this checkout to every worker and pip-installs it there,
+          keeping the runtime's preinstalled TensorFlow (a constraints file
+          from `pip freeze`), so the TPU build of TensorFlow is not replaced
+  train   starts `python -m tfadv.main` in the background, logging to
+          ~/tfadv.log: on a single host with --tpu=local (all its chips); on a
+          pod slice on worker 0 with --tpu=<name>, TensorFlow's single-client
+          model (worker 0 drives the other hosts' TPU servers)
+  logs    streams worker 0's log (Ctrl-C stops streaming, not training)
+  delete  deletes the TPU VM
+
+`--dry_run` prints every command and runs none. The model dir must be a
+`gs://` path: every worker and TensorBoard read it. TensorBoard from your
+machine: `launch/tensorboard.sh gs://BUCKET/tfadv/runs`.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+DEFAULT_TF_VERSION = "2.16.1"
+ACTIONS = ("create", "setup", "train", "logs", "delete")
+REMOTE_DIR = "tfadv"
+
+
+def num_hosts(accelerator_type: str) -> int:
+  """Hosts of a slice: v2/v3/v4/v5p are named by TensorCores (8 per host),
+  v5e (v5litepod-N) and v6e by chips (one host up to 8 chips, 4 per host above)."""
+  match = re.fullmatch(r"(v\d+[a-z]*|v5litepod|v6e)-(\d+)", accelerator_type)
+  if not match:
+    raise ValueError(f"--accelerator_type={accelerator_type!r}: expected e.g. v4-8, "
+                     "v5litepod-16, v6e-8.")
+  family, size = match.group(1), int(match.group(2))
+  if family in ("v5litepod", "v6e"):
+    return 1 if size <= 8 else size // 4
+  return max(1, size // 8)
+
+
+def runtime_version(accelerator_type: str, tf_version: str) -> str:
+  """tpu-vm-tf-X.Y.Z[-pod]-pjrt (Cloud TPU's naming for TensorFlow runtimes)."""
+  pod = "-pod" if num_hosts(accelerator_type) > 1 else ""
+  return f"tpu-vm-tf-{tf_version}{pod}-pjrt"
+
+
+def gcloud(args, *words):
+  command = ["gcloud", "compute", "tpus", "tpu-vm", *words, f"--zone={args.zone}"]
+  if args.project:
+    command.append(f"--project={args.project}")
+  return command
+
+
+def commands(args, tarball: str):
+  """{action: [command, ...]} for the requested actions."""
+  version = args.version or runtime_version(args.accelerator_type, args.tf_version)
+  create = gcloud(args, "create", args.name) + [
+      f"--accelerator-type={args.accelerator_type}", f"--version={version}"]
+  if args.spot:
+    create.append("--spot")
+  elif args.preemptible:
+    create.append("--preemptible")
+  install = (f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/tfadv.tar.gz -C ~/{REMOTE_DIR} && "
+             f"pip freeze > ~/tpu-constraints.txt && "
+             f"pip install -q -c ~/tpu-constraints.txt -e ~/{REMOTE_DIR}")
+  main_args = [f"--gin_file={f}" for f in args.gin_file]
+  main_args += [f"--gin_param={p}" for p in args.gin_param]
+  pod = num_hosts(args.accelerator_type) > 1
+  # TensorFlow drives a pod slice from one client (worker 0) that reaches the
+  # other hosts' TPU servers by the TPU's name; a single host uses its own chips.
+  main_args += [f"--model_dir={args.model_dir}",
+                f"--tpu={args.name if pod else 'local'}", f"--mode={args.mode}"]
+  env = "TPU_LOAD_LIBRARY=0 " if pod else ""
+  train = (f"cd ~/{REMOTE_DIR} && {env}nohup python3 -m tfadv.main "
+           + " ".join(shlex.quote(a) for a in main_args) + " > ~/tfadv.log 2>&1 &")
+  return {
+      "create": [create],
+      "setup": [gcloud(args, "scp", tarball, f"{args.name}:~/tfadv.tar.gz") + ["--worker=all"],
+                gcloud(args, "ssh", args.name) + ["--worker=all", f"--command={install}"]],
+      "train": [gcloud(args, "ssh", args.name) + [f"--worker={0 if pod else 'all'}",
+                                                  f"--command={train}"]],
+      "logs": [gcloud(args, "ssh", args.name) + ["--worker=0",
+                                                 "--command=tail -n +1 -f ~/tfadv.log"]],
+      "delete": [gcloud(args, "delete", args.name) + ["--quiet"]],
+  }
+
+
+def pack_checkout(root: str) -> str:
+  """A tarball of the checkout (code and configs; no runs, venvs or data)."""
+  path = os.path.join(tempfile.mkdtemp(prefix="tfadv_tpu_"), "tfadv.tar.gz")
+  skip = {".git", ".venv", "runs", "__pycache__", ".pytest_cache"}
+  with tarfile.open(path, "w:gz") as tar:
+    for entry in sorted(os.listdir(root)):
+      if entry not in skip:
+        tar.add(os.path.join(root, entry), arcname=entry,
+                filter=lambda info: None if "__pycache__" in info.name else info)
+  return path
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--name", required=True, help="TPU VM name")
+  parser.add_argument("--zone", required=True)
+  parser.add_argument("--project", default=None)
+  parser.add_argument("--accelerator_type", default="v4-8", help="v4-8, v5litepod-16, ...")
+  parser.add_argument("--tf_version", default=DEFAULT_TF_VERSION)
+  parser.add_argument("--version", default=None,
+                      help="runtime version (default tpu-vm-tf-<tf_version>[-pod]-pjrt)")
+  capacity = parser.add_mutually_exclusive_group()
+  capacity.add_argument("--spot", action="store_true")
+  capacity.add_argument("--preemptible", action="store_true")
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--gin_param", action="append", default=[])
+  parser.add_argument("--model_dir", default=None, help="gs://BUCKET/...")
+  parser.add_argument("--mode", default="train_and_evaluate")
+  parser.add_argument("--action", action="append", choices=ACTIONS + ("all",))
+  parser.add_argument("--dry_run", action="store_true", help="print, do not run")
+  args = parser.parse_args(argv)
+  args.action = args.action or ["all"]
+  if "all" in args.action:
+    args.action = ["create", "setup", "train", "logs"]
+  num_hosts(args.accelerator_type)  # validates the name
+  if "train" in args.action:
+    if not args.gin_file:
+      parser.error("train needs --gin_file")
+    if not (args.model_dir or "").startswith("gs://"):
+      parser.error(f"--model_dir={args.model_dir!r}: TPU workers need a gs:// model dir.")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tarball = "tfadv.tar.gz" if args.dry_run else (
+      pack_checkout(root) if "setup" in args.action else "")
+  plan = commands(args, tarball)
+  print(f"# {args.accelerator_type}: {num_hosts(args.accelerator_type)} host(s), runtime "
+        f"{args.version or runtime_version(args.accelerator_type, args.tf_version)}")
+  for action in args.action:
+    for command in plan[action]:
+      print(shlex.join(command), flush=True)
+      if not args.dry_run:
+        code = subprocess.call(command)
+        if code != 0 and action != "logs":
+          print(f"{action} failed with exit {code}.", file=sys.stderr)
+          return code
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,238 @@
+"""Scale-out: two workers on loopback, SIGTERM/SIGKILL preemption, TPU launcher, bfloat16."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from helpers import REPO, tiny_fashion_bindings, write_tiny_fashion_idx
+from test_nlp_methods import batch_arrays, split as text_split, tiny_bert
+from test_vision import image_arrays, split as image_split, tiny_cnn
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.experiment import sparse_cross_entropy
+from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, FGSMTraining,
+                           FreeTraining, PGDTraining, Plain)
+from tfadv.trainer import Trainer
+
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import tpu_vm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NATURAL = os.path.join(REPO, "configs", "fashion_mnist_natural.gin")
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return write_tiny_fashion_idx(tmp_path_factory.mktemp("idx"), num_train=256)
+
+
+def main_command(model_dir, idx_dir, *extra):
+  params = tiny_fashion_bindings(idx_dir) + list(extra)
+  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={NATURAL}",
+           f"--model_dir={model_dir}", "--mode=train"]
+          + [f"--gin_param={p}" for p in params])
+
+
+def model_weights(model_dir):
+  """The model's variables in the newest checkpoint, by checkpoint key."""
+  reader = tf.train.load_checkpoint(str(model_dir))
+  keys = sorted(k for k in reader.get_variable_to_shape_map()
+                if k.startswith("model/") and "OPTIMIZER_SLOT" not in k)
+  return {k: reader.get_tensor(k) for k in keys}, reader.get_tensor(
+      "global_step/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def run(command, **kwargs):
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=300, check=False, **kwargs)
+
+
+# --- multi-worker ---------------------------------------------------------
+
+def test_two_workers_on_loopback_match_one_worker(tmp_path, idx_dir):
+  steps = ["Experiment.train_epochs = None", "Experiment.train_steps = 12",
+           "Experiment.steps_per_loop = 4", "Experiment.checkpoint_every = 4"]
+  single = run(main_command(tmp_path / "one", idx_dir, *steps))
+  assert single.returncode == 0, single.stdout[-2000:]
+  start = time.time()
+  launched = run([sys.executable, os.path.join(REPO, "launch", "multi_worker.py"),
+                  "--num_workers=2", "--quiet", f"--log_dir={tmp_path / 'logs'}", "--",
+                  *main_command(tmp_path / "two", idx_dir, *steps)[3:]])
+  print(f"2-worker run: {time.time() - start:.1f}s\n{launched.stdout}")
+  assert launched.returncode == 0, launched.stdout + open(tmp_path / "logs" / "worker-0.log").read()[-3000:]
+  assert "worker 0" in launched.stdout and "worker 1" in launched.stdout
+  assert launched.stdout.count("exit 0 (ok)") == 2
+  log = open(tmp_path / "logs" / "worker-0.log").read()
+  assert "num_workers = 2" in log and "with 2 replicas" in log
+  one, one_step = model_weights(tmp_path / "one")
+  two, two_step = model_weights(tmp_path / "two")
+  assert one_step == two_step == 12 and one.keys() == two.keys()
+  for key in one:
+    # Same global batch of 16: each worker computes 8 rows; the sum of two
+    # half-batch gradients differs from the full-batch one by rounding only.
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # Only the chief wrote into the model dir: one event file per writer.
+  assert len(os.listdir(tmp_path / "two" / "train")) == 1
+
+
+# --- preemption -----------------------------------------------------------
+
+LONG = ["Experiment.train_epochs = None", "Experiment.train_steps = 1200",
+        "Experiment.steps_per_loop = 1200", "Experiment.checkpoint_every = 1200"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, idx_dir):
+  model_dir = tmp_path_factory.mktemp("uninterrupted")
+  result = run(main_command(model_dir, idx_dir, *LONG))
+  assert result.returncode == 0, result.stdout[-2000:]
+  return model_weights(model_dir)
+
+
+def start_and_wait_for(command, text):
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if text in line:
+      return proc, lines
+  proc.wait()
+  raise AssertionError(f"never printed {text!r}:\n{''.join(lines)[-2000:]}")
+
+
+def test_sigterm_saves_mid_loop_and_the_rerun_resumes_exactly(tmp_path, idx_dir, uninterrupted):
+  command = main_command(tmp_path, idx_dir, *LONG)
+  proc, lines = start_and_wait_for(command, "Training from step 0")
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  output = "".join(lines) + out
+  assert proc.returncode == 143, output[-2000:]
+  _, step = model_weights(tmp_path)
+  # Stopped inside the one 1200-step loop, at a step boundary, and saved there.
+  assert 0 < step < 1200, output[-2000:]
+  assert f"Preempted (SIGTERM) at step {step}" in output
+  resumed = run(command)
+  assert resumed.returncode == 0 and f"Restored" in resumed.stdout
+  assert f"Training from step {step} to 1200" in resumed.stdout
+  weights, final_step = model_weights(tmp_path)
+  expected, expected_step = uninterrupted
+  assert final_step == expected_step == 1200
+  for key in expected:
+    np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
+
+
+def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, idx_dir, uninterrupted):
+  every = ["Experiment.steps_per_loop = 100", "Experiment.checkpoint_every = 200"]
+  command = main_command(tmp_path, idx_dir, *LONG, *every)
+  proc, _ = start_and_wait_for(command, "step 500/1200")
+  proc.kill()
+  proc.wait()
+  _, step = model_weights(tmp_path)
+  assert 400 <= step <= 600  # at most one 200-step interval before step 500 is lost
+  resumed = run(command)
+  assert resumed.returncode == 0, resumed.stdout[-2000:]
+  weights, final_step = model_weights(tmp_path)
+  expected, _ = uninterrupted
+  assert final_step == 1200
+  for key in expected:
+    np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
+
+
+# --- Cloud TPU launcher ---------------------------------------------------
+
+def dry_run(capsys, *flags):
+  assert tpu_vm.main(["--name=adv", "--zone=us-central2-b", "--dry_run",
+                      "--gin_file=configs/iflytek_fgm.gin",
+                      "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm", *flags]) == 0
+  return capsys.readouterr().out.strip().splitlines()
+
+
+def test_tpu_dry_run_for_a_v4_8(capsys):
+  lines = dry_run(capsys, "--accelerator_type=v4-8", "--spot", "--project=proj")
+  assert lines[0] == "# v4-8: 1 host(s), runtime tpu-vm-tf-2.16.1-pjrt"
+  assert lines[1] == ("gcloud compute tpus tpu-vm create adv --zone=us-central2-b "
+                      "--project=proj --accelerator-type=v4-8 "
+                      "--version=tpu-vm-tf-2.16.1-pjrt --spot")
+  assert lines[2].startswith("gcloud compute tpus tpu-vm scp tfadv.tar.gz 'adv:~/tfadv.tar.gz'")
+  assert "--worker=all" in lines[2] and "--worker=all" in lines[3]
+  assert "pip install -q -c ~/tpu-constraints.txt -e ~/tfadv" in lines[3]
+  train = lines[4]
+  assert "--worker=all" in train and "--tpu=local" in train
+  assert "python3 -m tfadv.main --gin_file=configs/iflytek_fgm.gin" in train
+  assert "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm" in train
+  assert lines[5].endswith("--worker=0 '--command=tail -n +1 -f ~/tfadv.log'")
+  assert len(lines) == 6
+
+
+def test_tpu_dry_run_for_a_v5e_pod_slice(capsys):
+  lines = dry_run(capsys, "--accelerator_type=v5litepod-16", "--preemptible",
+                  "--action=create", "--action=train", "--action=delete")
+  assert lines[0] == "# v5litepod-16: 4 host(s), runtime tpu-vm-tf-2.16.1-pod-pjrt"
+  assert lines[1].endswith("--accelerator-type=v5litepod-16 "
+                           "--version=tpu-vm-tf-2.16.1-pod-pjrt --preemptible")
+  # One TensorFlow client on worker 0 drives the slice by the TPU's name.
+  assert "--worker=0" in lines[2] and "--tpu=adv" in lines[2]
+  assert "TPU_LOAD_LIBRARY=0 nohup python3 -m tfadv.main" in lines[2]
+  assert lines[3] == "gcloud compute tpus tpu-vm delete adv --zone=us-central2-b --quiet"
+
+
+def test_tpu_launcher_refuses_a_local_model_dir():
+  with pytest.raises(SystemExit):
+    tpu_vm.main(["--name=adv", "--zone=z", "--dry_run", "--gin_file=configs/demo.gin",
+                 "--model_dir=runs/demo"])
+  with pytest.raises(ValueError, match="v4-8"):
+    tpu_vm.num_hosts("tpu-8")
+
+
+# --- bfloat16 -------------------------------------------------------------
+
+@pytest.fixture
+def bfloat16_policy():
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  yield
+  keras.mixed_precision.set_global_policy("float32")
+
+
+CASES = {
+    "plain": (Plain, "text"), "fgm": (lambda: EmbeddingFGM(epsilon=0.5), "text"),
+    "gp": (lambda: EmbeddingGradientPenalty(epsilon=0.5), "text"),
+    "pgd": (lambda: PGDTraining(epsilon=0.1, num_steps=2), "image"),
+    "fgsm": (lambda: FGSMTraining(epsilon=0.1), "image"),
+    "free": (lambda: FreeTraining(epsilon=0.1, replays=2), "image"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_method_trains_in_mixed_bfloat16_with_float32_state(name, bfloat16_policy):
+  method_fn, kind = CASES[name]
+  losses = {}
+  for policy in ("float32", "mixed_bfloat16"):
+    keras.mixed_precision.set_global_policy(policy)
+    method = method_fn()
+    model = tiny_bert() if kind == "text" else tiny_cnn()
+    optimizer = keras.optimizers.SGD(0.01)
+    optimizer.build(model.trainable_variables)
+    method.build(model, input_shape=(8, 12, 12, 1) if kind == "image" else None)
+    arrays = batch_arrays(8) if kind == "text" else image_arrays(8)
+    trainer = Trainer(tf.distribute.get_strategy(), model, optimizer, method,
+                      split_batch=text_split if kind == "text" else image_split,
+                      per_example_loss=sparse_cross_entropy, global_batch_size=8)
+    ds = distributed_dataset(trainer.strategy, arrays, 8, shuffle=True,
+                             repeats_per_batch=method.batch_replays)
+    losses[policy] = trainer.train(iter(ds), 2)["loss"]
+    if policy == "mixed_bfloat16":
+      assert model.compute_dtype == "bfloat16"
+      assert {v.dtype for v in model.trainable_variables} == {"float32"}
+      for v in method.variables:
+        if isinstance(v, tf.Variable):
+          assert v.dtype == tf.float32
+  assert np.isfinite(losses["mixed_bfloat16"])
+  # bfloat16 keeps 8 bits of mantissa: the loss agrees to about 1%.
+  assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
