@@ -35,6 +35,28 @@ def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None
   optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
 
 
+def apply_method(method: Method, model: keras.Model,
+                 optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
+                 inputs, labels, weights):
+  """One optimizer update of `model` by `method` from one replica's batch.
+
+  The method returns per-replica gradients; they are all-reduced here, once
+  (dense: the optimizer densifies embedding gradients anyway, and sparse
+  all-gathers of differently sized IndexedSlices can be paired up wrongly
+  between replicas by the collective executor), and applied. Shared by the
+  custom loop (`Trainer`) and `model.fit` (`tfadv.keras`), so both take the
+  same step. Returns the method's output and the reduced gradients.
+  """
+  _apply_reduced_gradients_only(optimizer)
+  out = method.compute_gradients(model, loss_fn, inputs, labels, weights)
+  variables = model.trainable_variables
+  present = [i for i, g in enumerate(out.gradients) if g is not None]
+  context = tf.distribute.get_replica_context()
+  reduced = context.all_reduce(SUM, [_dense(out.gradients[i]) for i in present])
+  optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
+  return out, reduced
+
+
 def _correct(logits, labels):
   return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
                  tf.float32)
@@ -108,16 +130,8 @@ class Trainer:
   def _replica_train_step(self, batch):
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
-    out = self.method.compute_gradients(self.model, self._loss_fn, inputs,
-                                        labels, weights)
-    variables = self.model.trainable_variables
-    context = tf.distribute.get_replica_context()
-    present = [i for i, g in enumerate(out.gradients) if g is not None]
-    # Dense all-reduce: the optimizer densifies embedding gradients anyway,
-    # and sparse (all-gather) reductions of differently sized IndexedSlices
-    # can be paired up wrongly between replicas by the collective executor.
-    reduced = context.all_reduce(SUM, [_dense(out.gradients[i]) for i in present])
-    self.optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
+    out, reduced = apply_method(self.method, self.model, self.optimizer,
+                                self._loss_fn, inputs, labels, weights)
     correct = tf.cast(tf.equal(tf.argmax(out.logits, -1, output_type=labels.dtype),
                                labels), tf.float32)
     sums = {"loss": out.loss, "correct": tf.reduce_sum(correct * weights),

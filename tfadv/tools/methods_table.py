@@ -12,7 +12,8 @@ per method and task, every run with its wall time, the command) and
 `<out_dir>/results_text.png`.
 
 `--sweep=fgm:0.1,0.3,3` adds rows for other ε values of a method (on
-`--sweep_seeds`), for when the configs' ε does not help at this scale.
+`--sweep_seeds`; `--sweep=gp@iflytek:0.1` on named tasks only), for when the
+configs' ε does not help at this scale.
 """
 
 import os
@@ -31,7 +32,8 @@ flags.DEFINE_string("config_dir", "configs", "Where <task>_<method>.gin live.")
 flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks (rows).")
 flags.DEFINE_list("methods", ["baseline", "fgm", "gp"], "Methods (columns).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every task x method.")
-flags.DEFINE_multi_string("sweep", [], "method:eps1,eps2,... extra ε rows.")
+flags.DEFINE_multi_string("sweep", [], "method[@task,...]:eps1,eps2,... extra ε "
+                          "rows (on --sweep_tasks, or the tasks after @).")
 flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
 flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
@@ -122,12 +124,14 @@ def planned_runs():
   planned = [NlpRun(task, method, seed) for task in FLAGS.tasks
              for method in FLAGS.methods for seed in FLAGS.seeds]
   for spec in FLAGS.sweep:
-    method, _, values = spec.partition(":")
+    target, _, values = spec.partition(":")
+    method, _, tasks = target.partition("@")
+    tasks = tasks.split(",") if tasks else (FLAGS.sweep_tasks or FLAGS.tasks)
     if method not in EPSILON_BINDING or not values:
-      raise app.UsageError(f"--sweep={spec!r}: expected fgm:eps,... or gp:eps,...")
+      raise app.UsageError(f"--sweep={spec!r}: expected fgm:eps,... or "
+                           "gp@tnews,iflytek:eps,...")
     for epsilon in values.split(","):
-      planned += [NlpRun(task, method, seed, float(epsilon))
-                  for task in (FLAGS.sweep_tasks or FLAGS.tasks)
+      planned += [NlpRun(task, method, seed, float(epsilon)) for task in tasks
                   for seed in FLAGS.sweep_seeds]
   return planned
 
