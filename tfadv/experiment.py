@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import time
 from typing import Optional
 
 import gin
@@ -184,7 +185,9 @@ def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
       controller.write_text("train", "gin/operative_config",
                             gin.markdown(gin.operative_config_str()))
     if mode in ("train", "train_and_evaluate"):
+      start = time.time()
       results["train"] = controller.train()
+      results["train_seconds"] = time.time() - start
     if mode == "train_and_evaluate":
       results["eval"] = controller.evaluate()
     if mode in ("evaluate", "export"):
@@ -198,6 +201,8 @@ def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
       # A machine-readable record of the final evaluation, for tables and sweeps.
       record = {"step": controller.step,
                 **{k: float(v) for k, v in results["eval"].items()}}
+      if "train_seconds" in results:
+        record["train_seconds"] = results["train_seconds"]
       with tf.io.gfile.GFile(os.path.join(model_dir, "eval_results.json"), "w") as f:
         json.dump(record, f, indent=1)
     if mode == "export":

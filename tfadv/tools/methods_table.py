@@ -83,12 +83,12 @@ def plot(groups, path):
   fig.savefig(path, dpi=110)
 
 
-def write_markdown(groups, finished, total_seconds, path, argv):
+def write_markdown(groups, finished, total_seconds, path):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
   lines = ["## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)", "",
            "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
-           "```", runs.command_line("tfadv.tools.methods_table", argv), "```", "",
+           "```", runs.command_line("tfadv.tools.methods_table"), "```", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
            f"of wall time over {len(finished)} runs.", "",
@@ -137,6 +137,7 @@ def planned_runs():
 
 
 def main(argv):
+  del argv
   for task in FLAGS.tasks:
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
@@ -150,7 +151,7 @@ def main(argv):
     groups.setdefault((run.task, run.variant), []).append(record)
   total = sum(record["wall_seconds"] for _, record in finished)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  write_markdown(groups, finished, total, os.path.join(FLAGS.out_dir, "results.md"), argv)
+  write_markdown(groups, finished, total, os.path.join(FLAGS.out_dir, "results.md"))
   plot(groups, os.path.join(FLAGS.out_dir, "results_text.png"))
   print(f"Wrote {FLAGS.out_dir}/results.md and results_text.png "
         f"({total / 60:.1f} min of runs).")

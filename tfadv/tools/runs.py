@@ -74,5 +74,7 @@ def replace_section(path: str, section: str, text: str,
     f.write(content)
 
 
-def command_line(module: str, argv: Sequence[str]) -> str:
-  return f"python -m {module} " + " ".join(shlex.quote(a) for a in argv[1:])
+def command_line(module: str) -> str:
+  """The command that is running, as a user would type it (absl's argv has
+  the flags removed, so this reads sys.argv)."""
+  return f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:])

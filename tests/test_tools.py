@@ -1,0 +1,26 @@
+"""Result-table plumbing: doc sections and cached runs."""
+
+import json
+
+from tfadv.tools import runs
+
+
+def test_replace_section_keeps_the_other_sections(tmp_path):
+  path = str(tmp_path / "results.md")
+  runs.replace_section(path, "text", "## Text\nold")
+  runs.replace_section(path, "vision", "## Vision\nrows")
+  runs.replace_section(path, "text", "## Text\nnew")
+  content = open(path).read()
+  assert content.startswith("# Results\n")
+  assert "old" not in content and content.index("new") < content.index("rows")
+  assert content.count("<!-- text -->") == 1 and content.count("<!-- /vision -->") == 1
+
+
+def test_a_finished_run_is_read_back_not_repeated(tmp_path):
+  run = runs.Run("r", "configs/missing.gin", [], str(tmp_path))
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "eval_results.json").write_text(json.dumps({"accuracy": 0.5, "step": 3}))
+  (tmp_path / "r" / "wall_seconds.txt").write_text("12.5\n")
+  # The config does not exist: a subprocess would fail, so none was started.
+  assert run.result() == {"accuracy": 0.5, "step": 3, "wall_seconds": 12.5}
+  assert runs.mean_std([1.0, 3.0]) == (2.0, 2 ** 0.5)
