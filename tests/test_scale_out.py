@@ -39,10 +39,15 @@ def main_command(model_dir, idx_dir, *extra):
 
 
 def model_weights(model_dir):
-  """The model's variables in the newest checkpoint, by checkpoint key."""
+  """Weights and optimizer state in the newest checkpoint, by key, and the step.
+
+  (The checkpoint reaches the model's variables first through the optimizer,
+  so they are stored under `optimizer/_trainable_variables/`.)
+  """
   reader = tf.train.load_checkpoint(str(model_dir))
   keys = sorted(k for k in reader.get_variable_to_shape_map()
-                if k.startswith("model/") and "OPTIMIZER_SLOT" not in k)
+                if k.startswith(("optimizer/_trainable_variables/", "optimizer/_variables/")))
+  assert any(k.startswith("optimizer/_trainable_variables/") for k in keys), keys
   return {k: reader.get_tensor(k) for k in keys}, reader.get_tensor(
       "global_step/.ATTRIBUTES/VARIABLE_VALUE")
 
@@ -72,6 +77,8 @@ def test_two_workers_on_loopback_match_one_worker(tmp_path, idx_dir):
   one, one_step = model_weights(tmp_path / "one")
   two, two_step = model_weights(tmp_path / "two")
   assert one_step == two_step == 12 and one.keys() == two.keys()
+  print("max |2 workers - 1 worker| over the weights:",
+        max(float(np.abs(two[k] - one[k]).max()) for k in one))
   for key in one:
     # Same global batch of 16: each worker computes 8 rows; the sum of two
     # half-batch gradients differs from the full-batch one by rounding only.
@@ -82,8 +89,8 @@ def test_two_workers_on_loopback_match_one_worker(tmp_path, idx_dir):
 
 # --- preemption -----------------------------------------------------------
 
-LONG = ["Experiment.train_epochs = None", "Experiment.train_steps = 1200",
-        "Experiment.steps_per_loop = 1200", "Experiment.checkpoint_every = 1200"]
+LONG = ["Experiment.train_epochs = None", "Experiment.train_steps = 3000",
+        "Experiment.steps_per_loop = 3000", "Experiment.checkpoint_every = 3000"]
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +116,22 @@ def start_and_wait_for(command, text):
 def test_sigterm_saves_mid_loop_and_the_rerun_resumes_exactly(tmp_path, idx_dir, uninterrupted):
   command = main_command(tmp_path, idx_dir, *LONG)
   proc, lines = start_and_wait_for(command, "Training from step 0")
-  time.sleep(1.0)
+  time.sleep(3.0)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   output = "".join(lines) + out
   assert proc.returncode == 143, output[-2000:]
   _, step = model_weights(tmp_path)
-  # Stopped inside the one 1200-step loop, at a step boundary, and saved there.
-  assert 0 < step < 1200, output[-2000:]
+  # Stopped inside the one 3000-step loop, at a step boundary, and saved there.
+  assert 0 < step < 3000, output[-2000:]
   assert f"Preempted (SIGTERM) at step {step}" in output
+  print(f"SIGTERM 3s into the 3000-step loop: saved at step {step}, exit 143")
   resumed = run(command)
   assert resumed.returncode == 0 and f"Restored" in resumed.stdout
-  assert f"Training from step {step} to 1200" in resumed.stdout
+  assert f"Training from step {step} to 3000" in resumed.stdout
   weights, final_step = model_weights(tmp_path)
   expected, expected_step = uninterrupted
-  assert final_step == expected_step == 1200
+  assert final_step == expected_step == 3000
   for key in expected:
     np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
 
@@ -131,16 +139,17 @@ def test_sigterm_saves_mid_loop_and_the_rerun_resumes_exactly(tmp_path, idx_dir,
 def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, idx_dir, uninterrupted):
   every = ["Experiment.steps_per_loop = 100", "Experiment.checkpoint_every = 200"]
   command = main_command(tmp_path, idx_dir, *LONG, *every)
-  proc, _ = start_and_wait_for(command, "step 500/1200")
+  proc, _ = start_and_wait_for(command, "step 500/3000")
   proc.kill()
   proc.wait()
   _, step = model_weights(tmp_path)
+  print(f"SIGKILL after step 500 was printed: newest checkpoint at step {step}")
   assert 400 <= step <= 600  # at most one 200-step interval before step 500 is lost
   resumed = run(command)
   assert resumed.returncode == 0, resumed.stdout[-2000:]
   weights, final_step = model_weights(tmp_path)
   expected, _ = uninterrupted
-  assert final_step == 1200
+  assert final_step == 3000
   for key in expected:
     np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
 
