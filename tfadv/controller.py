@@ -129,6 +129,7 @@ class Controller:
     iterator = self.train_iterator_fn(step)
     self.print(f"Training from step {step} to {self.train_steps}.")
     start_time, start_step = time.time(), step
+    accuracy = self.trainer.accuracy_name
     with SigtermWatcher(self.trainer.stop_requested) as watcher:
       while step < self.train_steps:
         num_steps = self._next_boundary(step) - step
@@ -144,9 +145,9 @@ class Controller:
         self.write_summaries("train", metrics, step)
         rate = (time.time() - start_time) / max(step - start_step, 1)
         extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items() if k not in (
-            "loss", "accuracy", "examples_per_sec", "learning_rate"))
+            "loss", accuracy, "examples_per_sec", "learning_rate"))
         self.print(f"step {step}/{self.train_steps} | loss {metrics['loss']:.4f} | "
-                   f"accuracy {metrics['accuracy']:.4f} | lr "
+                   f"{accuracy} {metrics[accuracy]:.4f} | lr "
                    f"{metrics.get('learning_rate', float('nan')):.3g}{extra} | "
                    f"{metrics['examples_per_sec']:.1f} examples/sec | ETA "
                    f"{_format_duration(rate * (self.train_steps - step))}")
@@ -168,10 +169,11 @@ class Controller:
     examples = metrics.pop("examples")
     self.last_eval = metrics
     self.write_summaries("eval", metrics, self.step)
+    accuracy = self.trainer.accuracy_name
     extra = "".join(f" | {k} {v:.4f}" for k, v in metrics.items()
-                    if k not in ("loss", "accuracy"))
+                    if k not in ("loss", accuracy))
     self.print(f"eval at step {self.step} | loss {metrics['loss']:.4f} | "
-               f"accuracy {metrics['accuracy']:.4f}{extra} | {int(examples)} "
+               f"{accuracy} {metrics[accuracy]:.4f}{extra} | {int(examples)} "
                f"examples in {time.time() - start:.1f}s")
     return metrics
 

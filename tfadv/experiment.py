@@ -116,9 +116,12 @@ class Experiment:
       self.method.build(self.model, input_shape=input_shape)
     self.trainer = Trainer(
         strategy, self.model, self.optimizer, self.method,
-        split_batch=self.task.split_batch, per_example_loss=sparse_cross_entropy,
+        split_batch=self.task.split_batch,
+        per_example_loss=getattr(self.task, "per_example_loss", sparse_cross_entropy),
         global_batch_size=self.global_batch_size, jit_compile=self.jit_compile,
-        eval_attacks=self.eval_attacks)
+        eval_attacks=self.eval_attacks,
+        **{k: getattr(self.task, k) for k in ("count_correct", "accuracy_name")
+           if hasattr(self.task, k)})
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
                                      random_state=_numbered(random_state_variables(self.model)),
@@ -138,7 +141,8 @@ class Experiment:
 
   def _steps_for_epochs(self) -> int:
     replays = self.method.batch_replays
-    n = len(self.task.arrays("train")["label"])
+    arrays = self.task.arrays("train")
+    n = len(arrays[next(iter(arrays))])
     batches = math.ceil(self.train_epochs / replays * n / self.global_batch_size)
     return batches * replays
 
@@ -188,6 +192,10 @@ def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
       start = time.time()
       results["train"] = controller.train()
       results["train_seconds"] = time.time() - start
+      if controller.is_chief and hasattr(experiment.task, "finish_training"):
+        # E.g. pretraining writes its keras-hub preset directory.
+        results["finished"] = experiment.task.finish_training(experiment.model, model_dir)
+        print_fn(f"Wrote {results['finished']}")
     if mode == "train_and_evaluate":
       results["eval"] = controller.evaluate()
     if mode in ("evaluate", "export"):

@@ -92,7 +92,8 @@ def main(argv):
     print(f"tfadv: {e}", flush=True)
     sys.exit(preemption.EXIT_CODE)
   if "eval" in results:
-    print(f"final eval accuracy: {results['eval']['accuracy']:.4f}")
+    name = results["experiment"].trainer.accuracy_name
+    print(f"final eval {name.replace('_', ' ')}: {results['eval'][name]:.4f}")
 
 
 def run():

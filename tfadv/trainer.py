@@ -57,9 +57,11 @@ def apply_method(method: Method, model: keras.Model,
   return out, reduced
 
 
-def _correct(logits, labels):
-  return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+def count_correct(labels, logits, weights):
+  """Classification: (weighted correct predictions, weighted examples)."""
+  hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
                  tf.float32)
+  return tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
 
 
 def _dense(gradient):
@@ -85,13 +87,19 @@ class Trainer:
       also reports `accuracy_<name>` on each attack's adversarial inputs.
       The attacks' random starts restart from `eval_seed` at every
       evaluation, so evaluating the same weights twice gives the same numbers.
+    count_correct: `(labels, logits, example_weights) -> (hits, count)`;
+      accuracy is hits / count (default: classification accuracy; a masked
+      LM counts masked tokens).
+    accuracy_name: the name accuracy is reported under.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, method: Method,
                split_batch: Callable, per_example_loss: Callable,
                global_batch_size: int, jit_compile: bool = False,
-               eval_attacks: Optional[Dict] = None, eval_seed: int = 1234):
+               eval_attacks: Optional[Dict] = None, eval_seed: int = 1234,
+               count_correct: Callable = count_correct,
+               accuracy_name: str = "accuracy"):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -99,6 +107,8 @@ class Trainer:
     self.split_batch = split_batch
     self.per_example_loss = per_example_loss
     self.global_batch_size = global_batch_size
+    self.count_correct = count_correct
+    self.accuracy_name = accuracy_name
     multi_replica_host = isinstance(strategy, (
         tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
     if jit_compile and multi_replica_host:
@@ -132,10 +142,8 @@ class Trainer:
     weights = batch[WEIGHTS]
     out, reduced = apply_method(self.method, self.model, self.optimizer,
                                 self._loss_fn, inputs, labels, weights)
-    correct = tf.cast(tf.equal(tf.argmax(out.logits, -1, output_type=labels.dtype),
-                               labels), tf.float32)
-    sums = {"loss": out.loss, "correct": tf.reduce_sum(correct * weights),
-            "examples": tf.reduce_sum(weights)}
+    hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
+    sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)
     means["grad_norm"] = tf.linalg.global_norm(reduced)
     return sums, means
@@ -145,14 +153,14 @@ class Trainer:
     weights = batch[WEIGHTS]
     logits = tf.cast(self.model(inputs, training=False), tf.float32)
     per_example = self.per_example_loss(labels, logits)
-    sums = {"loss": tf.reduce_sum(per_example * weights),
-            "correct": tf.reduce_sum(_correct(logits, labels) * weights),
-            "examples": tf.reduce_sum(weights)}
+    hits, count = self.count_correct(labels, logits, weights)
+    sums = {"loss": tf.reduce_sum(per_example * weights), "correct": hits,
+            "counted": count, "examples": tf.reduce_sum(weights)}
     for name, attack in self.eval_attacks.items():
       adversarial = attack(self.model, inputs, labels, rng=self._eval_rng,
                            loss_fn=self.per_example_loss)
       adv_logits = tf.cast(self.model(adversarial, training=False), tf.float32)
-      sums[f"correct_{name}"] = tf.reduce_sum(_correct(adv_logits, labels) * weights)
+      sums[f"correct_{name}"], _ = self.count_correct(labels, adv_logits, weights)
     return sums
 
   def _reduce(self, per_replica, op):
@@ -198,9 +206,8 @@ class Trainer:
     sums, means, done = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
     done = int(done)
     sums = {k: float(v) for k, v in sums.items()}
-    examples = max(sums["examples"], 1.0)
     metrics = {"loss": sums["loss"] / done,
-               "accuracy": sums["correct"] / examples}
+               self.accuracy_name: sums["correct"] / max(sums["counted"], 1.0)}
     metrics.update({k: float(v) / done for k, v in means.items()})
     metrics["steps"] = done
     return metrics
@@ -219,8 +226,10 @@ class Trainer:
     sums = self._eval_loop(iterator, tf.constant(num_steps, tf.int64))
     sums = {k: float(v) for k, v in sums.items()}
     examples = max(sums["examples"], 1.0)
-    metrics = {"loss": sums["loss"] / examples, "accuracy": sums["correct"] / examples,
+    counted = max(sums["counted"], 1.0)
+    metrics = {"loss": sums["loss"] / examples,
+               self.accuracy_name: sums["correct"] / counted,
                "examples": sums["examples"]}
     for name in self.eval_attacks:
-      metrics[f"accuracy_{name}"] = sums[f"correct_{name}"] / examples
+      metrics[f"{self.accuracy_name}_{name}"] = sums[f"correct_{name}"] / counted
     return metrics

@@ -50,3 +50,27 @@ def bert_classifier(num_classes: int, vocabulary_size: int, sequence_length: int
   return keras_hub.models.BertTextClassifier(
       backbone, num_classes=num_classes, preprocessor=preprocessor,
       dropout=classifier_dropout)
+
+
+@gin.configurable(denylist=["vocabulary_size", "sequence_length", "preprocessor"])
+def bert_masked_lm(vocabulary_size: int, sequence_length: int, preprocessor=None,
+                   num_layers: int = 2, num_heads: int = 2, hidden_dim: int = 128,
+                   intermediate_dim: int = 512, dropout: float = 0.1):
+  """A randomly initialised `keras_hub.models.BertMaskedLM` for pretraining.
+
+  Its backbone (what a preset keeps) has `max_sequence_length =
+  sequence_length`; the masked-LM head ties its output projection to the
+  token embedding, as BERT does.
+
+  Example:
+  >>> model = bert_masked_lm(vocabulary_size=100, sequence_length=16,
+  ...                        hidden_dim=32, intermediate_dim=64)
+  >>> model.backbone.token_embedding.embeddings.shape
+  TensorShape([100, 32])
+  """
+  backbone = keras_hub.models.BertBackbone(
+      vocabulary_size=vocabulary_size, num_layers=num_layers,
+      num_heads=num_heads, hidden_dim=hidden_dim,
+      intermediate_dim=intermediate_dim, dropout=dropout,
+      max_sequence_length=sequence_length)
+  return keras_hub.models.BertMaskedLM(backbone, preprocessor=preprocessor)

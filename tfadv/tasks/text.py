@@ -90,6 +90,10 @@ class TextClassificationTask:
     self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=self.sequence_length)
 
+  def input_shape(self, per_replica_batch: int):
+    """(batch, length) of one replica's token inputs (FreeLB's buffer uses it)."""
+    return (per_replica_batch, self.sequence_length)
+
   def build_model(self) -> keras.Model:
     return bert_classifier(
         num_classes=self.num_classes,

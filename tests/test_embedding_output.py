@@ -1,0 +1,229 @@
+"""Embedding-output perturbations: hook, references, projection, masking, replicas, XLA."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from test_nlp_methods import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.experiment import sparse_cross_entropy
+from tfadv.methods.embedding_output import (EmbeddingOutputFGM, EmbeddingOutputPGD,
+                                            FreeLB, per_example_norm)
+from tfadv.models.hooks import EmbeddingOutputHook
+from tfadv.trainer import Trainer
+
+H = 16  # tiny_bert's hidden size
+
+
+def tiny_masked_model(seed=0):
+  """Embedding -> flatten -> tanh -> logits; padding positions still count."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedding = keras.layers.Embedding(V, 3, name="token_embedding")
+  head = keras.Sequential([keras.layers.Flatten(),
+                           keras.layers.Dense(5, activation="tanh"),
+                           keras.layers.Dense(C)], name="head")
+  model = keras.Model({"token_ids": ids, "padding_mask": mask}, head(embedding(ids)))
+  return model, embedding, head
+
+
+def _inputs(arrays):
+  return {"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]}
+
+
+def _hand_pass(model, embedding, head, inputs, labels, delta, fn):
+  """Loss, weight gradients and ∂L/∂δ with δ added by hand (no hook)."""
+  delta = tf.convert_to_tensor(delta, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(delta)
+    logits = head(embedding(inputs["token_ids"]) + delta)
+    loss = fn(labels, logits, tf.ones([B]))
+  *grads, g = tape.gradient(loss, model.trainable_variables + [delta])
+  return loss, [dense(x) for x in grads], g.numpy()
+
+
+def _unit(g, mask):
+  g = g * mask[..., None]
+  return g / (np.sqrt((g ** 2).sum(axis=(1, 2), keepdims=True)) + 1e-12)
+
+
+@pytest.mark.parametrize("form", ["adversarial", "clean_plus_adversarial"])
+def test_output_fgm_equals_hand_computed_two_pass_update(form):
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  fn = loss_fn()
+  method = EmbeddingOutputFGM(epsilon=0.4, form=form, adversarial_weight=0.5)
+  method.build(model)
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+
+  _, clean, g = _hand_pass(model, embedding, head, inputs, labels, np.zeros((B, L, 3)), fn)
+  delta = 0.4 * _unit(g, mask)
+  assert np.all(delta[~arrays["padding_mask"]] == 0)
+  _, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+  expected = adv if form == "adversarial" else [c + 0.5 * a for c, a in zip(clean, adv)]
+  for got, want in zip(out.gradients, expected):
+    np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
+  assert float(out.metrics["delta_norm"]) == pytest.approx(0.4, rel=1e-5)
+
+
+def test_freelb_equals_hand_computed_averaged_ascent():
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  fn = loss_fn()
+  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3)
+  method.build(model, input_shape=(B, L))
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+
+  delta, total = np.zeros((B, L, 3), np.float32), None
+  for _ in range(3):
+    _, grads, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+    total = grads if total is None else [t + x for t, x in zip(total, grads)]
+    delta = delta + 0.2 * _unit(g, mask)
+    norms = np.sqrt((delta ** 2).sum(axis=(1, 2), keepdims=True))
+    delta = delta * np.minimum(1.0, 0.3 / (norms + 1e-12))
+  for got, want in zip(out.gradients, total):
+    np.testing.assert_allclose(dense(got), np.asarray(want) / 3, rtol=1e-5, atol=1e-7)
+  # The buffer holds the last ascent: masked, inside the ball, on its sphere
+  # after two steps of 0.2 > 0.3.
+  np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
+
+
+def test_freelb_with_one_replay_and_zero_start_is_plain_training():
+  model, _, _ = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  fn = loss_fn()
+  method = FreeLB(epsilon=0.3, replays=1)
+  method.build(model, input_shape=(B, L))
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  with tf.GradientTape() as tape:
+    loss = fn(labels, model(inputs, training=True), tf.ones([B]))
+  for got, want in zip(out.gradients, tape.gradient(loss, model.trainable_variables)):
+    np.testing.assert_allclose(dense(got), dense(want), rtol=1e-6, atol=1e-8)
+
+
+def test_hook_perturbs_keras_hub_token_embedding_output():
+  model = tiny_bert()
+  arrays = batch_arrays()
+  ids = np.arange(5, 5 + B * L, dtype=np.int32).reshape(B, L) % V
+  ids[:, 0] = 2
+  arrays["token_ids"] = ids
+  inputs, _ = split(arrays)
+  table = model.backbone.token_embedding.embeddings
+  hook = EmbeddingOutputHook(model, "token_embedding")
+  run = lambda: model.backbone(inputs)["sequence_output"].numpy()
+  clean = run()
+  with hook.adding(tf.zeros([B, L, H])):
+    np.testing.assert_array_equal(run(), clean)
+  # With no token repeated in the batch (but [CLS]), adding δ to the output
+  # at a position equals moving that token's row of the embedding matrix.
+  rows = np.random.RandomState(1).randn(V, H).astype(np.float32) * 0.1
+  rows[2] = 0.0
+  delta = rows[ids]
+  with hook.adding(tf.constant(delta)):
+    hooked = run()
+  with keras.StatelessScope(state_mapping=[(table, table + rows)]):
+    moved = run()
+  np.testing.assert_allclose(hooked, moved, rtol=1e-5, atol=1e-5)
+  assert np.abs(hooked - clean).max() > 0.05
+  np.testing.assert_array_equal(run(), clean)  # unhooked again
+
+
+def test_missing_layer_lists_candidates():
+  with pytest.raises(ValueError) as info:
+    EmbeddingOutputFGM(layer_name="word_embeddings").build(tiny_bert())
+  message = str(info.value)
+  assert "token_embedding (ReversibleEmbedding)" in message
+  assert "segment_embedding (Embedding)" in message
+
+
+def test_pgd_iterates_stay_in_each_ball_and_off_padding():
+  model = tiny_bert()
+  arrays = batch_arrays()
+  inputs, labels = split(arrays)
+  method = EmbeddingOutputPGD(epsilon=0.5, step_size=0.4, num_steps=4)
+  method.build(model)
+  mask = method._mask(inputs)  # pylint: disable=protected-access
+  start = method._random_start(mask).numpy()  # pylint: disable=protected-access
+  delta = method.attack(model, loss_fn(), inputs, labels, tf.ones([B]), mask).numpy()
+  for d in (start, delta):
+    norms = np.sqrt((d ** 2).sum(axis=(1, 2)))
+    assert np.all(norms <= 0.5 * (1 + 1e-5)), norms
+    assert np.all(d[~arrays["padding_mask"]] == 0)
+  # 4 steps of 0.4 reach the sphere: the projection was active.
+  np.testing.assert_allclose(np.sqrt((delta ** 2).sum(axis=(1, 2))), 0.5, rtol=1e-5)
+
+
+def _trainer(strategy, method, jit=False, global_batch=B, learning_rate=1e-2):
+  with strategy.scope():
+    model = tiny_bert()
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(model.trainable_variables)
+    method.build(model, input_shape=(global_batch // strategy.num_replicas_in_sync, L))
+  return Trainer(strategy, model, optimizer, method, split_batch=split,
+                 per_example_loss=sparse_cross_entropy,
+                 global_batch_size=global_batch, jit_compile=jit)
+
+
+def _train(trainer, arrays, steps, global_batch=B):
+  ds = distributed_dataset(trainer.strategy, arrays, global_batch, shuffle=True, seed=3)
+  return trainer.train(iter(ds), steps)
+
+
+METHODS = [
+    lambda: EmbeddingOutputFGM(epsilon=0.5),
+    lambda: EmbeddingOutputFGM(epsilon=0.5, form="adversarial"),
+    lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+]
+
+
+@pytest.mark.parametrize("method_fn", METHODS)
+def test_two_replicas_equal_one_device(method_fn, mirrored):
+  arrays = batch_arrays(n=16)
+  one = _trainer(tf.distribute.get_strategy(), method_fn(), global_batch=8)
+  two = _trainer(mirrored, method_fn(), global_batch=8)
+  m1 = _train(one, arrays, 3, global_batch=8)
+  m2 = _train(two, arrays, 3, global_batch=8)
+  for a, b in zip(one.model.trainable_variables, two.model.trainable_variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=2e-6)
+  np.testing.assert_allclose(m1["adv_loss"], m2["adv_loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["delta_norm"], m2["delta_norm"], rtol=1e-5)
+
+
+def test_freelb_buffer_is_per_replica_and_masked(mirrored):
+  arrays = batch_arrays(n=8)
+  trainer = _trainer(mirrored, FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+                     global_batch=8)
+  _train(trainer, arrays, 1, global_batch=8)
+  buffers = [v.numpy() for v in trainer.method.perturbation.values]
+  assert len(buffers) == 2 and buffers[0].shape == (4, L, H)
+  assert not np.allclose(buffers[0], buffers[1])  # each replica's own examples
+  ds = distributed_dataset(mirrored, arrays, 8, shuffle=True, seed=3)
+  batch = next(iter(ds))
+  for buffer, mask in zip(buffers, mirrored.experimental_local_results(
+      batch["padding_mask"])):
+    assert np.all(buffer[~mask.numpy()] == 0)
+    assert np.all(per_example_norm(buffer).numpy() <= 0.5 * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("method_fn,rtol", [(m, 1e-4) for m in METHODS[:1] + METHODS[2:]] + [
+    # Random starts: XLA's generator kernel draws another stream of numbers.
+    (lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2), 1e-2)])
+def test_output_methods_compile_with_xla(method_fn, rtol):
+  arrays = batch_arrays()
+  plain = _trainer(tf.distribute.get_strategy(), method_fn())
+  jitted = _trainer(tf.distribute.get_strategy(), method_fn(), jit=True)
+  batch = next(iter(distributed_dataset(jitted.strategy, arrays, B, shuffle=True, seed=3)))
+  assert "HloModule" in jitted._replica_train.experimental_get_compiler_ir(batch)(stage="hlo")
+  m1, m2 = _train(plain, arrays, 2), _train(jitted, arrays, 2)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=rtol)
+  if rtol < 1e-3:  # same δ, same update
+    for a, b in zip(plain.model.trainable_variables, jitted.model.trainable_variables):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5)

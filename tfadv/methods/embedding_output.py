@@ -1,0 +1,336 @@
+"""Per-example perturbations of the embedding layer's output: FGM, PGD-K, FreeLB.
+
+Unlike `EmbeddingFGM` (one Δ on the shared embedding *matrix*), these methods
+perturb each example's token embeddings e ∈ R^{length × hidden}
+independently (Miyato et al. 2017's per-example form; Zhu et al. 2020's
+FreeLB), through `tfadv.models.hooks.EmbeddingOutputHook`:
+
+- the ball is per example: ‖δ_i‖₂ ≤ ε, the norm over length × hidden;
+- ascent directions are per-example normalised gradients g_i/‖g_i‖₂;
+- padding positions (`padding_mask` = 0) never receive a perturbation.
+
+Because every direction is normalised per example, the 1/global_batch
+factor of the loss cancels, and N replicas produce exactly the δ of one
+device with the same global batch (random starts aside: each replica draws
+its own).
+
+Cost per step, in plain steps (forward 1, backward to the inputs 1, full
+backward 2): FGM 2 (both forms: clean pass, then adversarial pass); PGD-K
+(2K + 3)/3 in the adversarial form (K ascent passes needing only δ's
+gradient, one full pass); FreeLB-m about m (m full passes whose weight
+gradients are averaged, δ ascending from the same backward passes).
+"""
+
+from typing import Optional
+
+import gin
+import tensorflow as tf
+
+from tfadv.methods.base import Method, MethodOutput
+from tfadv.methods.fgm import FORMS, _add
+from tfadv.models.hooks import EmbeddingOutputHook
+
+TINY = 1e-12
+
+
+def per_example_norm(x: tf.Tensor) -> tf.Tensor:
+  """‖x_i‖₂ over all but the batch axis, shaped to broadcast against x."""
+  return tf.sqrt(tf.reduce_sum(tf.square(x), axis=list(range(1, len(x.shape))),
+                               keepdims=True))
+
+
+def normalize(gradient: tf.Tensor) -> tf.Tensor:
+  """g_i / ‖g_i‖₂ per example (zero where g_i is zero)."""
+  return gradient / (per_example_norm(gradient) + TINY)
+
+
+def project(delta: tf.Tensor, epsilon: float) -> tf.Tensor:
+  """Scales each δ_i with ‖δ_i‖₂ > ε back onto the sphere of radius ε."""
+  norm = per_example_norm(delta)
+  return delta * tf.minimum(1.0, epsilon / (norm + TINY))
+
+
+class EmbeddingOutputMethod(Method):
+  """Shared pieces: the hook, the padding mask, seeded random starts.
+
+  Args:
+    epsilon: radius of each example's ℓ2 ball.
+    layer_name: the embedding layer whose output is perturbed (keras-hub
+      BERT: `token_embedding`); a wrong name lists candidates.
+    padding_mask_key: the input holding the padding mask (1 = token); None
+      perturbs every position.
+    seed: seed of random starts (each replica draws its own stream).
+  """
+
+  def __init__(self, epsilon: float = 1.0, layer_name: str = "token_embedding",
+               padding_mask_key: Optional[str] = "padding_mask", seed: int = 0):
+    self.epsilon = float(epsilon)
+    self.layer_name = layer_name
+    self.padding_mask_key = padding_mask_key
+    self.seed = seed
+    self.hook = None
+    self._rng = None
+
+  def build(self, model, input_shape=None):
+    del input_shape
+    self.hook = EmbeddingOutputHook(model, self.layer_name)
+    self._rng = tf.random.Generator.from_seed(self.seed)
+
+  @property
+  def variables(self):
+    return [self._rng] if self._rng is not None else []
+
+  def _mask(self, inputs) -> tf.Tensor:
+    """[batch, length, 1] float mask of real tokens."""
+    if self.padding_mask_key is None:
+      ids = inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
+      return tf.ones(tf.concat([tf.shape(ids)[:2], [1]], 0), tf.float32)
+    if not isinstance(inputs, dict) or self.padding_mask_key not in inputs:
+      raise ValueError(f"{type(self).__name__}: no input {self.padding_mask_key!r} "
+                       "to mask padding with; set `padding_mask_key` (None: no mask).")
+    return tf.cast(inputs[self.padding_mask_key], tf.float32)[..., None]
+
+  def _zeros(self, mask) -> tf.Tensor:
+    return tf.zeros(tf.concat([tf.shape(mask)[:2], [self.hook.output_dim]], 0))
+
+  def _random_start(self, mask) -> tf.Tensor:
+    """A uniform draw from each example's ε-ball (restricted to real tokens)."""
+    direction = normalize(self._rng.normal(tf.shape(self._zeros(mask))) * mask)
+    radius = self._rng.uniform(tf.concat([tf.shape(mask)[:1], [1, 1]], 0))
+    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
+    return self.epsilon * direction * tf.pow(radius, 1.0 / tf.maximum(dims, 1.0))
+
+  def _forward(self, model, inputs, delta, mask):
+    with self.hook.adding(delta * mask):
+      return model(inputs, training=True)
+
+  def _delta_gradient(self, model, loss_fn, inputs, labels, weights, delta, mask):
+    """(loss, logits, ∂loss/∂δ): a pass whose backward stops at δ."""
+    with tf.GradientTape() as tape:
+      tape.watch(delta)
+      logits = self._forward(model, inputs, delta, mask)
+      loss = loss_fn(labels, logits, weights)
+    return loss, logits, tape.gradient(loss, delta)
+
+  def _full_pass(self, model, loss_fn, inputs, labels, weights, delta, mask):
+    """(loss, logits, weight gradients, ∂loss/∂δ): one forward, one backward."""
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+      tape.watch(delta)
+      logits = self._forward(model, inputs, delta, mask)
+      loss = loss_fn(labels, logits, weights)
+    *gradients, delta_gradient = tape.gradient(loss, variables + [delta])
+    return loss, logits, gradients, delta_gradient
+
+  @staticmethod
+  def _replica_mean(loss):
+    # Metrics are averaged over replicas: report this replica's mean loss.
+    return loss * tf.distribute.get_replica_context().num_replicas_in_sync
+
+  def get_config(self):
+    return {"epsilon": self.epsilon, "layer_name": self.layer_name,
+            "padding_mask_key": self.padding_mask_key, "seed": self.seed}
+
+
+@gin.configurable
+class EmbeddingOutputFGM(EmbeddingOutputMethod):
+  """FGM on each example's embedding output: δ_i = ε·g_i/‖g_i‖₂.
+
+  g = ∂L/∂e at the clean embeddings e. `form="clean_plus_adversarial"`
+  (default, the usual PyTorch FGM) sums the clean and adversarial
+  gradients; `"adversarial"` keeps the adversarial gradient only.
+
+  Example:
+  >>> method = EmbeddingOutputFGM(epsilon=1.0)
+  >>> method.build(classifier)  # hooks keras-hub's token_embedding
+  >>> out = method.compute_gradients(classifier, loss_fn, inputs, labels, weights)
+  >>> sorted(out.metrics)
+  ['adv_loss', 'delta_norm']
+  """
+
+  name = "fgm_output"
+
+  def __init__(self, epsilon: float = 1.0, form: str = "clean_plus_adversarial",
+               adversarial_weight: float = 1.0, **kwargs):
+    super().__init__(epsilon=epsilon, **kwargs)
+    if form not in FORMS:
+      raise ValueError(f"EmbeddingOutputFGM.form={form!r}; expected one of {FORMS}.")
+    self.form = form
+    self.adversarial_weight = adversarial_weight
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    mask = self._mask(inputs)
+    zero = self._zeros(mask)
+    if self.form == "adversarial":
+      loss, logits, g = self._delta_gradient(model, loss_fn, inputs, labels,
+                                             weights, zero, mask)
+      clean = None
+    else:
+      loss, logits, clean, g = self._full_pass(model, loss_fn, inputs, labels,
+                                               weights, zero, mask)
+    delta = tf.stop_gradient(self.epsilon * normalize(g * mask))
+    adv_loss, _, adv, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
+                                          delta, mask)
+    gradients = adv if clean is None else [
+        _add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
+        "adv_loss": self._replica_mean(adv_loss),
+        "delta_norm": tf.reduce_mean(per_example_norm(delta))})
+
+  def get_config(self):
+    return {**super().get_config(), "form": self.form,
+            "adversarial_weight": self.adversarial_weight}
+
+
+@gin.configurable
+class EmbeddingOutputPGD(EmbeddingOutputMethod):
+  """PGD-K on each example's embedding output (ℓ2 ball of radius ε).
+
+  δ⁰ is a random point of the ball (or 0); K times δ ← Π_ε(δ + α·g/‖g‖₂),
+  each from a pass whose backward stops at δ; then one full pass on δᴷ.
+  `form="adversarial"` (default, Madry et al.) updates from that pass
+  alone and reports its loss and accuracy; `"clean_plus_adversarial"` adds
+  a clean pass's gradients (one plain step more) and reports the clean ones.
+
+  Example:
+  >>> method = EmbeddingOutputPGD(epsilon=1.0, step_size=0.4, num_steps=3)
+  """
+
+  name = "pgd_output"
+
+  def __init__(self, epsilon: float = 1.0, step_size: Optional[float] = None,
+               num_steps: int = 3, random_start: bool = True,
+               form: str = "adversarial", adversarial_weight: float = 1.0, **kwargs):
+    super().__init__(epsilon=epsilon, **kwargs)
+    if form not in FORMS:
+      raise ValueError(f"EmbeddingOutputPGD.form={form!r}; expected one of {FORMS}.")
+    if num_steps < 1:
+      raise ValueError(f"EmbeddingOutputPGD.num_steps={num_steps}; expected >= 1.")
+    self.step_size = float(step_size if step_size is not None
+                           else 2.5 * epsilon / num_steps)
+    self.num_steps = num_steps
+    self.random_start = random_start
+    self.form = form
+    self.adversarial_weight = adversarial_weight
+
+  def attack(self, model, loss_fn, inputs, labels, weights, mask):
+    """δᴷ for this batch (masked, inside each example's ball)."""
+    delta = self._random_start(mask) if self.random_start else self._zeros(mask)
+    for _ in range(self.num_steps):
+      _, _, g = self._delta_gradient(model, loss_fn, inputs, labels, weights,
+                                     delta, mask)
+      delta = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
+    return tf.stop_gradient(delta)
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    mask = self._mask(inputs)
+    delta = self.attack(model, loss_fn, inputs, labels, weights, mask)
+    adv_loss, adv_logits, adv, _ = self._full_pass(model, loss_fn, inputs, labels,
+                                                   weights, delta, mask)
+    metrics = {"adv_loss": self._replica_mean(adv_loss),
+               "delta_norm": tf.reduce_mean(per_example_norm(delta))}
+    if self.form == "adversarial":
+      return MethodOutput(loss=adv_loss, logits=adv_logits, gradients=adv,
+                          metrics=metrics)
+    loss, logits, clean, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
+                                             self._zeros(mask), mask)
+    gradients = [_add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics=metrics)
+
+  def get_config(self):
+    return {**super().get_config(), "step_size": self.step_size,
+            "num_steps": self.num_steps, "random_start": self.random_start,
+            "form": self.form, "adversarial_weight": self.adversarial_weight}
+
+
+@gin.configurable
+class FreeLB(EmbeddingOutputMethod):
+  """FreeLB-m (Zhu et al. 2020): m ascent steps whose weight gradients are averaged.
+
+  Per step: δ⁰ = a random point of radius ≤ `init_magnitude` (FreeLB's
+  initialisation; 0 starts clean); then m times: one forward/backward pass on
+  e + δ of L/m gives both this pass's weight gradients (accumulated: their
+  sum is the mean over the m passes) and ∂L/∂δ, and
+  δ ← Π_ε(δ + α·g/‖g‖₂). One optimizer update per step.
+
+  δ lives in a `tf.Variable` buffer of the per-replica batch's shape
+  (batch × length × hidden, sync-on-read: one per replica), masked at
+  padding positions. `carry_over=True` starts each batch from the previous
+  batch's final δ instead of a fresh draw (Shafahi et al.'s "free" carrying,
+  for text); FreeLB proper (default) starts fresh.
+
+  Reported loss and accuracy are the first pass's (clean when
+  `init_magnitude` = 0).
+
+  Example:
+  >>> method = FreeLB(epsilon=1.0, step_size=0.3, replays=3)
+  >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
+  """
+
+  name = "freelb"
+
+  def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, replays: int = 3,
+               init_magnitude: float = 0.0, carry_over: bool = False, **kwargs):
+    super().__init__(epsilon=epsilon, **kwargs)
+    if replays < 1:
+      raise ValueError(f"FreeLB.replays={replays}; expected >= 1.")
+    self.step_size = float(step_size)
+    self.replays = int(replays)
+    self.init_magnitude = float(init_magnitude)
+    self.carry_over = carry_over
+    self.perturbation = None
+
+  def build(self, model, input_shape=None):
+    super().build(model)
+    if input_shape is None or len(input_shape) < 2:
+      raise ValueError("FreeLB needs the per-replica input shape (batch, length): "
+                       "its perturbation buffer is batch × length × hidden.")
+    self.perturbation = tf.Variable(
+        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
+        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        name="freelb_perturbation")
+
+  @property
+  def variables(self):
+    return super().variables + ([self.perturbation] if self.perturbation is not None
+                                else [])
+
+  def _start(self, mask):
+    if self.carry_over:
+      return project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
+    if self.init_magnitude > 0:
+      direction = normalize(self._rng.normal(tf.shape(self._zeros(mask))) * mask)
+      radius = self._rng.uniform(tf.concat([tf.shape(mask)[:1], [1, 1]], 0))
+      return self.init_magnitude * radius * direction
+    return self._zeros(mask)
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    mask = self._mask(inputs)
+    delta = tf.ensure_shape(self._start(mask), self.perturbation.shape)
+    self.perturbation.assign(delta)
+
+    def replay_loss(labels, logits, weights):
+      return loss_fn(labels, logits, weights) / self.replays
+
+    total = None
+    for replay in range(self.replays):
+      delta = tf.convert_to_tensor(self.perturbation)
+      loss, logits, gradients, g = self._full_pass(
+          model, replay_loss, inputs, labels, weights, delta, mask)
+      if replay == 0:
+        first_loss, first_logits = loss * self.replays, logits
+      total = gradients if total is None else [_add(t, a, 1.0)
+                                               for t, a in zip(total, gradients)]
+      # The same backward pass moves δ: no extra pass for the ascent.
+      self.perturbation.assign(project(
+          delta + self.step_size * normalize(g * mask), self.epsilon) * mask)
+    return MethodOutput(loss=first_loss, logits=first_logits, gradients=total,
+                        metrics={"adv_loss": self._replica_mean(loss * self.replays),
+                                 "delta_norm": tf.reduce_mean(
+                                     per_example_norm(tf.convert_to_tensor(self.perturbation)))})
+
+  def get_config(self):
+    return {**super().get_config(), "step_size": self.step_size,
+            "replays": self.replays, "init_magnitude": self.init_magnitude,
+            "carry_over": self.carry_over}

@@ -1,0 +1,266 @@
+"""Masked-language-model pretraining of a keras-hub BERT, written out as a preset.
+
+The same `Experiment`, trainer, strategies, checkpoints and resume as
+fine-tuning: only the task differs. Masking is keras-hub's own
+(`BertMaskedLMPreprocessor`: 15% of tokens selected, of which 80% become
+`[MASK]`, 10% a random token, 10% stay), applied *statically* as in the
+original BERT data pipeline: each training sentence is masked
+`masks_per_sentence` times with different draws, once, and the masked copies
+are saved in the model directory (`mlm_data/`). A resumed run reads them back,
+so it trains on exactly the batches the uninterrupted run would have seen.
+
+At the end of training the task writes a keras-hub preset directory
+(`<model_dir>/preset`: `config.json`, `model.weights.h5`, `tokenizer.json`,
+`assets/tokenizer/vocabulary.txt`, `metadata.json`) that
+`keras_hub.models.BertTextClassifier.from_preset(path)` loads offline, and
+that every fine-tuning config points at with one binding:
+`TextClassificationTask.preset = 'runs/pretrain_mlm_zh/preset'`.
+"""
+
+import io
+import os
+import random
+from typing import Dict, List, Optional, Sequence
+
+import gin
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tfadv.data import clue
+from tfadv.data import vocab as vocab_lib
+from tfadv.models.bert import bert_masked_lm
+
+FEATURES = ("token_ids", "segment_ids", "padding_mask", "mask_positions")
+TARGETS = ("mask_ids", "mask_weights")
+
+
+@gin.configurable
+class PretrainingCorpus:
+  """Sentences for pretraining: unlabeled files plus the train splits' texts.
+
+  Evaluation split: `num_eval` sentences held out of the unlabeled files
+  (a seeded draw). Dev and test files are refused, so no evaluation text of
+  a fine-tuning task is ever seen in pretraining.
+
+  Args:
+    data_dir: root the file names are relative to, e.g.
+      `../shared/data/fewclue` (see WORKSPACE.md).
+    unlabeled_files: CLUE JSON-lines files whose records have a `sentence`.
+    train_files: labelled training splits whose sentences are added.
+    num_eval: unlabeled sentences held out for masked-token accuracy.
+    seed: the hold-out draw.
+
+  Example:
+  >>> corpus = PretrainingCorpus("../shared/data/fewclue")
+  >>> len(corpus.texts("train")), len(corpus.texts("eval"))
+  (41771, 2000)
+  """
+
+  def __init__(self, data_dir: str = gin.REQUIRED,
+               unlabeled_files: Sequence[str] = ("tnews/unlabeled.json",
+                                                 "eprstmt/unlabeled.json"),
+               train_files: Sequence[str] = ("tnews/train.json", "iflytek/train.json"),
+               num_eval: int = 2000, seed: int = 0):
+    for name in list(unlabeled_files) + list(train_files):
+      base = os.path.basename(name).lower()
+      if base.startswith(("dev", "test")):
+        raise ValueError(
+            f"PretrainingCorpus: {name!r} looks like an evaluation split; "
+            "pretraining reads unlabeled and train files only.")
+    self.data_dir = data_dir
+    self.unlabeled_files = tuple(unlabeled_files)
+    self.train_files = tuple(train_files)
+    self.num_eval = num_eval
+    self.seed = seed
+    self._splits = None
+
+  def _read(self, name: str, require_label: bool) -> List[str]:
+    path = name if ("://" in name or os.path.isabs(name)) else os.path.join(
+        self.data_dir, name)
+    if not tf.io.gfile.exists(path):
+      raise FileNotFoundError(
+          f"Pretraining text not found: {path}. Set PretrainingCorpus.data_dir "
+          "(WORKSPACE.md shows the FewCLUE layout).")
+    # Raw line separators inside sentences are real data: keep the records.
+    return clue.read_clue_file(path, malformed="repair",
+                               require_label=require_label).texts
+
+  def texts(self, split: str) -> List[str]:
+    """The "train" or "eval" sentences."""
+    if self._splits is None:
+      unlabeled = [t for f in self.unlabeled_files for t in self._read(f, False)]
+      random.Random(self.seed).shuffle(unlabeled)
+      held_out = unlabeled[:self.num_eval]
+      train = unlabeled[self.num_eval:]
+      for f in self.train_files:
+        train += self._read(f, True)
+      self._splits = {"train": [t for t in train if t.strip()],
+                      "eval": [t for t in held_out if t.strip()]}
+    return self._splits[split]
+
+
+def pack(texts: List[str], characters: int) -> List[str]:
+  """Joins consecutive texts (by a space) into sequences of ≥ `characters`.
+
+  Example:
+  >>> pack(["今天", "天气", "很好"], characters=4)
+  ['今天 天气', '很好']
+  """
+  if characters <= 0:
+    return list(texts)
+  packed, current = [], ""
+  for text in texts:
+    current = f"{current} {text}" if current else text
+    if len(current) >= characters:
+      packed.append(current)
+      current = ""
+  if current:
+    packed.append(current)
+  return packed
+
+
+@gin.configurable
+class MaskedLMTask:
+  """Pretrains `keras_hub.models.BertMaskedLM` on a `PretrainingCorpus`.
+
+  Reported accuracy is masked-token accuracy (`masked_accuracy`): the
+  fraction of selected positions whose original token the model predicts.
+  The loss is each sentence's mean cross-entropy over its selected
+  positions, averaged over sentences.
+
+  Args:
+    corpus: a `PretrainingCorpus`.
+    sequence_length: tokens per example, `[CLS]`/`[SEP]` included; also the
+      backbone's `max_sequence_length` (fine-tuning may use up to this).
+    vocabulary_size, vocabulary_min_count: the character vocabulary built
+      from the corpus's train sentences (`tfadv.data.vocab`).
+    mask_selection_rate: fraction of tokens selected for prediction.
+    mask_selection_length: most selected tokens per sentence.
+    masks_per_sentence: differently masked copies of each training sequence.
+    pack_characters: consecutive sentences are joined (by a space) into
+      sequences of about this many characters, so that a batch carries
+      text rather than padding (RoBERTa's "full sentences"); 0 keeps one
+      sentence per sequence.
+    preset_dir: where the preset goes (default `<model_dir>/preset`).
+
+  Example:
+  >>> task = MaskedLMTask(PretrainingCorpus("../shared/data/fewclue"))
+  >>> task.prepare("/tmp/mlm")
+  >>> model = task.build_model()  # BertMaskedLM, size from `bert_masked_lm`
+  """
+
+  accuracy_name = "masked_accuracy"
+
+  def __init__(self, corpus=gin.REQUIRED, sequence_length: int = 128,
+               vocabulary_size: int = 8000, vocabulary_min_count: int = 2,
+               mask_selection_rate: float = 0.15, mask_selection_length: int = 20,
+               masks_per_sentence: int = 4, pack_characters: int = 0,
+               preset_dir: Optional[str] = None, seed: int = 0):
+    self.corpus = corpus
+    self.sequence_length = sequence_length
+    self.vocabulary_size = vocabulary_size
+    self.vocabulary_min_count = vocabulary_min_count
+    self.mask_selection_rate = mask_selection_rate
+    self.mask_selection_length = mask_selection_length
+    self.masks_per_sentence = masks_per_sentence
+    self.pack_characters = pack_characters
+    self.preset_dir = preset_dir
+    self.seed = seed
+    self.preprocessor = None
+    self.model_dir = None
+    self._arrays: Dict[str, Dict[str, np.ndarray]] = {}
+
+  def prepare(self, model_dir: str) -> None:
+    self.model_dir = model_dir
+    tf.io.gfile.makedirs(model_dir)
+    vocab_path = os.path.join(model_dir, "vocab.txt")
+    if tf.io.gfile.exists(vocab_path):
+      vocabulary = vocab_lib.load_vocabulary(vocab_path)
+    else:
+      vocabulary = vocab_lib.build_char_vocabulary(
+          self.corpus.texts("train"), self.vocabulary_size, self.vocabulary_min_count)
+      vocab_lib.save_vocabulary(vocabulary, vocab_path)
+      logging.info("Built a %d-token vocabulary: %s", len(vocabulary), vocab_path)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
+    self.preprocessor = keras_hub.models.BertMaskedLMPreprocessor(
+        tokenizer, sequence_length=self.sequence_length,
+        mask_selection_rate=self.mask_selection_rate,
+        mask_selection_length=self.mask_selection_length)
+
+  def build_model(self) -> keras.Model:
+    return bert_masked_lm(
+        vocabulary_size=self.preprocessor.tokenizer.vocabulary_size(),
+        sequence_length=self.sequence_length, preprocessor=self.preprocessor)
+
+  def _mask(self, texts: List[str], copies: int, seed: int) -> Dict[str, np.ndarray]:
+    # keras-hub's preprocessing runs as a tf.data map (graph mode: fast); a
+    # sequential map with a fixed seed draws the same masks every time.
+    tf.random.set_seed(seed)
+    dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(texts))
+               .repeat(copies).batch(1024).map(self.preprocessor))
+    out = {k: [] for k in FEATURES + TARGETS}
+    for x, y, w in dataset.as_numpy_iterator():
+      for k in FEATURES:
+        out[k].append(x[k])
+      out["mask_ids"].append(y)
+      out["mask_weights"].append(w)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+  def arrays(self, split: str) -> Dict[str, np.ndarray]:
+    """Masked examples of `split`, made once and kept in `<model_dir>/mlm_data`."""
+    if split in self._arrays:
+      return self._arrays[split]
+    path = os.path.join(self.model_dir, "mlm_data", f"{split}.npz")
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path, "rb") as f:
+        arrays = dict(np.load(io.BytesIO(f.read())))
+    else:
+      copies = self.masks_per_sentence if split == "train" else 1
+      texts = pack(self.corpus.texts(split), self.pack_characters)
+      arrays = self._mask(texts, copies, self.seed + (0 if split == "train" else 1))
+      tf.io.gfile.makedirs(os.path.dirname(path))
+      buffer = io.BytesIO()
+      np.savez_compressed(buffer, **arrays)
+      with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+      logging.info("Masked %d %s sequences (%d sentences) x %d: %s", len(texts),
+                   split, len(self.corpus.texts(split)), copies, path)
+    self._arrays[split] = arrays
+    return arrays
+
+  @staticmethod
+  def split_batch(batch):
+    return ({k: batch[k] for k in FEATURES},
+            {"ids": batch["mask_ids"], "weights": batch["mask_weights"]})
+
+  @staticmethod
+  def per_example_loss(labels, logits):
+    weights = tf.cast(labels["weights"], tf.float32)
+    per_token = keras.losses.sparse_categorical_crossentropy(
+        labels["ids"], tf.cast(logits, tf.float32), from_logits=True)
+    return tf.reduce_sum(per_token * weights, -1) / tf.maximum(
+        tf.reduce_sum(weights, -1), 1.0)
+
+  @staticmethod
+  def count_correct(labels, logits, example_weights):
+    """(correctly predicted masked tokens, masked tokens), both weighted."""
+    weights = tf.cast(labels["weights"], tf.float32) * example_weights[:, None]
+    hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels["ids"].dtype),
+                            labels["ids"]), tf.float32)
+    return tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
+
+  def write_preset(self, model: keras.Model, preset_dir: str) -> str:
+    """Backbone config + weights and the tokenizer, as a keras-hub preset."""
+    tf.io.gfile.makedirs(preset_dir)
+    model.backbone.save_to_preset(preset_dir)
+    self.preprocessor.tokenizer.save_to_preset(preset_dir)
+    return preset_dir
+
+  def finish_training(self, model: keras.Model, model_dir: str) -> str:
+    return self.write_preset(model, self.preset_dir or os.path.join(model_dir, "preset"))
+
+  def export(self, model: keras.Model, export_dir: str) -> str:
+    return self.write_preset(model, export_dir)
