@@ -14,7 +14,14 @@ per method and task, every run with its wall time, the command) and
 `--sweep=fgm:0.1,0.3,3` adds rows for other ε values of a method (on
 `--sweep_seeds`; `--sweep=gp@iflytek:0.1` on named tasks only), for when the
 configs' ε does not help at this scale.
+
+`--preset=runs/pretrain_mlm_zh/preset` fine-tunes every run from a keras-hub
+preset (e.g. the one `configs/pretrain_mlm_zh.gin` writes) and writes its
+own section and plot (`results_text_pretrained.png`); `--jobs=2` runs two
+runs at a time, each pinned to its own CPU core when there are enough.
 """
+
+import concurrent.futures
 
 import os
 import platform
@@ -37,8 +44,17 @@ flags.DEFINE_multi_string("sweep", [], "method[@task,...]:eps1,eps2,... extra ε
 flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
 flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
+flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
+                    "every run fine-tunes from.")
+flags.DEFINE_integer("jobs", 1, "Runs at a time.")
 
-EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon"}
+# The ε binding of each method; the step sizes of the iterative methods scale
+# with ε (the ratios of their configs).
+EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon",
+                   "fgm_output": "EmbeddingOutputFGM.epsilon",
+                   "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon"}
+STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
+                "freelb": ("FreeLB.step_size", 0.4)}
 TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 
 
@@ -52,6 +68,11 @@ class NlpRun(runs.Run):
               f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
     if epsilon is not None:
       params.append(f"{EPSILON_BINDING[method]} = {epsilon}")
+      if method in STEP_BINDING:
+        binding, ratio = STEP_BINDING[method]
+        params.append(f"{binding} = {ratio * epsilon:g}")
+    if FLAGS.preset:
+      params.append(f"TextClassificationTask.preset = '{FLAGS.preset}'")
     super().__init__(f"{task}_{method}{eps}_seed{self.seed}",
                      os.path.join(FLAGS.config_dir, f"{task}_{method}.gin"),
                      params + FLAGS.gin_param, FLAGS.work_dir)
@@ -86,7 +107,11 @@ def plot(groups, path):
 def write_markdown(groups, finished, total_seconds, path):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
-  lines = ["## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)", "",
+  title = "## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)"
+  if FLAGS.preset:
+    title = ("## Text: FewCLUE TNEWS and IFLYTEK, fine-tuned from the locally "
+             f"pretrained preset (`{FLAGS.preset}`)")
+  lines = [title, "",
            "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
            "```", runs.command_line("tfadv.tools.methods_table"), "```", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -110,14 +135,19 @@ def write_markdown(groups, finished, total_seconds, path):
         cell += f" [{mean - runs.mean_std([100 * r['accuracy'] for r in baseline])[0]:+.2f}]"
       cells.append(cell)
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-  lines += ["", "![methods table](results_text.png)", "", "Every run:", "",
+  lines += ["", f"![methods table]({_plot_name()})", "", "Every run:", "",
             "| task | method | seed | dev accuracy | dev loss | steps | wall time |",
             "|---|---|---|---|---|---|---|"]
   for run, record in finished:
     lines.append(f"| {run.task} | {run.variant} | {run.seed} | "
                  f"{100 * record['accuracy']:.2f} | {record['loss']:.4f} | "
                  f"{record['step']} | {record['wall_seconds']:.0f} s |")
-  runs.replace_section(path, "text-methods-table", "\n".join(lines))
+  section = "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table"
+  runs.replace_section(path, section, "\n".join(lines))
+
+
+def _plot_name():
+  return "results_text_pretrained.png" if FLAGS.preset else "results_text.png"
 
 
 def planned_runs():
@@ -136,24 +166,38 @@ def planned_runs():
   return planned
 
 
+def _result_and_report(total):
+  def one(numbered):
+    i, run = numbered
+    record = run.result()
+    print(f"[{i}/{total}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
+          f"({record['wall_seconds']:.0f} s)", flush=True)
+    return record
+  return one
+
+
 def main(argv):
   del argv
   for task in FLAGS.tasks:
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
   planned = planned_runs()
+  cores = sorted(os.sched_getaffinity(0))
+  if FLAGS.jobs > 1 and len(cores) >= FLAGS.jobs:
+    # One core per run: parallel runs do not fight over each other's threads.
+    for i, run in enumerate(planned):
+      run.cpus = [cores[i % FLAGS.jobs]]
+  with concurrent.futures.ThreadPoolExecutor(max(FLAGS.jobs, 1)) as pool:
+    records = list(pool.map(_result_and_report(len(planned)), enumerate(planned, 1)))
   groups, finished = {}, []
-  for i, run in enumerate(planned, 1):
-    record = run.result()
-    print(f"[{i}/{len(planned)}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
-          f"({record['wall_seconds']:.0f} s)", flush=True)
+  for run, record in zip(planned, records):
     finished.append((run, record))
     groups.setdefault((run.task, run.variant), []).append(record)
   total = sum(record["wall_seconds"] for _, record in finished)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_markdown(groups, finished, total, os.path.join(FLAGS.out_dir, "results.md"))
-  plot(groups, os.path.join(FLAGS.out_dir, "results_text.png"))
-  print(f"Wrote {FLAGS.out_dir}/results.md and results_text.png "
+  plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
+  print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
         f"({total / 60:.1f} min of runs).")
 
 

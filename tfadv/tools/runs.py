@@ -25,9 +25,11 @@ class Run:
     self.gin_file = gin_file
     self.params = list(params)
     self.model_dir = os.path.join(work_dir, name)
+    self.cpus = None  # CPU cores to pin the run to (taskset), or all
 
   def command(self) -> List[str]:
-    return ([sys.executable, "-m", "tfadv.main", f"--gin_file={self.gin_file}",
+    pin = ["taskset", "-c", ",".join(map(str, self.cpus))] if self.cpus else []
+    return pin + ([sys.executable, "-m", "tfadv.main", f"--gin_file={self.gin_file}",
              f"--model_dir={self.model_dir}"]
             + [f"--gin_param={p}" for p in self.params])
 

@@ -1,0 +1,110 @@
+"""Masked-LM pretraining: keras-hub preset out, fine-tuning from it by one binding."""
+
+import json
+import os
+
+import keras_hub
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from helpers import configure, run, tnews_bindings
+from tfadv import experiment as experiment_lib
+from tfadv.tasks.masked_lm import PretrainingCorpus, pack
+import tensorflow as tf
+
+
+def pretrain_bindings(fewclue_dir, **experiment):
+  lines = [
+      "Experiment.task = @MaskedLMTask()",
+      "MaskedLMTask.corpus = @PretrainingCorpus()",
+      f"PretrainingCorpus.data_dir = '{fewclue_dir}'",
+      "PretrainingCorpus.unlabeled_files = ('tnews/unlabeled.json',)",
+      "PretrainingCorpus.train_files = ('tnews/train.json',)",
+      "PretrainingCorpus.num_eval = 300",
+      "MaskedLMTask.sequence_length = 32",
+      "MaskedLMTask.masks_per_sentence = 1",
+      "MaskedLMTask.pack_characters = 24",
+      "MaskedLMTask.vocabulary_size = 3000",
+      "bert_masked_lm.num_layers = 1",
+      "bert_masked_lm.hidden_dim = 32",
+      "bert_masked_lm.intermediate_dim = 64",
+      "adamw.learning_rate = 3e-3",
+  ]
+  defaults = dict(train_steps=40, global_batch_size=32, steps_per_loop=20,
+                  checkpoint_every=20, seed=0)
+  defaults.update(experiment)
+  return lines + [f"Experiment.{k} = {v!r}" for k, v in defaults.items()]
+
+
+def test_corpus_holds_out_eval_and_refuses_dev_files(fewclue_dir):
+  corpus = PretrainingCorpus(fewclue_dir, unlabeled_files=("tnews/unlabeled.json",),
+                             train_files=("tnews/train.json",), num_eval=300)
+  train, held_out = corpus.texts("train"), corpus.texts("eval")
+  assert len(held_out) == 300 and len(train) == 20000 - 300 + 1185
+  assert not set(held_out) & set(train[:20000 - 300])
+  with pytest.raises(ValueError, match="dev.json"):
+    PretrainingCorpus(fewclue_dir, train_files=("tnews/dev.json",))
+  assert pack(["今天", "天气", "很好"], characters=4) == ["今天 天气", "很好"]
+
+
+def test_pretraining_writes_a_preset_that_fine_tuning_loads(fewclue_dir, tmp_path):
+  model_dir = tmp_path / "mlm"
+  results = run("train_and_evaluate", model_dir, tf.distribute.get_strategy(),
+                pretrain_bindings(fewclue_dir))
+  lines = "\n".join(results["lines"])
+  assert "masked_accuracy" in lines
+  first = results["lines"][1]
+  assert first.startswith("step 20/40") and "masked_accuracy" in first
+  # The loss falls below ln(V) (uniform guessing) and masked tokens are
+  # predicted far above chance (1/V).
+  vocabulary = results["experiment"].task.preprocessor.tokenizer.vocabulary_size()
+  assert results["train"]["loss"] < np.log(vocabulary) - 0.5
+  assert results["eval"]["masked_accuracy"] > 0.03
+  record = json.loads((model_dir / "eval_results.json").read_text())
+  assert record["masked_accuracy"] == pytest.approx(results["eval"]["masked_accuracy"])
+
+  preset = model_dir / "preset"
+  for name in ("config.json", "model.weights.h5", "tokenizer.json", "metadata.json",
+               "assets/tokenizer/vocabulary.txt"):
+    assert (preset / name).exists(), name
+  trained = results["experiment"].model.backbone
+  loaded = keras_hub.models.BertBackbone.from_preset(str(preset))
+  for a, b in zip(trained.weights, loaded.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+  events = event_accumulator.EventAccumulator(str(model_dir / "train"), size_guidance={
+      event_accumulator.TENSORS: 0})
+  events.Reload()
+  assert {"loss", "masked_accuracy"} <= set(events.Tags()["tensors"])
+
+  # Fine-tuning from it: one binding replaces vocabulary and initialisation.
+  configure(tnews_bindings(fewclue_dir, train_steps=10) +
+            [f"TextClassificationTask.preset = '{preset}'",
+             "TextClassificationTask.sequence_length = 32"])
+  experiment = experiment_lib.Experiment()  # pylint: disable=no-value-for-parameter
+  experiment.build(str(tmp_path / "tnews"), tf.distribute.get_strategy(), print_fn=lambda _: None)
+  backbone = experiment.model.backbone
+  assert backbone.token_embedding.embeddings.shape == trained.token_embedding.embeddings.shape
+  for a, b in zip(trained.weights, backbone.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert experiment.task.preprocessor.tokenizer.get_vocabulary() == \
+      results["experiment"].task.preprocessor.tokenizer.get_vocabulary()
+  experiment.controller.close()
+
+
+def test_pretraining_resumes_on_the_same_masked_examples(fewclue_dir, tmp_path):
+  model_dir = tmp_path / "mlm"
+  first = run("train", model_dir, tf.distribute.get_strategy(),
+              pretrain_bindings(fewclue_dir, train_steps=20))
+  masked = dict(first["experiment"].task.arrays("train"))
+  assert os.path.exists(model_dir / "mlm_data" / "train.npz")
+  again = run("train", model_dir, tf.distribute.get_strategy(),
+              pretrain_bindings(fewclue_dir, train_steps=40))
+  assert "Training from step 20 to 40." in again["lines"]
+  for key, value in again["experiment"].task.arrays("train").items():
+    np.testing.assert_array_equal(value, masked[key])
+  # keras-hub's masking: 15% selected, at most 20 per sequence, labels are
+  # the original tokens at the selected positions.
+  weights = masked["mask_weights"]
+  assert 0.10 < weights.sum() / masked["padding_mask"].sum() < 0.20
