@@ -18,7 +18,8 @@ from tfadv.data.pipeline import distributed_dataset
 from tfadv.data.vocab import build_char_vocabulary
 from tfadv.experiment import sparse_cross_entropy
 from tfadv.optimization import adamw
-from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, FreeTraining, PGDTraining
+from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, EmbeddingOutputFGM,
+                           EmbeddingOutputPGD, FreeLB, FreeTraining, PGDTraining)
 from tfadv.trainer import Trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -37,8 +38,9 @@ def trainer_weights(model, method, arrays, split, steps=1, replays=1, input_shap
   return [v.numpy() for v in model.trainable_variables]
 
 
-def fit_weights(model, method, x, y, batch_size=None, epochs=1):
-  model = tfadv.keras.adversarial(model, method, batch_size=batch_size)
+def fit_weights(model, method, x, y, batch_size=None, epochs=1, sequence_length=None):
+  model = tfadv.keras.adversarial(model, method, batch_size=batch_size,
+                                  sequence_length=sequence_length)
   model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
   model.fit(x, y, batch_size=len(y), epochs=epochs, shuffle=False, verbose=0)
   return [v.numpy() for v in model.trainable_variables]
@@ -48,12 +50,17 @@ def fit_weights(model, method, x, y, batch_size=None, epochs=1):
     lambda: EmbeddingFGM(epsilon=0.5),
     lambda: EmbeddingFGM(epsilon=0.5, form="clean_plus_adversarial"),
     lambda: EmbeddingGradientPenalty(epsilon=0.5),
-], ids=["fgm", "fgm_clean_plus_adv", "gp"])
+    lambda: EmbeddingOutputFGM(epsilon=0.5),
+    lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+], ids=["fgm", "fgm_clean_plus_adv", "gp", "output_fgm", "output_pgd", "freelb"])
 def test_one_fit_step_equals_one_trainer_step_on_bert(method_fn):
   arrays = batch_arrays()
   inputs, labels = text_split(arrays)
-  want = trainer_weights(tiny_bert(), method_fn(), arrays, text_split)
-  got = fit_weights(tiny_bert(), method_fn(), inputs, labels)
+  shape = labels.shape + inputs["token_ids"].shape[1:]
+  want = trainer_weights(tiny_bert(), method_fn(), arrays, text_split, input_shape=shape)
+  got = fit_weights(tiny_bert(), method_fn(), inputs, labels, batch_size=shape[0],
+                    sequence_length=shape[1])
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

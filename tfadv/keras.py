@@ -14,6 +14,11 @@ was (loading needs no tfadv). The step is the custom-loop trainer's
   embedding (keras-hub classifiers; the embedding is found by path).
 - `PGDTraining`, `FGSMTraining`: models whose input is one image tensor in
   [0, 1].
+- `EmbeddingOutputFGM`, `EmbeddingOutputPGD`: text models, per-example
+  perturbations of the embedding layer's output (found by layer name).
+- `FreeLB(replays=m)`: its m ascent passes run inside one step anyway; its
+  buffer is batch × length × hidden, so pass `batch_size=` and
+  `sequence_length=` and feed batches of exactly that shape.
 - `FreeTraining(replays=m)`: `fit` has no minibatch replay, so each `fit`
   step replays its batch m times itself (m optimizer updates per step; divide
   your epochs by m). The perturbation buffer has the shape of one replica's
@@ -84,14 +89,16 @@ def _adversarial_train_step(self, data):
 
 
 def adversarial(model: keras.Model, method: Method,
-                batch_size: Optional[int] = None) -> keras.Model:
+                batch_size: Optional[int] = None,
+                sequence_length: Optional[int] = None) -> keras.Model:
   """Makes `model.fit` train `model` with `method`; returns `model` itself.
 
   Args:
     model: a built Keras 3 model returning logits.
     method: a `tfadv.methods` object (FGM, GP, PGD, FGSM, Free).
     batch_size: per-replica batch size; required by methods with a
-      per-example buffer (`FreeTraining`).
+      per-example buffer (`FreeTraining`, `FreeLB`).
+    sequence_length: tokens per example, for `FreeLB`'s buffer.
 
   Example:
   >>> classifier = keras_hub.models.BertTextClassifier(backbone, num_classes=15)
@@ -105,11 +112,13 @@ def adversarial(model: keras.Model, method: Method,
     raise ValueError("tfadv.keras.adversarial: build the model first (call it "
                      "on a batch or give its Input shapes).")
   input_shape = None
-  if batch_size is not None and len(model.inputs or []) == 1:
+  if batch_size is not None and sequence_length is not None:
+    input_shape = (batch_size, sequence_length)
+  elif batch_size is not None and len(model.inputs or []) == 1:
     input_shape = (batch_size,) + tuple(model.inputs[0].shape[1:])
   if getattr(method, "perturbation", "absent") is None and input_shape is None:
-    raise ValueError(f"{type(method).__name__} needs batch_size= (its buffer has "
-                     "the shape of one replica's batch).")
+    raise ValueError(f"{type(method).__name__} needs batch_size= (and for text "
+                     "sequence_length=): its buffer has the shape of one replica's batch.")
   method.build(model, input_shape=input_shape)
   model._tfadv_method = method  # pylint: disable=protected-access
   model._tfadv_batch_size = batch_size if input_shape is not None else None  # pylint: disable=protected-access
