@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tfadv.tools import runs
 
 
@@ -24,3 +26,16 @@ def test_a_finished_run_is_read_back_not_repeated(tmp_path):
   # The config does not exist: a subprocess would fail, so none was started.
   assert run.result() == {"accuracy": 0.5, "step": 3, "wall_seconds": 12.5}
   assert runs.mean_std([1.0, 3.0]) == (2.0, 2 ** 0.5)
+
+
+def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from tfadv.tools import methods_table
+  assert methods_table.choose_epsilon({0.1: [0.40, 0.44], 0.3: [0.44, 0.40], 1.0: [0.2]}) == 0.1
+  assert methods_table.choose_epsilon({0.1: [0.40], 0.3: [0.46], 1.0: [0.45]}) == 0.3
+  assert methods_table.parse_epsilons("gp@tnews,iflytek:0.01,0.1", "sweep") == (
+      "gp", ["tnews", "iflytek"], [0.01, 0.1])
+  assert methods_table.parse_epsilons("freelb:1", "select") == ("freelb", None, [1.0])
+  for bad in ("fgm", "fgm:", "fgm:a,b", "adv:0.1"):
+    with pytest.raises(app.UsageError, match="--select="):
+      methods_table.parse_epsilons(bad, "select")

@@ -15,6 +15,12 @@ per method and task, every run with its wall time, the command) and
 `--sweep_seeds`; `--sweep=gp@iflytek:0.1` on named tasks only), for when the
 configs' ε does not help at this scale.
 
+`--select=fgm_output:0.3,1,3` chooses a method's ε on dev before the table
+runs: each ε is trained on `--select_tasks` with `--select_seeds` (seeds the
+table does not report), the ε with the best mean dev accuracy (the smaller on
+a tie) is used for that method's rows on every task, and the section shows
+the selection runs.
+
 `--preset=runs/pretrain_mlm_zh/preset` fine-tunes every run from a keras-hub
 preset (e.g. the one `configs/pretrain_mlm_zh.gin` writes) and writes its
 own section and plot (`results_text_pretrained.png`); `--jobs=2` runs two
@@ -22,9 +28,10 @@ runs at a time, each pinned to its own CPU core when there are enough.
 """
 
 import concurrent.futures
-
 import os
 import platform
+import queue
+import time
 
 from absl import app, flags
 
@@ -43,6 +50,12 @@ flags.DEFINE_multi_string("sweep", [], "method[@task,...]:eps1,eps2,... extra ε
                           "rows (on --sweep_tasks, or the tasks after @).")
 flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
 flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
+flags.DEFINE_multi_string("select", [], "method:eps1,eps2,... chooses the method's "
+                          "ε by dev accuracy on --select_tasks / --select_seeds "
+                          "before the table runs.")
+flags.DEFINE_list("select_tasks", ["tnews"], "Tasks the ε selection trains on.")
+flags.DEFINE_list("select_seeds", ["100"], "Seeds of the ε selection runs (keep "
+                  "them apart from --seeds).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
 flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
                     "every run fine-tunes from.")
@@ -61,8 +74,9 @@ TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 class NlpRun(runs.Run):
   """One (task, method, ε, seed) run of configs/<task>_<method>.gin."""
 
-  def __init__(self, task, method, seed, epsilon=None):
+  def __init__(self, task, method, seed, epsilon=None, selected=False):
     self.task, self.method, self.seed, self.epsilon = task, method, int(seed), epsilon
+    self.selected = selected  # ε chosen on dev: the method's own row
     eps = "" if epsilon is None else f"_eps{epsilon:g}"
     params = [f"Experiment.seed = {self.seed}",
               f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
@@ -79,7 +93,35 @@ class NlpRun(runs.Run):
 
   @property
   def variant(self) -> str:
-    return self.method if self.epsilon is None else f"{self.method} ε={self.epsilon:g}"
+    if self.epsilon is None or self.selected:
+      return self.method
+    return f"{self.method} ε={self.epsilon:g}"
+
+
+def parse_epsilons(spec: str, flag: str):
+  """"method[@task,...]:eps1,eps2" -> (method, [task, ...] or None, [eps, ...])."""
+  target, _, values = spec.partition(":")
+  method, _, tasks = target.partition("@")
+  try:
+    epsilons = [float(v) for v in values.split(",")]
+  except ValueError:
+    epsilons = []
+  if method not in EPSILON_BINDING or not epsilons:
+    raise app.UsageError(f"--{flag}={spec!r}: expected METHOD[@task,...]:eps1,eps2,... "
+                         f"with METHOD one of {sorted(EPSILON_BINDING)}.")
+  return method, (tasks.split(",") if tasks else None), epsilons
+
+
+def choose_epsilon(accuracies_by_epsilon) -> float:
+  """The ε of the best mean accuracy; the smaller ε on a tie.
+
+  >>> choose_epsilon({0.3: [0.50, 0.52], 1.0: [0.53, 0.49], 3.0: [0.40]})
+  0.3
+  """
+  def mean(values):
+    return sum(values) / len(values)
+  return min(accuracies_by_epsilon,
+             key=lambda eps: (-round(mean(accuracies_by_epsilon[eps]), 12), eps))
 
 
 def plot(groups, path):
@@ -104,7 +146,8 @@ def plot(groups, path):
   fig.savefig(path, dpi=110)
 
 
-def write_markdown(groups, finished, total_seconds, path):
+def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_seconds,
+                   path):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
   title = "## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)"
@@ -116,7 +159,8 @@ def write_markdown(groups, finished, total_seconds, path):
            "```", runs.command_line("tfadv.tools.methods_table"), "```", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
-           f"of wall time over {len(finished)} runs.", "",
+           f"of wall time summed over {len(finished) + len(selection)} runs, "
+           f"{elapsed_seconds / 60:.1f} min elapsed with --jobs={FLAGS.jobs}.", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
            "in brackets the difference from the baseline's mean:", "",
            "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
@@ -135,67 +179,113 @@ def write_markdown(groups, finished, total_seconds, path):
         cell += f" [{mean - runs.mean_std([100 * r['accuracy'] for r in baseline])[0]:+.2f}]"
       cells.append(cell)
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-  lines += ["", f"![methods table]({_plot_name()})", "", "Every run:", "",
-            "| task | method | seed | dev accuracy | dev loss | steps | wall time |",
-            "|---|---|---|---|---|---|---|"]
-  for run, record in finished:
-    lines.append(f"| {run.task} | {run.variant} | {run.seed} | "
-                 f"{100 * record['accuracy']:.2f} | {record['loss']:.4f} | "
-                 f"{record['step']} | {record['wall_seconds']:.0f} s |")
+  if chosen:
+    lines += ["", "ε of each method, chosen on dev before the table ran: " + "; ".join(
+        f"{method} ε = {epsilon:g}" for method, epsilon in chosen.items()) + "."]
+  lines += ["", f"![methods table]({_plot_name()})", ""]
+  if selection:
+    lines += ["ε selection (dev accuracy of each candidate; the chosen ε is "
+              "marked; these seeds are not in the table):", ""]
+    lines += _run_rows([(run, record, run.epsilon == chosen.get(run.method))
+                        for run, record in selection], variant=lambda run: (
+                            f"{run.method} ε={run.epsilon:g}"))
+    lines.append("")
+  lines += ["Every run of the table:", ""]
+  lines += _run_rows([(run, record, False) for run, record in finished],
+                     variant=lambda run: run.variant)
   section = "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table"
   runs.replace_section(path, section, "\n".join(lines))
+
+
+def _run_rows(rows, variant):
+  lines = ["| task | method | seed | dev accuracy | dev loss | steps | wall time |",
+           "|---|---|---|---|---|---|---|"]
+  for run, record, mark in rows:
+    lines.append(f"| {run.task} | {variant(run)}{' (chosen)' if mark else ''} | "
+                 f"{run.seed} | {100 * record['accuracy']:.2f} | {record['loss']:.4f} | "
+                 f"{record['step']} | {record['wall_seconds']:.0f} s |")
+  return lines
 
 
 def _plot_name():
   return "results_text_pretrained.png" if FLAGS.preset else "results_text.png"
 
 
-def planned_runs():
-  planned = [NlpRun(task, method, seed) for task in FLAGS.tasks
-             for method in FLAGS.methods for seed in FLAGS.seeds]
+def selection_runs():
+  """The runs that choose each `--select` method's ε."""
+  planned = []
+  for spec in FLAGS.select:
+    method, tasks, epsilons = parse_epsilons(spec, "select")
+    planned += [NlpRun(task, method, seed, eps) for eps in epsilons
+                for task in (tasks or FLAGS.select_tasks) for seed in FLAGS.select_seeds]
+  return planned
+
+
+def planned_runs(chosen=None):
+  """The table's runs; methods in `chosen` ({method: ε}) run at that ε."""
+  chosen = chosen or {}
+  planned = [NlpRun(task, method, seed, chosen.get(method), selected=method in chosen)
+             for task in FLAGS.tasks for method in FLAGS.methods for seed in FLAGS.seeds]
   for spec in FLAGS.sweep:
-    target, _, values = spec.partition(":")
-    method, _, tasks = target.partition("@")
-    tasks = tasks.split(",") if tasks else (FLAGS.sweep_tasks or FLAGS.tasks)
-    if method not in EPSILON_BINDING or not values:
-      raise app.UsageError(f"--sweep={spec!r}: expected fgm:eps,... or "
-                           "gp@tnews,iflytek:eps,...")
-    for epsilon in values.split(","):
-      planned += [NlpRun(task, method, seed, float(epsilon)) for task in tasks
+    method, tasks, epsilons = parse_epsilons(spec, "sweep")
+    for epsilon in epsilons:
+      planned += [NlpRun(task, method, seed, epsilon)
+                  for task in (tasks or FLAGS.sweep_tasks or FLAGS.tasks)
                   for seed in FLAGS.sweep_seeds]
   return planned
 
 
-def _result_and_report(total):
+def run_all(planned):
+  """Results of `planned` (in order), `--jobs` at a time, each job on its own core."""
+  cores = sorted(os.sched_getaffinity(0))
+  pinned = FLAGS.jobs > 1 and len(cores) >= FLAGS.jobs
+  free_cores = queue.Queue()
+  for core in cores[:FLAGS.jobs] if pinned else []:
+    # One core per job: parallel runs do not fight over each other's threads.
+    free_cores.put(core)
+
   def one(numbered):
     i, run = numbered
-    record = run.result()
-    print(f"[{i}/{total}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
+    core = free_cores.get() if pinned else None
+    run.cpus = None if core is None else [core]
+    try:
+      record = run.result()
+    finally:
+      if core is not None:
+        free_cores.put(core)
+    print(f"[{i}/{len(planned)}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
           f"({record['wall_seconds']:.0f} s)", flush=True)
     return record
-  return one
+
+  with concurrent.futures.ThreadPoolExecutor(max(FLAGS.jobs, 1)) as pool:
+    return list(pool.map(one, enumerate(planned, 1)))
 
 
 def main(argv):
   del argv
-  for task in FLAGS.tasks:
+  start = time.time()
+  for task in set(FLAGS.tasks) | set(FLAGS.select_tasks if FLAGS.select else []):
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
-  planned = planned_runs()
-  cores = sorted(os.sched_getaffinity(0))
-  if FLAGS.jobs > 1 and len(cores) >= FLAGS.jobs:
-    # One core per run: parallel runs do not fight over each other's threads.
-    for i, run in enumerate(planned):
-      run.cpus = [cores[i % FLAGS.jobs]]
-  with concurrent.futures.ThreadPoolExecutor(max(FLAGS.jobs, 1)) as pool:
-    records = list(pool.map(_result_and_report(len(planned)), enumerate(planned, 1)))
+  selecting = selection_runs()
+  selection = list(zip(selecting, run_all(selecting)))
+  by_method = {}
+  for run, record in selection:
+    by_method.setdefault(run.method, {}).setdefault(run.epsilon, []).append(
+        record["accuracy"])
+  chosen = {method: choose_epsilon(accuracies) for method, accuracies in by_method.items()}
+  for method, epsilon in chosen.items():
+    print(f"{method}: ε = {epsilon:g} chosen on dev ({', '.join(FLAGS.select_tasks)}, "
+          f"seeds {', '.join(FLAGS.select_seeds)}).", flush=True)
+  planned = planned_runs(chosen)
   groups, finished = {}, []
-  for run, record in zip(planned, records):
+  for run, record in zip(planned, run_all(planned)):
     finished.append((run, record))
     groups.setdefault((run.task, run.variant), []).append(record)
-  total = sum(record["wall_seconds"] for _, record in finished)
+  total = sum(record["wall_seconds"] for _, record in finished + selection)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  write_markdown(groups, finished, total, os.path.join(FLAGS.out_dir, "results.md"))
+  write_markdown(groups, finished, selection, chosen, total, time.time() - start,
+                 os.path.join(FLAGS.out_dir, "results.md"))
   plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
   print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
         f"({total / 60:.1f} min of runs).")
