@@ -57,6 +57,8 @@ flags.DEFINE_list("select_tasks", ["tnews"], "Tasks the ε selection trains on."
 flags.DEFINE_list("select_seeds", ["100"], "Seeds of the ε selection runs (keep "
                   "them apart from --seeds).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
+flags.DEFINE_multi_string("task_gin_param", [], "task:binding, a binding for one "
+                          "task's runs only, e.g. 'iflytek:Experiment.train_steps = 400'.")
 flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
                     "every run fine-tunes from.")
 flags.DEFINE_integer("jobs", 1, "Runs at a time.")
@@ -89,13 +91,25 @@ class NlpRun(runs.Run):
       params.append(f"TextClassificationTask.preset = '{FLAGS.preset}'")
     super().__init__(f"{task}_{method}{eps}_seed{self.seed}",
                      os.path.join(FLAGS.config_dir, f"{task}_{method}.gin"),
-                     params + FLAGS.gin_param, FLAGS.work_dir)
+                     params + FLAGS.gin_param + task_bindings(task), FLAGS.work_dir)
 
   @property
   def variant(self) -> str:
     if self.epsilon is None or self.selected:
       return self.method
     return f"{self.method} ε={self.epsilon:g}"
+
+
+def task_bindings(task: str):
+  """The --task_gin_param bindings of `task`."""
+  bindings = []
+  for spec in FLAGS.task_gin_param:
+    name, sep, binding = spec.partition(":")
+    if not sep or not binding.strip():
+      raise app.UsageError(f"--task_gin_param={spec!r}: expected TASK:binding.")
+    if name.strip() == task:
+      bindings.append(binding.strip())
+  return bindings
 
 
 def parse_epsilons(spec: str, flag: str):
