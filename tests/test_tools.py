@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from absl import app
 
 from tfadv.tools import runs
 
@@ -29,13 +30,12 @@ def test_a_finished_run_is_read_back_not_repeated(tmp_path):
 
 
 def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from tfadv.tools import methods_table
-  assert methods_table.choose_epsilon({0.1: [0.40, 0.44], 0.3: [0.44, 0.40], 1.0: [0.2]}) == 0.1
-  assert methods_table.choose_epsilon({0.1: [0.40], 0.3: [0.46], 1.0: [0.45]}) == 0.3
-  assert methods_table.parse_epsilons("gp@tnews,iflytek:0.01,0.1", "sweep") == (
+  assert runs.choose_best({0.1: [0.40, 0.44], 0.3: [0.44, 0.40], 1.0: [0.2]}) == 0.1
+  assert runs.choose_best({0.1: [0.40], 0.3: [0.46], 1.0: [0.45]}) == 0.3
+  methods = ["fgm", "gp", "freelb"]
+  assert runs.parse_method_values("gp@tnews,iflytek:0.01,0.1", "sweep", methods) == (
       "gp", ["tnews", "iflytek"], [0.01, 0.1])
-  assert methods_table.parse_epsilons("freelb:1", "select") == ("freelb", None, [1.0])
+  assert runs.parse_method_values("freelb:1", "select", methods) == ("freelb", None, [1.0])
   for bad in ("fgm", "fgm:", "fgm:a,b", "adv:0.1"):
     with pytest.raises(app.UsageError, match="--select="):
-      methods_table.parse_epsilons(bad, "select")
+      runs.parse_method_values(bad, "select", methods)

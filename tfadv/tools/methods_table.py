@@ -113,29 +113,7 @@ def task_bindings(task: str):
 
 
 def parse_epsilons(spec: str, flag: str):
-  """"method[@task,...]:eps1,eps2" -> (method, [task, ...] or None, [eps, ...])."""
-  target, _, values = spec.partition(":")
-  method, _, tasks = target.partition("@")
-  try:
-    epsilons = [float(v) for v in values.split(",")]
-  except ValueError:
-    epsilons = []
-  if method not in EPSILON_BINDING or not epsilons:
-    raise app.UsageError(f"--{flag}={spec!r}: expected METHOD[@task,...]:eps1,eps2,... "
-                         f"with METHOD one of {sorted(EPSILON_BINDING)}.")
-  return method, (tasks.split(",") if tasks else None), epsilons
-
-
-def choose_epsilon(accuracies_by_epsilon) -> float:
-  """The ε of the best mean accuracy; the smaller ε on a tie.
-
-  >>> choose_epsilon({0.3: [0.50, 0.52], 1.0: [0.53, 0.49], 3.0: [0.40]})
-  0.3
-  """
-  def mean(values):
-    return sum(values) / len(values)
-  return min(accuracies_by_epsilon,
-             key=lambda eps: (-round(mean(accuracies_by_epsilon[eps]), 12), eps))
+  return runs.parse_method_values(spec, flag, sorted(EPSILON_BINDING))
 
 
 def plot(groups, path):
@@ -287,7 +265,7 @@ def main(argv):
   for run, record in selection:
     by_method.setdefault(run.method, {}).setdefault(run.epsilon, []).append(
         record["accuracy"])
-  chosen = {method: choose_epsilon(accuracies) for method, accuracies in by_method.items()}
+  chosen = {method: runs.choose_best(accuracies) for method, accuracies in by_method.items()}
   for method, epsilon in chosen.items():
     print(f"{method}: ε = {epsilon:g} chosen on dev ({', '.join(FLAGS.select_tasks)}, "
           f"seeds {', '.join(FLAGS.select_seeds)}).", flush=True)

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import List, Sequence
 
+from absl import app
+
 
 class Run:
   """One training-and-evaluation run of a gin config in its own process."""
@@ -53,6 +55,39 @@ class Run:
     with open(wall_path) as f:
       record["wall_seconds"] = float(f.read())
     return record
+
+
+def parse_method_values(spec: str, flag: str, methods: Sequence[str]):
+  """"method[@task,...]:v1,v2" -> (method, [task, ...] or None, [v1, v2]).
+
+  Raises `absl.app.UsageError` naming `--flag` when the spec is malformed or
+  the method is not among `methods`.
+
+  >>> parse_method_values("gp@tnews:0.01,0.1", "sweep", ["fgm", "gp"])
+  ('gp', ['tnews'], [0.01, 0.1])
+  """
+  target, _, text = spec.partition(":")
+  method, _, tasks = target.partition("@")
+  try:
+    values = [float(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if method not in methods or not values:
+    raise app.UsageError(f"--{flag}={spec!r}: expected METHOD[@task,...]:v1,v2,... "
+                         f"with METHOD one of {list(methods)}.")
+  return method, (tasks.split(",") if tasks else None), values
+
+
+def choose_best(accuracies_by_value) -> float:
+  """The value (an ε, say) of the best mean accuracy; the smaller on a tie.
+
+  >>> choose_best({0.3: [0.50, 0.52], 1.0: [0.53, 0.49], 3.0: [0.40]})
+  0.3
+  """
+  def mean(values):
+    return sum(values) / len(values)
+  return min(accuracies_by_value,
+             key=lambda value: (-round(mean(accuracies_by_value[value]), 12), value))
 
 
 def mean_std(values):
