@@ -267,7 +267,8 @@ def main(argv):
         record["accuracy"])
   chosen = {method: runs.choose_best(accuracies) for method, accuracies in by_method.items()}
   for method, epsilon in chosen.items():
-    print(f"{method}: ε = {epsilon:g} chosen on dev ({', '.join(FLAGS.select_tasks)}, "
+    tasks = sorted({run.task for run, _ in selection if run.method == method})
+    print(f"{method}: ε = {epsilon:g} chosen on dev ({', '.join(tasks)}, "
           f"seeds {', '.join(FLAGS.select_seeds)}).", flush=True)
   planned = planned_runs(chosen)
   groups, finished = {}, []
