@@ -152,7 +152,8 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
            f"of wall time summed over {len(finished) + len(selection)} runs, "
-           f"{elapsed_seconds / 60:.1f} min elapsed with --jobs={FLAGS.jobs}.", "",
+           f"{elapsed_seconds / 60:.1f} min elapsed in this invocation with --jobs={FLAGS.jobs} "
+           "(runs read back from an earlier one count 0).", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
            "in brackets the difference from the baseline's mean:", "",
            "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
