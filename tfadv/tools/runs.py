@@ -84,10 +84,8 @@ def choose_best(accuracies_by_value) -> float:
   >>> choose_best({0.3: [0.50, 0.52], 1.0: [0.53, 0.49], 3.0: [0.40]})
   0.3
   """
-  def mean(values):
-    return sum(values) / len(values)
   return min(accuracies_by_value,
-             key=lambda value: (-round(mean(accuracies_by_value[value]), 12), value))
+             key=lambda value: (-round(mean_std(accuracies_by_value[value])[0], 12), value))
 
 
 def mean_std(values):
