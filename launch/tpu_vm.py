@@ -22,6 +22,16 @@ Actions (`--action`, repeatable; `all` = create, setup, train, logs):
 `--dry_run` prints every command and runs none. The model dir must be a
 `gs://` path: every worker and TensorBoard read it. TensorBoard from your
 machine: `launch/tensorboard.sh gs://BUCKET/tfadv/runs`.
+
+Inputs. Before anything is created, the launcher reads the run's gin config
+and resolves every input it names (`INPUT_BINDINGS`: CLUE data directories,
+a preset directory, image and pretraining data directories): a `gs://` path
+must exist (`tf.io.gfile`); a local path (relative to the checkout, as the
+configs write them) is uploaded beside the model dir,
+`<model_dir>/inputs/<binding>/<name>`, with `gcloud storage cp -r` (an
+`upload` step, shown in `--dry_run`), and the run is pointed at the upload by
+an extra `--gin_param`. An input that is neither stops the launcher with a
+one-line error naming the binding, before any TPU is created.
 """
 
 import argparse
@@ -34,8 +44,92 @@ import tarfile
 import tempfile
 
 DEFAULT_TF_VERSION = "2.16.1"
-ACTIONS = ("create", "setup", "train", "logs", "delete")
+ACTIONS = ("create", "upload", "setup", "train", "logs", "delete")
 REMOTE_DIR = "tfadv"
+# Gin bindings that name something the run reads (a directory or a file).
+INPUT_BINDINGS = ("ClueDataset.data_dir", "TextClassificationTask.preset",
+                  "ImageDataset.data_dir", "PretrainingCorpus.data_dir")
+
+
+class InputError(ValueError):
+  """An input of the run that the TPU workers could not read."""
+
+
+def _is_keras_hub_preset_name(value: str) -> bool:
+  # "bert_base_zh" is a keras-hub preset the workers download themselves.
+  return "/" not in value and "://" not in value and not value.startswith(".")
+
+
+def read_inputs(gin_files, gin_params):
+  """{binding: value} of the `INPUT_BINDINGS` the config sets (not None)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from tfadv.main import ConfigError, parse_config  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    parse_config(gin_files, gin_params)
+  except ConfigError as e:
+    raise InputError(str(e)) from e
+  found = {}
+  try:
+    for binding in INPUT_BINDINGS:
+      try:
+        value = gin.query_parameter(binding)
+      except ValueError:  # not bound
+        continue
+      if value is not None:
+        found[binding] = value
+  finally:
+    gin.clear_config()
+  return found
+
+
+def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
+  """(uploads, gin_params) that make every input readable from `model_dir`'s bucket.
+
+  Args:
+    inputs: {binding: path} (`read_inputs`).
+    model_dir: the run's gs:// model dir; uploads go under `<model_dir>/inputs/`.
+    root: the checkout, against which relative local paths are read.
+    exists: `path -> bool` for gs:// paths (default `tf.io.gfile.exists`).
+
+  Returns:
+    uploads: [(local path, gs:// destination)], one `gcloud storage cp -r` each.
+    gin_params: bindings pointing the run at the uploads.
+
+  Raises:
+    InputError: naming the binding of an input that is neither an existing
+      gs:// path nor an existing local path.
+  """
+  if exists is None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    exists = tf.io.gfile.exists
+  uploads, params = [], []
+  base = model_dir.rstrip("/") + "/inputs"
+  for binding, value in inputs.items():
+    if not isinstance(value, str):
+      raise InputError(f"{binding} = {value!r}: expected a path string.")
+    if value.startswith("gs://"):
+      try:
+        ok = exists(value)
+      except Exception as e:  # pylint: disable=broad-except
+        raise InputError(f"{binding} = {value!r}: cannot check it ({e}).") from e
+      if not ok:
+        raise InputError(f"{binding} = {value!r} does not exist; upload it or bind "
+                         f"{binding} to an existing path.")
+      continue
+    if "://" in value:
+      raise InputError(f"{binding} = {value!r}: TPU workers read gs:// paths; "
+                       "copy it to a bucket and bind that.")
+    local = value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
+    if not os.path.exists(local):
+      if binding == "TextClassificationTask.preset" and _is_keras_hub_preset_name(value):
+        continue
+      raise InputError(f"{binding} = {value!r} not found (looked at {local}); "
+                       f"bind {binding} to an existing local or gs:// path.")
+    destination = f"{base}/{binding}/{os.path.basename(os.path.normpath(local))}"
+    uploads.append((local, destination))
+    params.append(f"{binding} = '{destination}'")
+  return uploads, params
 
 
 def num_hosts(accelerator_type: str) -> int:
@@ -64,7 +158,7 @@ def gcloud(args, *words):
   return command
 
 
-def commands(args, tarball: str):
+def commands(args, tarball: str, uploads=(), input_params=()):
   """{action: [command, ...]} for the requested actions."""
   version = args.version or runtime_version(args.accelerator_type, args.tf_version)
   create = gcloud(args, "create", args.name) + [
@@ -77,7 +171,7 @@ def commands(args, tarball: str):
              f"pip freeze > ~/tpu-constraints.txt && "
              f"pip install -q -c ~/tpu-constraints.txt -e ~/{REMOTE_DIR}")
   main_args = [f"--gin_file={f}" for f in args.gin_file]
-  main_args += [f"--gin_param={p}" for p in args.gin_param]
+  main_args += [f"--gin_param={p}" for p in list(args.gin_param) + list(input_params)]
   pod = num_hosts(args.accelerator_type) > 1
   # TensorFlow drives a pod slice from one client (worker 0) that reaches the
   # other hosts' TPU servers by the TPU's name; a single host uses its own chips.
@@ -88,6 +182,9 @@ def commands(args, tarball: str):
            + " ".join(shlex.quote(a) for a in main_args) + " > ~/tfadv.log 2>&1 &")
   return {
       "create": [create],
+      "upload": [["gcloud", "storage", "cp", "-r", local, destination.rsplit("/", 1)[0] + "/"]
+                 + ([f"--project={args.project}"] if args.project else [])
+                 for local, destination in uploads],
       "setup": [gcloud(args, "scp", tarball, f"{args.name}:~/tfadv.tar.gz") + ["--worker=all"],
                 gcloud(args, "ssh", args.name) + ["--worker=all", f"--command={install}"]],
       "train": [gcloud(args, "ssh", args.name) + [f"--worker={0 if pod else 'all'}",
@@ -132,7 +229,10 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   args.action = args.action or ["all"]
   if "all" in args.action:
-    args.action = ["create", "setup", "train", "logs"]
+    args.action = ["upload", "create", "setup", "train", "logs"]
+  if "train" in args.action and "upload" not in args.action:
+    # Inputs are resolved and uploaded before anything is created.
+    args.action.insert(0, "upload")
   num_hosts(args.accelerator_type)  # validates the name
   if "train" in args.action:
     if not args.gin_file:
@@ -142,12 +242,22 @@ def parse_args(argv):
   return args
 
 
-def main(argv=None):
+def main(argv=None, exists=None):
+  """Runs (or with --dry_run prints) the actions; `exists` checks gs:// inputs."""
   args = parse_args(argv)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tarball = "tfadv.tar.gz" if args.dry_run else (
       pack_checkout(root) if "setup" in args.action else "")
-  plan = commands(args, tarball)
+  uploads, input_params = [], []
+  if "train" in args.action:
+    try:
+      uploads, input_params = resolve_inputs(
+          read_inputs(args.gin_file, args.gin_param), args.model_dir, root,
+          exists=exists)
+    except InputError as e:
+      print(f"tpu_vm: {e}", file=sys.stderr)
+      return 2
+  plan = commands(args, tarball, uploads, input_params)
   print(f"# {args.accelerator_type}: {num_hosts(args.accelerator_type)} host(s), runtime "
         f"{args.version or runtime_version(args.accelerator_type, args.tf_version)}")
   for action in args.action:

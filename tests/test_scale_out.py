@@ -1,6 +1,7 @@
 """Scale-out: two workers on loopback, SIGTERM/SIGKILL preemption, TPU launcher, bfloat16."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -156,40 +157,97 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, idx_dir, uninte
 
 # --- Cloud TPU launcher ---------------------------------------------------
 
-def dry_run(capsys, *flags):
+def dry_run(capsys, *flags, exists=lambda path: True):
   assert tpu_vm.main(["--name=adv", "--zone=us-central2-b", "--dry_run",
                       "--gin_file=configs/iflytek_fgm.gin",
-                      "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm", *flags]) == 0
+                      "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm", *flags],
+                     exists=exists) == 0
   return capsys.readouterr().out.strip().splitlines()
+
+
+UPLOADED = "gs://bucket/tfadv/runs/iflytek_fgm/inputs/ClueDataset.data_dir/iflytek"
 
 
 def test_tpu_dry_run_for_a_v4_8(capsys):
   lines = dry_run(capsys, "--accelerator_type=v4-8", "--spot", "--project=proj")
   assert lines[0] == "# v4-8: 1 host(s), runtime tpu-vm-tf-2.16.1-pjrt"
-  assert lines[1] == ("gcloud compute tpus tpu-vm create adv --zone=us-central2-b "
+  # The config's local CLUE directory goes to the model dir's bucket first.
+  data = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "fewclue", "iflytek"))
+  assert lines[1] == (f"gcloud storage cp -r {data} "
+                      "gs://bucket/tfadv/runs/iflytek_fgm/inputs/ClueDataset.data_dir/ "
+                      "--project=proj")
+  assert lines[2] == ("gcloud compute tpus tpu-vm create adv --zone=us-central2-b "
                       "--project=proj --accelerator-type=v4-8 "
                       "--version=tpu-vm-tf-2.16.1-pjrt --spot")
-  assert lines[2].startswith("gcloud compute tpus tpu-vm scp tfadv.tar.gz 'adv:~/tfadv.tar.gz'")
-  assert "--worker=all" in lines[2] and "--worker=all" in lines[3]
-  assert "pip install -q -c ~/tpu-constraints.txt -e ~/tfadv" in lines[3]
-  train = lines[4]
+  assert lines[3].startswith("gcloud compute tpus tpu-vm scp tfadv.tar.gz 'adv:~/tfadv.tar.gz'")
+  assert "--worker=all" in lines[3] and "--worker=all" in lines[4]
+  assert "pip install -q -c ~/tpu-constraints.txt -e ~/tfadv" in lines[4]
+  train = lines[5]
   assert "--worker=all" in train and "--tpu=local" in train
   assert "python3 -m tfadv.main --gin_file=configs/iflytek_fgm.gin" in train
   assert "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm" in train
-  assert lines[5].endswith("--worker=0 '--command=tail -n +1 -f ~/tfadv.log'")
-  assert len(lines) == 6
+  # ...and the run reads the upload, not ../shared.
+  remote = [w for w in shlex.split(train) if w.startswith("--command=")][0]
+  assert f"--gin_param=ClueDataset.data_dir = '{UPLOADED}'" in shlex.split(remote)
+  assert lines[6].endswith("--worker=0 '--command=tail -n +1 -f ~/tfadv.log'")
+  assert len(lines) == 7
 
 
 def test_tpu_dry_run_for_a_v5e_pod_slice(capsys):
   lines = dry_run(capsys, "--accelerator_type=v5litepod-16", "--preemptible",
                   "--action=create", "--action=train", "--action=delete")
   assert lines[0] == "# v5litepod-16: 4 host(s), runtime tpu-vm-tf-2.16.1-pod-pjrt"
-  assert lines[1].endswith("--accelerator-type=v5litepod-16 "
+  assert lines[1].startswith("gcloud storage cp -r ")  # inserted before create
+  assert lines[2].endswith("--accelerator-type=v5litepod-16 "
                            "--version=tpu-vm-tf-2.16.1-pod-pjrt --preemptible")
   # One TensorFlow client on worker 0 drives the slice by the TPU's name.
-  assert "--worker=0" in lines[2] and "--tpu=adv" in lines[2]
-  assert "TPU_LOAD_LIBRARY=0 nohup python3 -m tfadv.main" in lines[2]
-  assert lines[3] == "gcloud compute tpus tpu-vm delete adv --zone=us-central2-b --quiet"
+  assert "--worker=0" in lines[3] and "--tpu=adv" in lines[3]
+  assert "TPU_LOAD_LIBRARY=0 nohup python3 -m tfadv.main" in lines[3]
+  assert lines[4] == "gcloud compute tpus tpu-vm delete adv --zone=us-central2-b --quiet"
+
+
+def test_tpu_inputs_resolve_against_a_fake_bucket(tmp_path):
+  preset = tmp_path / "preset"
+  preset.mkdir()
+  seen = []
+  bucket = {"gs://data/clue/tnews"}
+
+  def exists(path):
+    seen.append(path)
+    return path in bucket
+
+  inputs = {"ClueDataset.data_dir": "gs://data/clue/tnews",
+            "TextClassificationTask.preset": str(preset)}
+  uploads, params = tpu_vm.resolve_inputs(inputs, "gs://b/run/", REPO, exists=exists)
+  assert seen == ["gs://data/clue/tnews"]  # checked, kept as it is
+  assert uploads == [(str(preset), "gs://b/run/inputs/TextClassificationTask.preset/preset")]
+  assert params == ["TextClassificationTask.preset = "
+                    "'gs://b/run/inputs/TextClassificationTask.preset/preset'"]
+  # A keras-hub preset name is downloaded by the workers themselves.
+  assert tpu_vm.resolve_inputs({"TextClassificationTask.preset": "bert_base_zh"},
+                               "gs://b/run", REPO, exists=exists) == ([], [])
+  # Relative local paths are read against the checkout, as the configs write them.
+  uploads, _ = tpu_vm.resolve_inputs({"ClueDataset.data_dir": "configs"}, "gs://b/run",
+                                     REPO, exists=exists)
+  assert uploads == [(os.path.join(REPO, "configs"), "gs://b/run/inputs/ClueDataset.data_dir/configs")]
+  bad = [({"ClueDataset.data_dir": "gs://data/clue/iflytek"}, "does not exist"),
+         ({"ClueDataset.data_dir": str(tmp_path / "absent")}, "not found"),
+         ({"TextClassificationTask.preset": "runs/pretrain_mlm_zh/nowhere"}, "not found"),
+         ({"ImageDataset.data_dir": "s3://x/y"}, "gs://")]
+  for inputs, message in bad:
+    with pytest.raises(tpu_vm.InputError, match=message) as info:
+      tpu_vm.resolve_inputs(inputs, "gs://b/run", REPO, exists=exists)
+    assert str(info.value).startswith(next(iter(inputs)))  # names the binding
+
+
+def test_tpu_launcher_stops_before_creating_anything(capsys):
+  code = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run", "--gin_file=configs/iflytek_fgm.gin",
+                      "--gin_param=ClueDataset.data_dir = 'gs://bucket/missing'",
+                      "--model_dir=gs://bucket/run"], exists=lambda path: False)
+  captured = capsys.readouterr()
+  assert code == 2 and captured.out == ""
+  assert captured.err.strip() == ("tpu_vm: ClueDataset.data_dir = 'gs://bucket/missing' does not "
+                                  "exist; upload it or bind ClueDataset.data_dir to an existing path.")
 
 
 def test_tpu_launcher_refuses_a_local_model_dir():

@@ -8,8 +8,14 @@ One training step:
   3. adversarial pass on E + Δ; its gradients (alone, or added to the clean
      ones) are the update.
 
+Δ is formed densely in E's shape by default (`combine="dense"`: one
+scatter-add of the occurrence rows, the same cost as the hand-written FGM with
+and without XLA); `combine="sorted"` keeps the older sort-based sparse form,
+which is ~10× slower under XLA (`tfadv.methods.embedding`, docs/results.md).
+
 E + Δ is never written into the variable: the adversarial pass runs inside a
-`keras.StatelessScope` that substitutes the value E + Δ for E. Nothing has to
+`keras.StatelessScope` that substitutes the value E + Δ for E. Rows of tokens
+absent from the batch get Δ = 0 exactly, so they read E unchanged. Nothing has to
 be "removed" afterwards, so E after the step is exactly E before it plus the
 optimizer's update (adding and subtracting Δ in float32 would not be), and no
 replica writes to a mirrored variable inside the step.
@@ -43,6 +49,9 @@ class EmbeddingFGM(Method):
       "clean_plus_adversarial".
     embedding_path: path (or path suffix) of the embedding variable;
       keras-hub's BERT calls it `token_embedding/embeddings`.
+    combine: how duplicate gradient rows are summed: "dense" (a
+      vocabulary × hidden scatter-add; fast with and without XLA) or
+      "sorted" (sort + segment sum over the occurrences; slow under XLA).
 
   Example:
   >>> method = EmbeddingFGM(epsilon=0.5)
@@ -56,7 +65,8 @@ class EmbeddingFGM(Method):
 
   def __init__(self, epsilon: float = 1.0, norm: str = "l2",
                form: str = "adversarial", adversarial_weight: float = 1.0,
-               embedding_path: str = TOKEN_EMBEDDING):
+               embedding_path: str = TOKEN_EMBEDDING, combine: str = "dense"):
+    embedding.check_combine("EmbeddingFGM", combine)
     if norm not in NORMS:
       raise ValueError(f"EmbeddingFGM.norm={norm!r}; expected one of {NORMS}.")
     if form not in FORMS:
@@ -66,19 +76,19 @@ class EmbeddingFGM(Method):
     self.form = form
     self.adversarial_weight = adversarial_weight
     self.embedding_path = embedding_path
+    self.combine = combine
     self._embedding = None
 
   def build(self, model, input_shape=None):
     self._embedding = embedding.find_variable(model, self.embedding_path)
     self._random_state = random_state_variables(model)
 
-  def perturbation(self, gradient: tf.IndexedSlices):
-    """(indices, rows) of Δ for the all-reduced embedding gradient."""
-    indices, rows = embedding.combine_rows(gradient)
+  def perturbation(self, gradient):
+    """Δ for the all-reduced matrix gradient `g` (dense, or rows of it)."""
     if self.norm == "sign":
-      return indices, self.epsilon * tf.sign(rows)
-    norm = tf.sqrt(tf.reduce_sum(tf.square(rows)))
-    return indices, self.epsilon * rows / (norm + 1e-12)
+      return self.epsilon * tf.sign(gradient)
+    norm = tf.sqrt(tf.reduce_sum(tf.square(gradient)))
+    return self.epsilon * gradient / (norm + 1e-12)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     table = self._embedding
@@ -94,15 +104,19 @@ class EmbeddingFGM(Method):
     else:
       clean = tape.gradient(loss, variables)
       gradient = clean[position]
-    if not isinstance(gradient, tf.IndexedSlices):
-      gradient = tf.IndexedSlices(gradient, tf.range(tf.shape(gradient)[0]),
-                                  tf.shape(gradient, out_type=tf.int64))
-    gradient = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, gradient)
-    indices, delta = self.perturbation(gradient)
-    delta = tf.stop_gradient(tf.cast(delta, table.dtype))
-    perturbed = tf.tensor_scatter_nd_add(tf.convert_to_tensor(table.value),
-                                         indices[:, None], delta)
+    context = tf.distribute.get_replica_context()
+    value = tf.convert_to_tensor(table.value)
+    if self.combine == "dense":
+      gradient = embedding.dense_gradient(gradient, tf.shape(value)[0])
+      gradient = context.all_reduce(tf.distribute.ReduceOp.SUM, gradient)
+      delta = tf.stop_gradient(tf.cast(self.perturbation(gradient), table.dtype))
+      perturbed = value + delta
+    else:
+      gradient = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                    embedding.as_indexed_slices(gradient))
+      indices, rows = embedding.combine_rows(gradient)
+      delta = tf.stop_gradient(tf.cast(self.perturbation(rows), table.dtype))
+      perturbed = tf.tensor_scatter_nd_add(value, indices[:, None], delta)
     others = [v for v in variables if v is not table]
     with tf.GradientTape() as tape:
       tape.watch(perturbed)
@@ -112,9 +126,9 @@ class EmbeddingFGM(Method):
     adv_others = tape.gradient(adv_loss, others + [perturbed])
     # The adversarial pass drew dropout masks; keep the seed moving forward.
     for state in self._random_state:
-      value = scope.get_current_value(state)
-      if value is not None:
-        state.assign(value)
+      advanced = scope.get_current_value(state)
+      if advanced is not None:
+        state.assign(advanced)
     adv = list(adv_others[:-1])
     adv.insert(position, adv_others[-1])
     if clean is None:
@@ -131,7 +145,7 @@ class EmbeddingFGM(Method):
   def get_config(self):
     return {"epsilon": self.epsilon, "norm": self.norm, "form": self.form,
             "adversarial_weight": self.adversarial_weight,
-            "embedding_path": self.embedding_path}
+            "embedding_path": self.embedding_path, "combine": self.combine}
 
 
 def _add(clean, adversarial, weight):
