@@ -76,7 +76,7 @@ def test_freelb_equals_hand_computed_averaged_ascent():
   inputs, labels = _inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   fn = loss_fn()
-  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3)
+  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, init_magnitude=0.0)
   method.build(model, input_shape=(B, L))
   out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
 
@@ -94,12 +94,94 @@ def test_freelb_equals_hand_computed_averaged_ascent():
   np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
 
 
+def _hand_uniform_start(seed, shape, mask, epsilon):
+  """Algorithm 1's δ₀ = U(−ε, ε)/√N_δ, N_δ = real tokens × hidden, by hand."""
+  u = tf.random.Generator.from_seed(seed).uniform(shape, -1.0, 1.0).numpy()
+  n = mask.sum(axis=1)[:, None, None] * shape[-1]
+  return epsilon * u * mask[..., None] / np.sqrt(n)
+
+
+def test_freelb_follows_algorithm_1_from_its_random_start():
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  fn = loss_fn()
+  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, seed=5)  # init: ε
+  method.build(model, input_shape=(B, L))
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+
+  delta = _hand_uniform_start(5, (B, L, 3), mask, 0.3).astype(np.float32)
+  total, first_loss = None, None
+  for _ in range(3):
+    loss, grads, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+    first_loss = float(loss) if first_loss is None else first_loss
+    total = grads if total is None else [t + x for t, x in zip(total, grads)]
+    delta = delta + 0.2 * _unit(g, mask)
+    norms = np.sqrt((delta ** 2).sum(axis=(1, 2), keepdims=True))
+    delta = delta * np.minimum(1.0, 0.3 / (norms + 1e-12))
+  for got, want in zip(out.gradients, total):
+    np.testing.assert_allclose(dense(got), np.asarray(want) / 3, rtol=1e-5, atol=1e-7)
+  # The reported loss is the first pass's, on e + δ₀ (not the clean one).
+  assert float(out.loss) == pytest.approx(first_loss, rel=1e-5)
+  np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
+
+
+def test_freelb_random_start_is_uniform_scaled_per_example_and_masked():
+  model = tiny_bert()
+  method = FreeLB(epsilon=0.7, seed=3)
+  method.build(model, input_shape=(64, L))
+  real = np.ones((64, L), np.float32)
+  real[::2, 5:] = 0  # half the examples have 3 padding positions
+  delta = method.initial_delta(tf.constant(real)[..., None]).numpy()
+  assert np.all(delta[real == 0] == 0)
+  n = real.sum(axis=1) * H
+  scaled = delta * np.sqrt(n)[:, None, None] / 0.7  # U(−1, 1) on real tokens
+  values = scaled[real == 1].ravel()
+  assert values.min() >= -1 and values.max() <= 1
+  assert values.min() < -0.99 and values.max() > 0.99
+  assert abs(values.mean()) < 0.02 and abs(values.var() - 1 / 3) < 0.01
+  # Each example's δ₀ lies in its ε-ball, its norm near ε/√3.
+  norms = np.sqrt((delta ** 2).sum(axis=(1, 2)))
+  assert np.all(norms <= 0.7) and abs(norms.mean() - 0.7 / np.sqrt(3)) < 0.02
+
+
+def test_freelb_projection_puts_large_steps_on_the_sphere():
+  model, _, _ = tiny_masked_model()
+  arrays = batch_arrays()
+  method = FreeLB(epsilon=0.25, step_size=5.0, replays=2)
+  method.build(model, input_shape=(B, L))
+  method.compute_gradients(model, loss_fn(), _inputs(arrays), arrays["label"], tf.ones([B]))
+  norms = per_example_norm(method.perturbation).numpy().ravel()
+  np.testing.assert_allclose(norms, 0.25, rtol=1e-5)  # ε binds
+  assert np.all(method.perturbation.numpy()[~arrays["padding_mask"]] == 0)
+
+
+def test_freelb_carry_over_starts_from_the_previous_batchs_delta():
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  fn = loss_fn()
+  carried = FreeLB(epsilon=0.3, step_size=0.2, replays=2, carry_over=True)
+  carried.build(model, input_shape=(B, L))
+  first = carried.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  # The buffer started at zero: the first pass was clean.
+  clean, _, _ = _hand_pass(model, embedding, head, inputs, labels, np.zeros((B, L, 3)), fn)
+  assert float(first.loss) == pytest.approx(float(clean), rel=1e-6)
+  previous = carried.perturbation.numpy()
+  assert np.all(per_example_norm(previous).numpy() > 0.1)
+  second = carried.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  start_loss, _, _ = _hand_pass(model, embedding, head, inputs, labels, previous, fn)
+  assert float(second.loss) == pytest.approx(float(start_loss), rel=1e-6)
+  assert abs(float(second.loss) - float(clean)) > 1e-4
+
+
 def test_freelb_with_one_replay_and_zero_start_is_plain_training():
   model, _, _ = tiny_masked_model()
   arrays = batch_arrays()
   inputs, labels = _inputs(arrays), arrays["label"]
   fn = loss_fn()
-  method = FreeLB(epsilon=0.3, replays=1)
+  method = FreeLB(epsilon=0.3, replays=1, init_magnitude=0.0)
   method.build(model, input_shape=(B, L))
   out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
   with tf.GradientTape() as tape:
@@ -180,7 +262,9 @@ METHODS = [
     lambda: EmbeddingOutputFGM(epsilon=0.5),
     lambda: EmbeddingOutputFGM(epsilon=0.5, form="adversarial"),
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
-    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2, init_magnitude=0.0),
+    # Zero start: Algorithm 1's random δ₀ is drawn per replica (and by XLA's
+    # own generator kernel), so equality across devices needs δ₀ = 0.
 ]
 
 

@@ -245,22 +245,28 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
 
 @gin.configurable
 class FreeLB(EmbeddingOutputMethod):
-  """FreeLB-m (Zhu et al. 2020): m ascent steps whose weight gradients are averaged.
+  """FreeLB-m (Zhu et al. 2020, Algorithm 1): m ascent steps whose weight gradients are averaged.
 
-  Per step: δ⁰ = a random point of radius ≤ `init_magnitude` (FreeLB's
-  initialisation; 0 starts clean); then m times: one forward/backward pass on
-  e + δ of L/m gives both this pass's weight gradients (accumulated: their
-  sum is the mean over the m passes) and ∂L/∂δ, and
-  δ ← Π_ε(δ + α·g/‖g‖₂). One optimizer update per step.
+  Per step, as in Algorithm 1 and the authors' code (zhuchen03/FreeLB):
+  δ₀ = U(−a, a)/√N_δ entrywise on real tokens (zero at padding), where
+  N_δ = (real tokens of the example) × hidden and a = `init_magnitude`
+  (default ε, the paper's δ₀ = U(−ε, ε)/√N_δ); then m times: one
+  forward/backward pass on e + δ of L/m gives both this pass's weight
+  gradients (accumulated: their sum is the mean over the m passes) and
+  g = ∂L/∂δ, and δ ← Π_{‖δ_i‖_F ≤ ε}(δ + α·g_i/‖g_i‖_F) per example.
+  One optimizer update per step.
+
+  `init_magnitude=0` starts from δ₀ = 0 (tfadv's earlier default, where one
+  of the m gradients is the clean one).
 
   δ lives in a `tf.Variable` buffer of the per-replica batch's shape
   (batch × length × hidden, sync-on-read: one per replica), masked at
   padding positions. `carry_over=True` starts each batch from the previous
-  batch's final δ instead of a fresh draw (Shafahi et al.'s "free" carrying,
-  for text); FreeLB proper (default) starts fresh.
+  batch's final δ (projected, masked) instead of a fresh draw (Shafahi et
+  al.'s "free" carrying, for text); FreeLB proper (default) starts fresh.
 
-  Reported loss and accuracy are the first pass's (clean when
-  `init_magnitude` = 0).
+  Reported loss and accuracy are the first pass's, on e + δ₀ (clean only when
+  `init_magnitude=0`).
 
   Example:
   >>> method = FreeLB(epsilon=1.0, step_size=0.3, replays=3)
@@ -270,13 +276,14 @@ class FreeLB(EmbeddingOutputMethod):
   name = "freelb"
 
   def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, replays: int = 3,
-               init_magnitude: float = 0.0, carry_over: bool = False, **kwargs):
+               init_magnitude: Optional[float] = None, carry_over: bool = False,
+               **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
     if replays < 1:
       raise ValueError(f"FreeLB.replays={replays}; expected >= 1.")
     self.step_size = float(step_size)
     self.replays = int(replays)
-    self.init_magnitude = float(init_magnitude)
+    self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.carry_over = carry_over
     self.perturbation = None
 
@@ -296,14 +303,18 @@ class FreeLB(EmbeddingOutputMethod):
     return super().variables + ([self.perturbation] if self.perturbation is not None
                                 else [])
 
+  def initial_delta(self, mask):
+    """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
+    if self.init_magnitude == 0:
+      return self._zeros(mask)
+    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
+    uniform = self._rng.uniform(tf.shape(self._zeros(mask)), -1.0, 1.0)
+    return self.init_magnitude * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
+
   def _start(self, mask):
     if self.carry_over:
       return project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
-    if self.init_magnitude > 0:
-      direction = normalize(self._rng.normal(tf.shape(self._zeros(mask))) * mask)
-      radius = self._rng.uniform(tf.concat([tf.shape(mask)[:1], [1, 1]], 0))
-      return self.init_magnitude * radius * direction
-    return self._zeros(mask)
+    return self.initial_delta(mask)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     mask = self._mask(inputs)

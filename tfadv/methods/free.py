@@ -3,8 +3,12 @@
 Each minibatch is replayed m times in a row (the input pipeline does that,
 from `batch_replays`). Every replay is one forward/backward pass on
 clip(x + δ, 0, 1) whose gradients serve twice: the weight gradients are the
-update, and the input gradient moves the perturbation,
-δ ← clip(δ + ε·sign(∇ₓL), -ε, ε). δ lives in a `tf.Variable` and is carried
+update, and the gradient with respect to δ moves the perturbation,
+δ ← clip(δ + ε·sign(∇_δ L), -ε, ε). As in Shafahi et al.'s code
+(ashafahi/free_adv_train: `tf.gradients` of the loss with respect to the
+perturbation variable, through `tf.clip_by_value`), ∇_δ passes through the
+pixel clamp: where x + δ lies outside [0, 1] its gradient is zero, sign(0) = 0,
+and that entry of δ stays where it is (Fashion-MNIST's black background). δ lives in a `tf.Variable` and is carried
 over to the next minibatch, so the attack keeps improving across batches.
 A replay costs one plain step; the run takes as many weight updates as
 natural training and hence sees 1/m of its epochs ("epochs divided by m":
@@ -74,16 +78,17 @@ class FreeTraining(Method):
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     images = tf.convert_to_tensor(inputs)
     delta = tf.convert_to_tensor(self.perturbation)
-    x_adv = tf.clip_by_value(images + tf.cast(delta, images.dtype),
-                             self.clip_min, self.clip_max)
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
-      tape.watch(x_adv)
+      tape.watch(delta)
+      # The clamp is inside the tape: ∇_δ is zero where x + δ is clamped.
+      x_adv = tf.clip_by_value(images + tf.cast(delta, images.dtype),
+                               self.clip_min, self.clip_max)
       logits = model(x_adv, training=True)
       loss = loss_fn(labels, logits, weights)
-    *gradients, input_gradient = tape.gradient(loss, variables + [x_adv])
+    *gradients, delta_gradient = tape.gradient(loss, variables + [delta])
     # One backward pass, two uses: the weights' update above, δ's ascent here.
-    step = self.epsilon * tf.sign(tf.cast(input_gradient, tf.float32))
+    step = self.epsilon * tf.sign(tf.cast(delta_gradient, tf.float32))
     self.perturbation.assign(tf.clip_by_value(delta + step, -self.epsilon, self.epsilon))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients)
 
