@@ -341,3 +341,42 @@ def test_free_divides_epochs_and_end_to_end_evaluate_and_export(tmp_path):
     logits = model(x)
     total = tf.reduce_sum(logits)
   assert logits.shape == (2, 10) and tape.gradient(total, x).shape == x.shape
+
+
+def test_coupled_l2_equals_sgd_on_the_loss_plus_madrys_term():
+  from tfadv.optimization import sgd_momentum  # pylint: disable=g-import-not-at-top
+  x, y = split(image_arrays(B))
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((H, H, 1)), keras.layers.Conv2D(4, 3),
+                            keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                            keras.layers.Flatten(), keras.layers.Dense(C)])
+  start = [v.numpy() for v in model.trainable_variables]
+  kernels = [v for v in model.trainable_variables if "kernel" in v.name]
+  assert len(kernels) == 2
+
+  def run(optimizer, with_term, steps=3):
+    for v, value in zip(model.trainable_variables, start):
+      v.assign(value)
+    for _ in range(steps):  # the term must pass through momentum
+      with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(sparse_cross_entropy(y, model(x, training=False)))
+        if with_term:
+          loss += 2e-4 * tf.add_n([tf.nn.l2_loss(k) for k in kernels])
+      optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                    model.trainable_variables))
+    return [v.numpy() for v in model.trainable_variables]
+
+  reference = run(keras.optimizers.SGD(0.5, momentum=0.9), with_term=True)
+  coupled = run(sgd_momentum(total_steps=100, learning_rate=0.5, weight_decay_mode="l2"), False)
+  decoupled = run(sgd_momentum(total_steps=100, learning_rate=0.5), False)
+  for got, want in zip(coupled, reference):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+  # Biases and BatchNorm's γ/β carry no term (after one step, before the
+  # kernels' change reaches their gradients); kernels do.
+  plain = run(keras.optimizers.SGD(0.5, momentum=0.9), with_term=False, steps=1)
+  one = run(sgd_momentum(total_steps=100, learning_rate=0.5, weight_decay_mode="l2"), False, 1)
+  for got, base, v in zip(one, plain, model.trainable_variables):
+    assert np.array_equal(got, base) != ("kernel" in v.name), v.name
+  assert not np.allclose(decoupled[0], coupled[0], rtol=1e-7, atol=0)
+  with pytest.raises(ValueError, match="'decoupled', 'l2'"):
+    sgd_momentum(total_steps=10, weight_decay_mode="coupled")
