@@ -60,10 +60,31 @@ def test_strategy_factory():
     distribute.split_cpu(3)
 
 
+def _table_refusal(model_dir):
+  """What a table asking for dev says when only another split's record exists."""
+  from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
+  run = runs.Run(model_dir.name, "unused.gin", [], str(model_dir.parent))
+  (model_dir / "wall_seconds.txt").write_text("1.0\n")
+  assert run.result("dev")["split"] == "dev"  # the training record
+  saved = (model_dir / "eval_results_dev.json").read_text()
+  (model_dir / "eval_results_dev.json").unlink()
+  (model_dir / "eval_results.json").write_text((model_dir / "eval_results_test.json").read_text())
+  try:
+    run.result("dev")
+  except RuntimeError as e:
+    return str(e)
+  finally:
+    (model_dir / "eval_results_dev.json").write_text(saved)
+  return ""
+
+
 def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path):
   strategy = tf.distribute.get_strategy()
   bindings = helpers.tnews_bindings(fewclue_dir, train_steps=10, checkpoint_every=10)
-  trained = helpers.run("train", tmp_path, strategy, bindings)
+  trained = helpers.run("train_and_evaluate", tmp_path, strategy, bindings)
+  training_record = (tmp_path / "eval_results.json").read_text()
+  assert json.loads(training_record)["split"] == "dev"
+  assert (tmp_path / "eval_results_dev.json").read_text() == training_record
   # A 3-record CLUE file elsewhere, in the `label_des` spelling.
   records = [{"label": "101", "label_des": "news_culture", "sentence": "一本书的文化史"},
              {"label": "103", "label_des": "news_sports", "sentence": "球队赢得冠军"},
@@ -78,6 +99,13 @@ def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path)
   logits = model({k: arrays[k] for k in ("token_ids", "segment_ids", "padding_mask")})
   expected_acc = float(np.mean(np.argmax(logits, -1) == arrays["label"]))
   assert evaluated["eval"]["accuracy"] == pytest.approx(expected_acc)
+  # The other file's result is recorded under its own name; the run's
+  # training record (what the tables read) is untouched.
+  assert (tmp_path / "eval_results.json").read_text() == training_record
+  other = json.loads((tmp_path / "eval_results_test.json").read_text())
+  assert other["split"] == "test"
+  assert other["accuracy"] == pytest.approx(expected_acc)
+  assert "split 'test', not 'dev'" in _table_refusal(tmp_path)
 
   exported = helpers.run("export", tmp_path, strategy, bindings)
   path = exported["export"]

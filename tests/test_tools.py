@@ -25,7 +25,12 @@ def test_a_finished_run_is_read_back_not_repeated(tmp_path):
   (tmp_path / "r" / "eval_results.json").write_text(json.dumps({"accuracy": 0.5, "step": 3}))
   (tmp_path / "r" / "wall_seconds.txt").write_text("12.5\n")
   # The config does not exist: a subprocess would fail, so none was started.
-  assert run.result() == {"accuracy": 0.5, "step": 3, "wall_seconds": 12.5}
+  assert run.result("dev") == {"accuracy": 0.5, "step": 3, "split": "dev",
+                               "wall_seconds": 12.5}
+  # A split's own record wins over the training record.
+  (tmp_path / "r" / "eval_results_test.json").write_text(
+      json.dumps({"accuracy": 0.25, "step": 3, "split": "test"}))
+  assert run.result("test")["accuracy"] == 0.25
   assert runs.mean_std([1.0, 3.0]) == (2.0, 2 ** 0.5)
 
 

@@ -173,6 +173,34 @@ def _numbered(variables) -> tf.train.Checkpoint:
   return tf.train.Checkpoint(**{f"v{i}": v for i, v in enumerate(variables)})
 
 
+def eval_record_path(model_dir: str, split: str) -> str:
+  """Where the evaluation of `split` is recorded: `eval_results_<split>.json`."""
+  return os.path.join(model_dir, f"eval_results_{split}.json")
+
+
+def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
+  """Machine-readable records of the final evaluation, for tables and sweeps.
+
+  Every evaluation writes `eval_results_<split>.json`, the split named by the
+  task (`dev` for CLUE's dev.json, `test` for images and reviews), so
+  evaluating another file (`--mode=evaluate` with `ClueDataset.eval_file`)
+  adds a record beside the others. Training (`train_and_evaluate`) also
+  writes `eval_results.json`, the run's own record, which nothing else
+  overwrites.
+  """
+  split = getattr(task, "eval_split", "eval")
+  record = {"step": step, "split": split,
+            **{k: float(v) for k, v in results["eval"].items()}}
+  if "train_seconds" in results:
+    record["train_seconds"] = results["train_seconds"]
+  paths = [eval_record_path(model_dir, split)]
+  if "train" in results:
+    paths.append(os.path.join(model_dir, "eval_results.json"))
+  for path in paths:
+    with tf.io.gfile.GFile(path, "w") as f:
+      json.dump(record, f, indent=1)
+
+
 def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
         print_fn=None) -> dict:
   """Runs `mode` of the gin-configured `Experiment` in `model_dir`."""
@@ -206,13 +234,7 @@ def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
     if mode == "evaluate":
       results["eval"] = controller.evaluate()
     if "eval" in results and controller.is_chief:
-      # A machine-readable record of the final evaluation, for tables and sweeps.
-      record = {"step": controller.step,
-                **{k: float(v) for k, v in results["eval"].items()}}
-      if "train_seconds" in results:
-        record["train_seconds"] = results["train_seconds"]
-      with tf.io.gfile.GFile(os.path.join(model_dir, "eval_results.json"), "w") as f:
-        json.dump(record, f, indent=1)
+      write_eval_records(model_dir, experiment.task, controller.step, results)
     if mode == "export":
       path = experiment.task.export(experiment.model, os.path.join(model_dir, "export"))
       print_fn(f"Exported {path}")

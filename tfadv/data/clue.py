@@ -210,6 +210,11 @@ class ClueDataset:
     self.name = name or os.path.basename(os.path.normpath(data_dir))
     self._cache = {}
 
+  @property
+  def eval_split(self) -> str:
+    """The evaluated split's name, from its file: "dev" for dev.json."""
+    return os.path.splitext(os.path.basename(self.eval_file))[0]
+
   def _path(self, file_name: str) -> str:
     if os.path.isabs(file_name) or "://" in file_name or os.sep in file_name:
       return file_name

@@ -98,6 +98,8 @@ class ImageDataset:
     self.num_train = num_train
     self.num_eval = num_eval
 
+  eval_split = "test"  # the test split (IDX t10k, TFDS "test")
+
   def label_names(self) -> List[str]:
     if self.name not in LABEL_NAMES:
       raise ValueError(f"ImageDataset.name={self.name!r}; known: {sorted(LABEL_NAMES)}.")

@@ -74,6 +74,8 @@ class ProductReviews:
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     self._splits = {"train": pick(train), "eval": pick(evaluation)}
 
+  eval_split = "test"  # held-out reviews
+
   def label_names(self) -> List[str]:
     return list(LABELS)
 

@@ -47,6 +47,10 @@ class ImageClassificationTask:
   def num_classes(self) -> int:
     return len(self.label_names)
 
+  @property
+  def eval_split(self) -> str:
+    return getattr(self.dataset, "eval_split", "eval")
+
   def prepare(self, model_dir: str) -> None:
     tf.io.gfile.makedirs(model_dir)
     self.label_names = list(self.dataset.label_names())

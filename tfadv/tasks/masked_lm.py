@@ -153,6 +153,7 @@ class MaskedLMTask:
   """
 
   accuracy_name = "masked_accuracy"
+  eval_split = "heldout"
 
   def __init__(self, corpus=gin.REQUIRED, sequence_length: int = 128,
                vocabulary_size: int = 8000, vocabulary_min_count: int = 2,

@@ -59,6 +59,10 @@ class TextClassificationTask:
   def num_classes(self) -> int:
     return len(self.label_names)
 
+  @property
+  def eval_split(self) -> str:
+    return getattr(self.dataset, "eval_split", "eval")
+
   def prepare(self, model_dir: str) -> None:
     """Loads or creates the label mapping and tokenizer for `model_dir`."""
     tf.io.gfile.makedirs(model_dir)

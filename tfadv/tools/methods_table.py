@@ -242,7 +242,7 @@ def run_all(planned):
     core = free_cores.get() if pinned else None
     run.cpus = None if core is None else [core]
     try:
-      record = run.result()
+      record = run.result("dev")
     finally:
       if core is not None:
         free_cores.put(core)

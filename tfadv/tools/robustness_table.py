@@ -80,7 +80,7 @@ def main(argv):
     run = runs.Run(f"fashion_mnist_{method}_seed{seed}",
                    os.path.join(FLAGS.config_dir, f"fashion_mnist_{method}.gin"),
                    [f"Experiment.seed = {seed}"] + FLAGS.gin_param, FLAGS.work_dir)
-    record = run.result()
+    record = run.result("test")
     print(f"[{i}/{len(planned)}] {run.name}: clean {100 * record['accuracy']:.2f}% "
           f"PGD-20 {100 * record['accuracy_pgd20']:.2f}% ({record['wall_seconds']:.0f} s)",
           flush=True)

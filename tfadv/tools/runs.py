@@ -35,9 +35,19 @@ class Run:
              f"--model_dir={self.model_dir}"]
             + [f"--gin_param={p}" for p in self.params])
 
-  def result(self) -> dict:
-    """Trains and evaluates unless a finished result is already on disk."""
-    path = os.path.join(self.model_dir, "eval_results.json")
+  def result(self, split: str) -> dict:
+    """The run's evaluation of `split`; trains and evaluates unless a finished
+    result is already on disk.
+
+    Reads `eval_results_<split>.json` (`tfadv.experiment.write_eval_records`),
+    which a later `--mode=evaluate` on another file cannot overwrite. Runs made
+    before those records existed have only the training record
+    `eval_results.json`; it is read when its split matches or is unnamed.
+    """
+    path = os.path.join(self.model_dir, f"eval_results_{split}.json")
+    if not os.path.exists(path) and os.path.exists(
+        os.path.join(self.model_dir, "wall_seconds.txt")):
+      path = os.path.join(self.model_dir, "eval_results.json")
     wall_path = os.path.join(self.model_dir, "wall_seconds.txt")
     if not (os.path.exists(path) and os.path.exists(wall_path)):
       os.makedirs(self.model_dir, exist_ok=True)
@@ -52,6 +62,9 @@ class Run:
         f.write(f"{time.time() - start:.1f}\n")
     with open(path) as f:
       record = json.load(f)
+    if record.setdefault("split", split) != split:
+      raise RuntimeError(f"Run {self.name}: {path} records split {record['split']!r}, "
+                         f"not {split!r}; delete {self.model_dir} to rerun it.")
     with open(wall_path) as f:
       record["wall_seconds"] = float(f.read())
     return record
