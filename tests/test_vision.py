@@ -10,13 +10,16 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
 from helpers import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
-from tfadv.attacks import InputAttack
+from tfadv import attacks as attacks_lib
+from tfadv.attacks import APGD, InputAttack, apgd_checkpoints, dlr_loss
 from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
 from tfadv.models.vision import preact_resnet18, small_cnn, wide_resnet
 from tfadv.trainer import Trainer
+
+_real_project = attacks_lib.project
 
 B, H, C = 8, 12, 4
 EPS = 0.1
@@ -104,19 +107,27 @@ def test_debian_fashion_mnist_is_read_from_its_idx_files():
 # --- attacks ---------------------------------------------------------------
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_every_pgd_iterate_stays_in_the_ball_and_pixel_range(norm):
+def test_every_pgd_iterate_stays_in_the_ball_and_pixel_range(norm, monkeypatch):
   model = tiny_cnn()
   x, y = split(image_arrays())
   eps = EPS if norm == "linf" else 0.5
-  for steps in range(1, 6):
-    attack = InputAttack(epsilon=eps, step_size=eps / 2, num_steps=steps, norm=norm,
-                         random_start=True)
-    x_adv = attack(model, x, y, rng=tf.random.Generator.from_seed(steps)).numpy()
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
-    delta = (x_adv - x.numpy()).reshape(len(x_adv), -1)
+  iterates = []
+  monkeypatch.setattr(attacks_lib, "project", lambda *a, **k: iterates.append(
+      _real_project(*a, **k)) or iterates[-1])
+  attack = InputAttack(epsilon=eps, step_size=eps / 2, num_steps=5, norm=norm,
+                       random_start=True)
+  x_adv = attack(model, x, y, rng=tf.random.Generator.from_seed(1)).numpy()
+  assert len(iterates) == 6  # the random start and every one of the 5 steps
+  np.testing.assert_array_equal(iterates[-1].numpy(), x_adv)
+  sizes = []
+  for iterate in iterates:
+    iterate = iterate.numpy()
+    assert iterate.min() >= 0.0 and iterate.max() <= 1.0
+    delta = (iterate - x.numpy()).reshape(len(iterate), -1)
     size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
     assert size.max() <= eps * (1 + 1e-5)
-    assert size.max() > 0.5 * eps  # it did move
+    sizes.append(size.max())
+  assert min(sizes[1:]) > 0.5 * eps  # every step moved
 
 
 def test_pgd_raises_the_loss_more_than_fgsm_and_a_random_point():
@@ -258,13 +269,30 @@ def test_vision_steps_compile_with_xla_and_match_graph_mode(method_fn, xla_kerne
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_random_start_methods_compile_with_xla(xla_kernels):
-  for method in (PGDTraining(epsilon=EPS, num_steps=2), FGSMTraining(epsilon=EPS)):
-    trainer = make_trainer(tf.distribute.get_strategy(), method, jit=True)
-    before = values(trainer.model)
-    metrics = train(trainer, image_arrays(), 2)
-    assert np.isfinite(metrics["loss"])
-    assert any(not np.array_equal(a, b) for a, b in zip(before, values(trainer.model)))
+def test_random_start_methods_compile_with_xla(xla_kernels, monkeypatch):
+  # XLA's random-number kernel draws another stream than TensorFlow's, so the
+  # draw itself is replaced by a fixed pattern of the same shape and range;
+  # everything else (start, projection, ascent, update) is compared weight
+  # for weight.
+  def fixed_uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32):
+    del self
+    count = tf.reduce_prod(shape)
+    pattern = 0.5 + 0.5 * tf.sin(tf.cast(tf.range(count), dtype) * 12.9898)
+    return tf.reshape(minval + (maxval - minval) * pattern, shape)
+
+  monkeypatch.setattr(tf.random.Generator, "uniform", fixed_uniform)
+  for make in (lambda: PGDTraining(epsilon=EPS, num_steps=2),
+               lambda: FGSMTraining(epsilon=EPS)):
+    results = []
+    for jit in (False, True):
+      trainer = make_trainer(tf.distribute.get_strategy(), make(), jit=jit)
+      before = values(trainer.model)
+      metrics = train(trainer, image_arrays(), 2)
+      assert np.isfinite(metrics["loss"])
+      assert any(not np.array_equal(a, b) for a, b in zip(before, values(trainer.model)))
+      results.append(values(trainer.model))
+    for a, b in zip(*results):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_pgd_on_two_replicas_equals_one_device(mirrored):
@@ -380,3 +408,163 @@ def test_coupled_l2_equals_sgd_on_the_loss_plus_madrys_term():
   assert not np.allclose(decoupled[0], coupled[0], rtol=1e-7, atol=0)
   with pytest.raises(ValueError, match="'decoupled', 'l2'"):
     sgd_momentum(total_steps=10, weight_decay_mode="coupled")
+
+
+def test_attack_passes_draw_their_own_dropout_masks_and_leave_bn_statistics():
+  # Conv-BN-Dropout: Dropout on the input, so each pass's mask is visible in
+  # what the recording layer after it sees (this test runs eagerly).
+  seen = []
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((H, H, 1))
+  dropped = keras.layers.Dropout(0.5, seed=1)(inputs)
+  recorded = keras.layers.Lambda(lambda t: seen.append(t) or t)(dropped)
+  conv = keras.layers.Conv2D(4, 3, name="conv")
+  bn = keras.layers.BatchNormalization(momentum=0.9, name="bn")
+  x = keras.layers.ReLU()(bn(conv(recorded)))
+  model = keras.Model(inputs, keras.layers.Dense(C)(keras.layers.Flatten()(x)))
+  arrays = image_arrays(B)
+  arrays["image"] = np.clip(arrays["image"], 60, 200)  # no pixel clamping
+  images, labels = split(arrays)
+  method = PGDTraining(epsilon=EPS, step_size=EPS / 2, num_steps=2, random_start=False)
+  method.build(model)
+  seen.clear()
+  method.compute_gradients(model, lambda y, z, w: tf.reduce_mean(sparse_cross_entropy(y, z)),
+                           images, labels, tf.ones([B]))
+  assert len(seen) == 3  # two ascent passes, one training pass
+  masks = [t.numpy() == 0 for t in seen]
+  assert all(0.4 < m.mean() < 0.6 for m in masks)
+  for i in range(3):
+    for j in range(i):
+      assert not np.array_equal(masks[i], masks[j]), (i, j)  # independent masks
+  # Moving statistics: one update, from the training pass on the adversarial
+  # batch only (momentum 0.9 from the initial 0 mean).
+  batch_mean = tf.reduce_mean(conv(seen[2]), axis=[0, 1, 2]).numpy()
+  np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * batch_mean, rtol=1e-5, atol=1e-7)
+
+
+# --- APGD and worst-case evaluation ----------------------------------------
+
+def _linear(weights, bias):
+  inputs = keras.Input((weights.shape[0],))
+  layer = keras.layers.Dense(weights.shape[1])
+  model = keras.Model(inputs, layer(inputs))
+  layer.set_weights([weights.astype(np.float32), bias.astype(np.float32)])
+  return model
+
+
+def _closed_form_worst(x, y, weights, bias, eps):
+  """The ℓ∞ ∩ [0, 1] point of least margin z_y − z_other for a linear model:
+  each pixel moves by ε against the sign of its margin weight."""
+  other = 1 - y
+  w = weights[:, y].T - weights[:, other].T  # per example, D
+  worst = np.clip(x - eps * np.sign(w), 0, 1)
+  margin = (w * worst).sum(1) + bias[y] - bias[other]
+  return worst, margin
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_finds_the_closed_form_worst_case_of_a_linear_model(loss):
+  rng = np.random.RandomState(0)
+  d, n, eps = 20, 200, 0.1
+  weights, bias = rng.randn(d, 2) * 0.2, np.zeros(2)  # no example saturates the softmax
+  x = rng.uniform(0, 1, (n, d)).astype(np.float32)
+  y = (x @ weights).argmax(1).astype(np.int32)  # all clean examples correct
+  if loss == "dlr":  # DLR needs 3 classes: a third that is never near the top
+    weights, bias = np.concatenate([weights, np.zeros((d, 1))], 1), np.array([0, 0, -50.0])
+  model = _linear(weights, bias)
+  worst, margin = _closed_form_worst(x, y, weights[:, :2], bias[:2], eps)
+  assert 0.2 < (margin > 0).mean() < 0.9  # some, not all, can be broken
+  attack = APGD(epsilon=eps, num_steps=20, loss=loss)
+  x_adv = attack(model, tf.constant(x), tf.constant(y), rng=tf.random.Generator.from_seed(0)).numpy()
+  assert np.all(np.abs(x_adv - x) <= eps + 1e-6) and x_adv.min() >= 0 and x_adv.max() <= 1
+  held = model(x_adv).numpy().argmax(1) == y
+  np.testing.assert_array_equal(held, margin > 0)  # exactly the breakable ones broken
+  if loss == "dlr":
+    return  # DLR's maximiser is not the least-margin point (its denominator moves too)
+  # Where the model holds, CE-APGD's point reaches the closed-form least margin.
+  z = x_adv @ weights[:, :2] + bias[:2]
+  reached = z[np.arange(n), y] - z[np.arange(n), 1 - y]
+  np.testing.assert_allclose(reached[held], margin[held], atol=1e-5)
+
+
+def test_dlr_loss_matches_its_formula():
+  logits = np.array([[3.0, 1.0, 0.5, -2.0], [0.2, 2.5, 1.0, 0.0], [1.0, 1.0, 0.0, -1.0]], np.float32)
+  labels = np.array([0, 0, 1], np.int32)
+  want = []
+  for z, y in zip(logits, labels):
+    s = np.sort(z)[::-1]
+    want.append(-(z[y] - max(np.delete(z, y))) / (s[0] - s[2] + 1e-12))
+  np.testing.assert_allclose(dlr_loss(tf.constant(labels), tf.constant(logits)).numpy(), want,
+                             rtol=1e-6)
+
+
+def test_apgd_checkpoints_follow_croce_and_hein():
+  # N = 100: first check after 22 iterations, then intervals 19, 16, 13, 10, 7, 6, 6...
+  checks = apgd_checkpoints(100)
+  assert list(checks)[:6] == [21, 40, 56, 69, 79, 86]
+  assert list(checks.values())[:8] == [22, 19, 16, 13, 10, 7, 6, 6]
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_and_compiles_with_xla():
+  trainer = make_trainer(tf.distribute.get_strategy(), Plain(), lr=0.1)
+  arrays = image_arrays(64)
+  train(trainer, arrays, 30)
+  model = trainer.model
+  x, y = split(arrays)
+  pgd = InputAttack(epsilon=EPS, step_size=EPS / 4, num_steps=10, random_start=True)
+  apgd = APGD(epsilon=EPS, num_steps=10, loss="ce")
+  held = lambda images: model(images, training=False).numpy().argmax(1) == np.asarray(y)
+  x_pgd = pgd(model, x, y, rng=tf.random.Generator.from_seed(0))
+  x_apgd = apgd(model, x, y, rng=tf.random.Generator.from_seed(0))
+  assert held(x_apgd).mean() <= held(x_pgd).mean()
+  rng = tf.random.Generator.from_seed(0)
+  compiled = tf.function(lambda images, labels: apgd(model, images, labels, rng=rng),
+                         jit_compile=True)
+  x_xla = compiled(x, y).numpy()
+  assert np.all(np.abs(x_xla - x.numpy()) <= EPS + 1e-6)
+  assert held(x_xla).mean() <= held(x).mean()
+
+
+def test_restarts_keep_each_examples_breaking_run():
+  # Two runs that disagree per example: run 1 breaks example 0 only, run 2
+  # breaks example 1 only. The attack must return an image that breaks both.
+  model = _linear(np.eye(2), np.zeros(2))  # logits = x
+  x = tf.constant([[1.0, 0.0], [1.0, 0.0]])
+  y = tf.constant([0, 0])
+  runs = iter([tf.constant([[0.0, 1.0], [1.0, 0.0]]), tf.constant([[1.0, 0.0], [0.0, 1.0]])])
+
+  class Scripted(InputAttack):
+    def _one_run(self, *args):
+      return next(runs)
+
+  x_adv = Scripted(epsilon=1.0, restarts=2, random_start=True)(
+      model, x, y, rng=tf.random.Generator.from_seed(0)).numpy()
+  assert np.all(model(x_adv).numpy().argmax(1) != y.numpy())
+
+
+def test_worst_case_accuracy_counts_examples_no_attack_breaks():
+  # logits = image; the two attacks each break half the examples, different halves.
+  n = 8
+  labels = np.arange(n) % 2
+  images = np.eye(2, dtype=np.float32)[labels]
+
+  def breaking(parity):
+    def attack(model, x, y, rng=None, loss_fn=None):
+      flip = tf.equal(tf.range(tf.shape(x)[0]) % 2, parity)[:, None]
+      return tf.where(flip, 1.0 - x, x)
+    return attack
+
+  strategy = tf.distribute.get_strategy()
+  model = _linear(np.eye(2), np.zeros(2))
+  optimizer = keras.optimizers.SGD(0.0)
+  optimizer.build(model.trainable_variables)
+  trainer = Trainer(strategy, model, optimizer, Plain(),
+                    split_batch=lambda b: (b["image"], b["label"]),
+                    per_example_loss=sparse_cross_entropy, global_batch_size=n,
+                    eval_attacks={"even": breaking(0), "odd": breaking(1)})
+  ds = distributed_dataset(strategy, {"image": images, "label": labels.astype(np.int32)},
+                           n, shuffle=False)
+  metrics = trainer.evaluate(iter(ds), 1)
+  assert metrics["accuracy"] == 1.0
+  assert metrics["accuracy_even"] == 0.5 and metrics["accuracy_odd"] == 0.5
+  assert metrics["accuracy_worst_case"] == 0.0

@@ -54,10 +54,13 @@ class Experiment:
       `@sgd_momentum`.
     eval_attacks: `{name: InputAttack}` for image tasks: evaluation also
       reports `accuracy_<name>` under each attack (robust accuracy).
-    mixed_precision: a Keras dtype policy for the model, e.g.
-      "mixed_bfloat16" (TPU): layers compute in bfloat16, variables, losses,
-      gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and the
-      optimizer stay float32. None: float32 throughout.
+    mixed_precision: a Keras dtype policy for the model: "mixed_bfloat16"
+      (TPU) or "mixed_float16" (GPU): layers compute in 16 bits; variables,
+      losses, gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and
+      the optimizer stay float32. With "mixed_float16" the optimizer is
+      wrapped in `keras.optimizers.LossScaleOptimizer` (dynamic loss scale,
+      steps with non-finite gradients skipped), and every method
+      differentiates the scaled loss. None: float32 throughout.
   """
 
   def __init__(self, task=gin.REQUIRED, method: Optional[Method] = None,
@@ -112,6 +115,8 @@ class Experiment:
     with strategy.scope():
       self.model = self.task.build_model()
       self.optimizer = self.optimizer_fn(total_steps=self.train_steps)
+      if self.mixed_precision == "mixed_float16":
+        self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
       self.optimizer.build(self.model.trainable_variables)
       self.method.build(self.model, input_shape=input_shape)
     self.trainer = Trainer(

@@ -14,10 +14,14 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv.data.pipeline import WEIGHTS
+from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
+# With several evaluation attacks, `accuracy_worst_case` counts the examples
+# that every attack leaves correctly classified.
+WORST_CASE = "worst_case"
 
 
 def _host_flag() -> tf.Variable:
@@ -29,10 +33,14 @@ def _host_flag() -> tf.Variable:
 def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None:
   # The trainer all-reduces gradients itself (once) so that it can report the
   # global gradient norm; stop the Keras optimizer from summing them again.
-  if not hasattr(optimizer, "_all_reduce_sum_gradients"):
-    raise RuntimeError("This Keras version's optimizer has no "
-                       "_all_reduce_sum_gradients; tfadv needs updating.")
-  optimizer._all_reduce_sum_gradients = list  # pylint: disable=protected-access
+  # A LossScaleOptimizer applies through its inner optimizer, which would
+  # reduce them a second time: switch both off.
+  inner = getattr(optimizer, "inner_optimizer", None)
+  for opt in [optimizer] + ([inner] if inner is not None else []):
+    if not hasattr(opt, "_all_reduce_sum_gradients"):
+      raise RuntimeError("This Keras version's optimizer has no "
+                         "_all_reduce_sum_gradients; tfadv needs updating.")
+    opt._all_reduce_sum_gradients = list  # pylint: disable=protected-access
 
 
 def apply_method(method: Method, model: keras.Model,
@@ -45,16 +53,26 @@ def apply_method(method: Method, model: keras.Model,
   all-gathers of differently sized IndexedSlices can be paired up wrongly
   between replicas by the collective executor), and applied. Shared by the
   custom loop (`Trainer`) and `model.fit` (`tfadv.keras`), so both take the
-  same step. Returns the method's output and the reduced gradients.
+  same step.
+
+  Under `mixed_float16` the optimizer is a `keras.optimizers.LossScaleOptimizer`:
+  the method differentiates the scaled loss (`tfadv.loss_scaling`),
+  the optimizer unscales the reduced gradients and skips a step whose
+  gradients are not finite, as Keras's own `fit` does.
+
+  Returns the method's output and the global norm of the (unscaled) reduced
+  gradients.
   """
   _apply_reduced_gradients_only(optimizer)
-  out = method.compute_gradients(model, loss_fn, inputs, labels, weights)
+  with loss_scaling_by(optimizer):
+    out = method.compute_gradients(model, loss_fn, inputs, labels, weights)
+    scale = loss_scale()
   variables = model.trainable_variables
   present = [i for i, g in enumerate(out.gradients) if g is not None]
   context = tf.distribute.get_replica_context()
   reduced = context.all_reduce(SUM, [_dense(out.gradients[i]) for i in present])
   optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
-  return out, reduced
+  return out, tf.linalg.global_norm(reduced) / scale
 
 
 def count_correct(labels, logits, weights):
@@ -83,8 +101,10 @@ class Trainer:
     jit_compile: compile each per-replica step with XLA. Used as given on
       one device and TPU; under Mirrored/MultiWorker strategies the step's
       cross-replica reductions run outside XLA, so it is turned off there.
-    eval_attacks: `{name: attack}` (`tfadv.attacks.InputAttack`): evaluation
-      also reports `accuracy_<name>` on each attack's adversarial inputs.
+    eval_attacks: `{name: attack}` (`tfadv.attacks.InputAttack`, `APGD`):
+      evaluation also reports `accuracy_<name>` on each attack's adversarial
+      inputs and, with two or more attacks, `accuracy_worst_case`: the
+      examples that no attack breaks (per example, the worst case).
       The attacks' random starts restart from `eval_seed` at every
       evaluation, so evaluating the same weights twice gives the same numbers.
     count_correct: `(labels, logits, example_weights) -> (hits, count)`;
@@ -140,12 +160,12 @@ class Trainer:
   def _replica_train_step(self, batch):
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
-    out, reduced = apply_method(self.method, self.model, self.optimizer,
-                                self._loss_fn, inputs, labels, weights)
+    out, grad_norm = apply_method(self.method, self.model, self.optimizer,
+                                  self._loss_fn, inputs, labels, weights)
     hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)
-    means["grad_norm"] = tf.linalg.global_norm(reduced)
+    means["grad_norm"] = grad_norm
     return sums, means
 
   def _replica_eval_step(self, batch):
@@ -156,11 +176,17 @@ class Trainer:
     hits, count = self.count_correct(labels, logits, weights)
     sums = {"loss": tf.reduce_sum(per_example * weights), "correct": hits,
             "counted": count, "examples": tf.reduce_sum(weights)}
+    robust = None
     for name, attack in self.eval_attacks.items():
       adversarial = attack(self.model, inputs, labels, rng=self._eval_rng,
                            loss_fn=self.per_example_loss)
       adv_logits = tf.cast(self.model(adversarial, training=False), tf.float32)
       sums[f"correct_{name}"], _ = self.count_correct(labels, adv_logits, weights)
+      held = tf.equal(tf.argmax(adv_logits, -1, output_type=labels.dtype), labels)
+      robust = held if robust is None else tf.logical_and(robust, held)
+    if len(self.eval_attacks) > 1:
+      # Per example, the worst case over the attacks: correct under all of them.
+      sums[f"correct_{WORST_CASE}"] = tf.reduce_sum(tf.cast(robust, tf.float32) * weights)
     return sums
 
   def _reduce(self, per_replica, op):
@@ -230,6 +256,7 @@ class Trainer:
     metrics = {"loss": sums["loss"] / examples,
                self.accuracy_name: sums["correct"] / counted,
                "examples": sums["examples"]}
-    for name in self.eval_attacks:
+    names = list(self.eval_attacks) + ([WORST_CASE] if len(self.eval_attacks) > 1 else [])
+    for name in names:
       metrics[f"{self.accuracy_name}_{name}"] = sums[f"correct_{name}"] / counted
     return metrics

@@ -13,6 +13,11 @@ trainer, are the global-batch mean gradient, so N replicas match one device.
 A method that needs a global quantity inside the step (FGM's embedding
 gradient norm, say) all-reduces it itself through
 `tf.distribute.get_replica_context()`.
+
+Loss scaling (`mixed_float16`): every backward pass of a method
+differentiates the scaled loss (`tfadv.loss_scaling.scaled_gradient`), so the weight
+gradients a method returns are scaled, and the `LossScaleOptimizer` unscales
+them.
 """
 
 import dataclasses
@@ -20,6 +25,8 @@ from typing import Callable, Dict, List, Optional
 
 import keras
 import tensorflow as tf
+
+from tfadv.loss_scaling import scaled_gradient
 
 LossFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
@@ -73,8 +80,8 @@ class Method:
 
 def clean_gradients(model: keras.Model, loss_fn: LossFn, inputs, labels,
                     weights):
-  """One forward/backward pass: (loss, logits, gradients)."""
+  """One forward/backward pass: (loss, logits, gradients of the scaled loss)."""
   with tf.GradientTape() as tape:
     logits = model(inputs, training=True)
     loss = loss_fn(labels, logits, weights)
-  return loss, logits, tape.gradient(loss, model.trainable_variables)
+  return loss, logits, scaled_gradient(tape, loss, model.trainable_variables)

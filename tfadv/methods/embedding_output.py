@@ -26,6 +26,7 @@ from typing import Optional
 import gin
 import tensorflow as tf
 
+from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.fgm import FORMS, _add
 from tfadv.models.hooks import EmbeddingOutputHook
@@ -110,7 +111,7 @@ class EmbeddingOutputMethod(Method):
       tape.watch(delta)
       logits = self._forward(model, inputs, delta, mask)
       loss = loss_fn(labels, logits, weights)
-    return loss, logits, tape.gradient(loss, delta)
+    return loss, logits, scaled_gradient(tape, loss, delta)
 
   def _full_pass(self, model, loss_fn, inputs, labels, weights, delta, mask):
     """(loss, logits, weight gradients, ∂loss/∂δ): one forward, one backward."""
@@ -119,7 +120,7 @@ class EmbeddingOutputMethod(Method):
       tape.watch(delta)
       logits = self._forward(model, inputs, delta, mask)
       loss = loss_fn(labels, logits, weights)
-    *gradients, delta_gradient = tape.gradient(loss, variables + [delta])
+    *gradients, delta_gradient = scaled_gradient(tape, loss, variables + [delta])
     return loss, logits, gradients, delta_gradient
 
   @staticmethod
@@ -334,8 +335,8 @@ class FreeLB(EmbeddingOutputMethod):
       total = gradients if total is None else [_add(t, a, 1.0)
                                                for t, a in zip(total, gradients)]
       # The same backward pass moves δ: no extra pass for the ascent.
-      self.perturbation.assign(project(
-          delta + self.step_size * normalize(g * mask), self.epsilon) * mask)
+      self.perturbation.assign(keep_if_finite(project(
+          delta + self.step_size * normalize(g * mask), self.epsilon) * mask, delta))
     return MethodOutput(loss=first_loss, logits=first_logits, gradients=total,
                         metrics={"adv_loss": self._replica_mean(loss * self.replays),
                                  "delta_norm": tf.reduce_mean(

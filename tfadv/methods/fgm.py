@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from tfadv.methods import embedding
+from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.models.state import random_state_variables
 
@@ -99,10 +100,10 @@ class EmbeddingFGM(Method):
       loss = loss_fn(labels, logits, weights)
     if self.form == "adversarial":
       # Only ∂L/∂E is needed: the backward pass stops at the embeddings.
-      gradient = tape.gradient(loss, table)
+      gradient = scaled_gradient(tape, loss, table)
       clean = None
     else:
-      clean = tape.gradient(loss, variables)
+      clean = scaled_gradient(tape, loss, variables)
       gradient = clean[position]
     context = tf.distribute.get_replica_context()
     value = tf.convert_to_tensor(table.value)
@@ -123,7 +124,7 @@ class EmbeddingFGM(Method):
       with keras.StatelessScope(state_mapping=[(table, perturbed)]) as scope:
         adv_logits = model(inputs, training=True)
         adv_loss = loss_fn(labels, adv_logits, weights)
-    adv_others = tape.gradient(adv_loss, others + [perturbed])
+    adv_others = scaled_gradient(tape, adv_loss, others + [perturbed])
     # The adversarial pass drew dropout masks; keep the seed moving forward.
     for state in self._random_state:
       advanced = scope.get_current_value(state)

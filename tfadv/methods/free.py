@@ -26,6 +26,7 @@ buffer's shape (the per-replica batch) never changes.
 import gin
 import tensorflow as tf
 
+from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 
 
@@ -86,10 +87,11 @@ class FreeTraining(Method):
                                self.clip_min, self.clip_max)
       logits = model(x_adv, training=True)
       loss = loss_fn(labels, logits, weights)
-    *gradients, delta_gradient = tape.gradient(loss, variables + [delta])
+    *gradients, delta_gradient = scaled_gradient(tape, loss, variables + [delta])
     # One backward pass, two uses: the weights' update above, δ's ascent here.
     step = self.epsilon * tf.sign(tf.cast(delta_gradient, tf.float32))
-    self.perturbation.assign(tf.clip_by_value(delta + step, -self.epsilon, self.epsilon))
+    self.perturbation.assign(keep_if_finite(
+        tf.clip_by_value(delta + step, -self.epsilon, self.epsilon), delta))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients)
 
   def get_config(self):

@@ -33,6 +33,7 @@ import gin
 import tensorflow as tf
 
 from tfadv.methods import embedding
+from tfadv.loss_scaling import loss_scale, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.fgm import TOKEN_EMBEDDING
 
@@ -90,7 +91,14 @@ class EmbeddingGradientPenalty(Method):
 
   def _squared_norm(self, tape, loss):
     table = self._embedding
-    gradient = tape.gradient(loss, table)
+    # The gradient's value matters here: take it scaled, then unscale it.
+    gradient = scaled_gradient(tape, loss, table)
+    scale = loss_scale()
+    if isinstance(gradient, tf.IndexedSlices):
+      gradient = tf.IndexedSlices(gradient.values / scale, gradient.indices,
+                                  gradient.dense_shape)
+    else:
+      gradient = gradient / scale
     if self.form == "matrix":
       return embedding.squared_norm(gradient, tf.shape(table.value)[0], self.combine)
     if not isinstance(gradient, tf.IndexedSlices):
@@ -113,7 +121,7 @@ class EmbeddingGradientPenalty(Method):
         local_loss = loss * scale
       penalty = self.penalty(self._squared_norm(inner, local_loss))
       total = loss + penalty / scale
-    gradients = outer.gradient(total, variables)
+    gradients = scaled_gradient(outer, total, variables)
     # Metrics are averaged over replicas.
     return MethodOutput(loss=loss, logits=logits, gradients=gradients,
                         metrics={"grad_penalty": penalty * replicas / scale,

@@ -13,6 +13,7 @@ import gin
 import tensorflow as tf
 
 from tfadv.attacks import InputAttack
+from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 
 
@@ -61,7 +62,7 @@ class PGDTraining(Method):
     with tf.GradientTape() as tape:
       adv_logits = model(x_adv, training=True)
       adv_loss = loss_fn(labels, adv_logits, weights)
-    gradients = tape.gradient(adv_loss, model.trainable_variables)
+    gradients = scaled_gradient(tape, adv_loss, model.trainable_variables)
     # The loss and accuracy reported in training are those of the adversarial
     # batch (what Madry's code prints); a clean pass would cost 1/3 step more.
     return MethodOutput(loss=adv_loss, logits=adv_logits, gradients=gradients)
