@@ -120,12 +120,14 @@ def reference_step_time(args, arrays, epsilon):
   return best
 
 
-def make_trainer(args, method, jit):
-  model = keras_hub.models.BertTextClassifier(make_backbone(args), num_classes=args.classes)
-  optimizer = keras.optimizers.AdamW(1e-4)
-  optimizer.build(model.trainable_variables)
-  method.build(model, input_shape=(args.batch, args.length))
-  return Trainer(tf.distribute.get_strategy(), model, optimizer, method,
+def make_trainer(args, method, jit, strategy=None, sparse_reduce=False):
+  strategy = strategy or tf.distribute.get_strategy()
+  with strategy.scope():
+    model = keras_hub.models.BertTextClassifier(make_backbone(args), num_classes=args.classes)
+    optimizer = keras.optimizers.AdamW(1e-4)
+    optimizer.build(model.trainable_variables)
+    method.build(model, input_shape=(args.batch // strategy.num_replicas_in_sync, args.length))
+  return Trainer(strategy, model, optimizer, method, sparse_reduce=sparse_reduce,
                  split_batch=lambda b: ({k: b[k] for k in ("token_ids", "segment_ids", "padding_mask")}, b["label"]),
                  per_example_loss=lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True),
                  global_batch_size=args.batch, jit_compile=jit)
@@ -146,6 +148,9 @@ def main():
   parser.add_argument("--bert_base_embedding", action="store_true",
                       help="BERT-base Chinese's embedding: vocabulary 21,128 x hidden 768, "
                            "12 heads, 2 layers (overrides --vocab/--hidden/--heads/--layers)")
+  parser.add_argument("--replicas", type=int, default=1,
+                      help="MirroredStrategy over this many logical CPU devices; adds "
+                           "rows that all-reduce embedding gradients as touched rows")
   parser.add_argument("--no_reference", action="store_true",
                       help="skip the keras_plain and reference_fgm rows")
   parser.add_argument("--methods", default=",".join(METHODS),
@@ -153,6 +158,11 @@ def main():
   parser.add_argument("--profile", action="store_true",
                       help="also time the passes an FGM step is made of")
   args = parser.parse_args()
+  strategy = None
+  if args.replicas > 1:
+    from tfadv.distribute import split_cpu  # pylint: disable=g-import-not-at-top
+    strategy = tf.distribute.MirroredStrategy(split_cpu(args.replicas))
+    args.no_reference = True
   if args.bert_base_embedding:
     args.vocab, args.hidden, args.heads, args.layers = 21128, 768, 12, 2
   rng = np.random.RandomState(0)
@@ -163,15 +173,21 @@ def main():
             "label": rng.randint(0, args.classes, n).astype(np.int32)}
   print(f"BERT {args.layers}x{args.hidden}, vocab {args.vocab}, batch {args.batch} x "
         f"{args.length} tokens, jit_compile={args.jit}, {os.cpu_count()} CPUs, "
+        f"{args.replicas} replica(s), "
         f"TF {tf.__version__}")
   times = {}
   chosen = ["plain"] + [m for m in args.methods.split(",") if m and m != "plain"]
-  for name in chosen:
+  runs = [(name, False) for name in chosen]
+  if strategy is not None:
+    runs += [(name, True) for name in chosen]
+  for name, sparse in runs:
     factory = METHODS[name]
-    trainer = make_trainer(args, factory(), args.jit)
+    trainer = make_trainer(args, factory(), args.jit, strategy, sparse_reduce=sparse)
     iterator = iter(distributed_dataset(trainer.strategy, arrays, args.batch, shuffle=True))
-    times[name] = best_step_time(trainer, iterator, args.steps, args.repeats)
-    print(report(name, times[name], times["plain"], TARGETS.get(name)), flush=True)
+    key = name + ("_sparse_reduce" if sparse else "")
+    times[key] = best_step_time(trainer, iterator, args.steps, args.repeats)
+    print(report(key, times[key], times["plain"], None if sparse else TARGETS.get(name)),
+          flush=True)
   if not args.no_reference:
     for name, epsilon in (("keras_plain", None), ("reference_fgm", 1.0)):
       times[name] = reference_step_time(args, arrays, epsilon)

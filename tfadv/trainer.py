@@ -45,7 +45,7 @@ def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None
 
 def apply_method(method: Method, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
-                 inputs, labels, weights):
+                 inputs, labels, weights, sparse_reduce: bool = False):
   """One optimizer update of `model` by `method` from one replica's batch.
 
   The method returns per-replica gradients; they are all-reduced here, once
@@ -60,6 +60,11 @@ def apply_method(method: Method, model: keras.Model,
   the optimizer unscales the reduced gradients and skips a step whose
   gradients are not finite, as Keras's own `fit` does.
 
+  `sparse_reduce=True` all-reduces `IndexedSlices` gradients (an embedding
+  table's) as the rows the batch touched instead of densely; measured slower
+  on one host (docs/results.md, "Multi-replica cost"), and kept for
+  measurement only.
+
   Returns the method's output and the global norm of the (unscaled) reduced
   gradients.
   """
@@ -70,7 +75,11 @@ def apply_method(method: Method, model: keras.Model,
   variables = model.trainable_variables
   present = [i for i, g in enumerate(out.gradients) if g is not None]
   context = tf.distribute.get_replica_context()
-  reduced = context.all_reduce(SUM, [_dense(out.gradients[i]) for i in present])
+  grads = [out.gradients[i] for i in present]
+  if sparse_reduce:
+    reduced = [_dense(g) for g in context.all_reduce(SUM, grads)]
+  else:
+    reduced = context.all_reduce(SUM, [_dense(g) for g in grads])
   optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
   return out, tf.linalg.global_norm(reduced) / scale
 
@@ -111,6 +120,8 @@ class Trainer:
       accuracy is hits / count (default: classification accuracy; a masked
       LM counts masked tokens).
     accuracy_name: the name accuracy is reported under.
+    sparse_reduce: all-reduce embedding gradients as touched rows
+      (`apply_method`); off by default, being slower where measured.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
@@ -119,7 +130,7 @@ class Trainer:
                global_batch_size: int, jit_compile: bool = False,
                eval_attacks: Optional[Dict] = None, eval_seed: int = 1234,
                count_correct: Callable = count_correct,
-               accuracy_name: str = "accuracy"):
+               accuracy_name: str = "accuracy", sparse_reduce: bool = False):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -129,6 +140,7 @@ class Trainer:
     self.global_batch_size = global_batch_size
     self.count_correct = count_correct
     self.accuracy_name = accuracy_name
+    self.sparse_reduce = sparse_reduce
     multi_replica_host = isinstance(strategy, (
         tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
     if jit_compile and multi_replica_host:
@@ -161,7 +173,8 @@ class Trainer:
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
     out, grad_norm = apply_method(self.method, self.model, self.optimizer,
-                                  self._loss_fn, inputs, labels, weights)
+                                  self._loss_fn, inputs, labels, weights,
+                                  sparse_reduce=self.sparse_reduce)
     hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)
