@@ -128,7 +128,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
                        f"bind {binding} to an existing local or gs:// path.")
     destination = f"{base}/{binding}/{os.path.basename(os.path.normpath(local))}"
     uploads.append((local, destination))
-    params.append(f"{binding} = '{destination}'")
+    params.append(f'{binding} = "{destination}"')
   return uploads, params
 
 

@@ -188,7 +188,7 @@ def test_tpu_dry_run_for_a_v4_8(capsys):
   assert "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm" in train
   # ...and the run reads the upload, not ../shared.
   remote = [w for w in shlex.split(train) if w.startswith("--command=")][0]
-  assert f"--gin_param=ClueDataset.data_dir = '{UPLOADED}'" in shlex.split(remote)
+  assert f'--gin_param=ClueDataset.data_dir = "{UPLOADED}"' in shlex.split(remote)
   assert lines[6].endswith("--worker=0 '--command=tail -n +1 -f ~/tfadv.log'")
   assert len(lines) == 7
 
@@ -221,8 +221,8 @@ def test_tpu_inputs_resolve_against_a_fake_bucket(tmp_path):
   uploads, params = tpu_vm.resolve_inputs(inputs, "gs://b/run/", REPO, exists=exists)
   assert seen == ["gs://data/clue/tnews"]  # checked, kept as it is
   assert uploads == [(str(preset), "gs://b/run/inputs/TextClassificationTask.preset/preset")]
-  assert params == ["TextClassificationTask.preset = "
-                    "'gs://b/run/inputs/TextClassificationTask.preset/preset'"]
+  assert params == ['TextClassificationTask.preset = '
+                    '"gs://b/run/inputs/TextClassificationTask.preset/preset"']
   # A keras-hub preset name is downloaded by the workers themselves.
   assert tpu_vm.resolve_inputs({"TextClassificationTask.preset": "bert_base_zh"},
                                "gs://b/run", REPO, exists=exists) == ([], [])

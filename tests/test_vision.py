@@ -203,6 +203,18 @@ def test_free_leaves_clamped_pixels_of_the_buffer_where_they_are():
   interior = after[:, :, H // 2:]
   assert np.isin(interior, [np.float32(-EPS), np.float32(EPS / 2)]).mean() > 0.9  # moved by ±ε
   np.testing.assert_allclose(after, expected, atol=1e-7)
+  # through_clamp=False (tfadv's earlier rule): the clamped entries move too.
+  earlier = FreeTraining(epsilon=EPS, replays=1, through_clamp=False)
+  trainer = make_trainer(tf.distribute.get_strategy(), earlier, lr=0.0)
+  earlier.perturbation.assign(np.full(earlier.perturbation.shape, -EPS / 2, np.float32))
+  x_adv = tf.clip_by_value(x - EPS / 2, 0, 1)
+  with tf.GradientTape() as tape:
+    tape.watch(x_adv)
+    loss = tf.reduce_sum(sparse_cross_entropy(y, trainer.model(x_adv, training=True)))
+  want = np.clip(-EPS / 2 + EPS * np.sign(tape.gradient(loss, x_adv).numpy()), -EPS, EPS)
+  train(trainer, arrays, 1)
+  np.testing.assert_allclose(earlier.perturbation.numpy(), want, atol=1e-7)
+  assert np.any(earlier.perturbation.numpy()[:, :, : H // 2] != np.float32(-EPS / 2))
 
 
 def test_free_with_one_replay_and_zero_buffer_is_plain_training_then_fgsm():
