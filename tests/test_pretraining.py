@@ -61,8 +61,10 @@ def test_pretraining_writes_a_preset_that_fine_tuning_loads(fewclue_dir, tmp_pat
   vocabulary = results["experiment"].task.preprocessor.tokenizer.vocabulary_size()
   assert results["train"]["loss"] < np.log(vocabulary) - 0.5
   # 10x chance. This was an absolute 0.03, but this 1-layer, 32-wide model levels
-  # off near the unigram level (0.026-0.033 measured, varying from run to run in the
-  # full suite), so 0.03 failed at random; see the closing note of this change.
+  # off near the unigram level in 40 steps (0.031 now, deterministic: the masks
+  # no longer depend on the process's TensorFlow op-seed counter, see
+  # test_masks_depend_on_the_seed_alone). A model and budget that clearly learn
+  # above unigram frequency within a test's time are still to be found.
   assert results["eval"]["masked_accuracy"] > 10.0 / vocabulary
   record = json.loads((model_dir / "eval_results.json").read_text())
   assert record["masked_accuracy"] == pytest.approx(results["eval"]["masked_accuracy"])
@@ -111,3 +113,29 @@ def test_pretraining_resumes_on_the_same_masked_examples(fewclue_dir, tmp_path):
   # the original tokens at the selected positions.
   weights = masked["mask_weights"]
   assert 0.10 < weights.sum() / masked["padding_mask"].sum() < 0.20
+
+
+def test_masks_depend_on_the_seed_alone(fewclue_dir, tmp_path):
+  # keras-hub's masker took its TensorFlow op seeds from the process's op
+  # counter, so the same seed gave other masks after other work in the same
+  # process (the full suite's varying accuracy). The masks are drawn by numpy
+  # from the seed now.
+  configure(pretrain_bindings(fewclue_dir))
+  task = experiment_lib.Experiment().task  # pylint: disable=no-value-for-parameter
+  task.prepare(str(tmp_path))
+  texts = task.corpus.texts("eval")[:200]
+  first = task._mask(texts, 2, seed=7)  # pylint: disable=protected-access
+  tf.random.uniform([5])
+  tf.random.set_seed(123)
+  again = task._mask(texts, 2, seed=7)  # pylint: disable=protected-access
+  for key in first:
+    np.testing.assert_array_equal(first[key], again[key], err_msg=key)
+  other = task._mask(texts, 2, seed=8)  # pylint: disable=protected-access
+  assert not np.array_equal(first["mask_positions"], other["mask_positions"])
+  # BERT's rule: about 15% of the real tokens selected, [MASK] for ~80% of them.
+  weights = first["mask_weights"]
+  real = first["padding_mask"].sum() - 2 * len(weights)  # [CLS] and [SEP] are never selected
+  assert 0.10 < weights.sum() / real < 0.20
+  selected = np.take_along_axis(first["token_ids"], first["mask_positions"], 1)[weights > 0]
+  mask_id = task.preprocessor.tokenizer.mask_token_id
+  assert 0.7 < np.mean(selected == mask_id) < 0.9

@@ -197,18 +197,53 @@ class MaskedLMTask:
         sequence_length=self.sequence_length, preprocessor=self.preprocessor)
 
   def _mask(self, texts: List[str], copies: int, seed: int) -> Dict[str, np.ndarray]:
-    # keras-hub's preprocessing runs as a tf.data map (graph mode: fast); a
-    # sequential map with a fixed seed draws the same masks every time.
-    tf.random.set_seed(seed)
-    dataset = (tf.data.Dataset.from_tensor_slices(tf.constant(texts))
-               .repeat(copies).batch(1024).map(self.preprocessor))
-    out = {k: [] for k in FEATURES + TARGETS}
-    for x, y, w in dataset.as_numpy_iterator():
-      for k in FEATURES:
-        out[k].append(x[k])
-      out["mask_ids"].append(y)
-      out["mask_weights"].append(w)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    """BERT's masking, with keras-hub's rates, drawn from `seed` by numpy.
+
+    keras-hub's preprocessor tokenizes and packs (a tf.data map); the masks
+    are drawn here rather than by its masker, whose TensorFlow random ops
+    take their seeds from the process's op counter: the same seed gave other
+    masks after other work in the same process (seen in the test suite).
+    Per sequence: each non-special token is selected with probability
+    `mask_selection_rate` (at most `mask_selection_length`, a random subset
+    when more), and a selected token becomes [MASK] (80%), a random token
+    (10%) or stays (10%).
+    """
+    pre = self.preprocessor
+    if pre.packer is None:  # keras-hub makes its packer when first built
+      pre.build(None)
+    pack = lambda x: pre.packer(pre.tokenizer(x))
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts)).batch(1024).map(pack)
+    token_ids = np.concatenate([ids for ids, _ in dataset.as_numpy_iterator()])
+    token_ids = np.tile(token_ids, (copies, 1))
+    rng = np.random.RandomState(seed)
+    special = np.array(pre.tokenizer.special_token_ids)
+    length = self.mask_selection_length
+    n = len(token_ids)
+    positions = np.zeros((n, length), np.int32)
+    mask_ids = np.zeros((n, length), np.int32)
+    weights = np.zeros((n, length), np.float32)
+    masked = token_ids.copy()
+    vocabulary = pre.tokenizer.vocabulary_size()
+    for i in range(n):
+      eligible = np.nonzero(~np.isin(token_ids[i], special))[0]
+      chosen = eligible[rng.random_sample(len(eligible)) < self.mask_selection_rate]
+      if len(chosen) > length:
+        chosen = np.sort(rng.choice(chosen, length, replace=False))
+      k = len(chosen)
+      draw = rng.random_sample(k)
+      replacement = token_ids[i, chosen].copy()
+      replacement[draw < 0.8] = pre.tokenizer.mask_token_id
+      random_ones = (draw >= 0.8) & (draw < 0.9)
+      replacement[random_ones] = rng.randint(0, vocabulary, random_ones.sum())
+      masked[i, chosen] = replacement
+      positions[i, :k] = chosen
+      mask_ids[i, :k] = token_ids[i, chosen]
+      weights[i, :k] = 1.0
+    pad = pre.tokenizer.pad_token_id
+    return {"token_ids": masked.astype(np.int32),
+            "segment_ids": np.zeros_like(masked, np.int32),
+            "padding_mask": token_ids != pad, "mask_positions": positions,
+            "mask_ids": mask_ids, "mask_weights": weights}
 
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
     """Masked examples of `split`, made once and kept in `<model_dir>/mlm_data`."""
