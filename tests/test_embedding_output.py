@@ -70,30 +70,6 @@ def test_output_fgm_equals_hand_computed_two_pass_update(form):
   assert float(out.metrics["delta_norm"]) == pytest.approx(0.4, rel=1e-5)
 
 
-def test_freelb_equals_hand_computed_averaged_ascent():
-  model, embedding, head = tiny_masked_model()
-  arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
-  mask = arrays["padding_mask"].astype(np.float32)
-  fn = loss_fn()
-  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, init_magnitude=0.0)
-  method.build(model, input_shape=(B, L))
-  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
-
-  delta, total = np.zeros((B, L, 3), np.float32), None
-  for _ in range(3):
-    _, grads, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
-    total = grads if total is None else [t + x for t, x in zip(total, grads)]
-    delta = delta + 0.2 * _unit(g, mask)
-    norms = np.sqrt((delta ** 2).sum(axis=(1, 2), keepdims=True))
-    delta = delta * np.minimum(1.0, 0.3 / (norms + 1e-12))
-  for got, want in zip(out.gradients, total):
-    np.testing.assert_allclose(dense(got), np.asarray(want) / 3, rtol=1e-5, atol=1e-7)
-  # The buffer holds the last ascent: masked, inside the ball, on its sphere
-  # after two steps of 0.2 > 0.3.
-  np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
-
-
 def _hand_uniform_start(seed, shape, mask, epsilon):
   """Algorithm 1's δ₀ = U(−ε, ε)/√N_δ, N_δ = real tokens × hidden, by hand."""
   u = tf.random.Generator.from_seed(seed).uniform(shape, -1.0, 1.0).numpy()
@@ -101,17 +77,22 @@ def _hand_uniform_start(seed, shape, mask, epsilon):
   return epsilon * u * mask[..., None] / np.sqrt(n)
 
 
-def test_freelb_follows_algorithm_1_from_its_random_start():
+@pytest.mark.parametrize("start", ["zero", "algorithm_1"])
+def test_freelb_equals_hand_computed_averaged_ascent(start):
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
   inputs, labels = _inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   fn = loss_fn()
-  method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, seed=5)  # init: ε
+  if start == "zero":
+    method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, init_magnitude=0.0)
+    delta = np.zeros((B, L, 3), np.float32)
+  else:  # the default: δ₀ drawn as Algorithm 1 says, from the method's generator
+    method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, seed=5)
+    delta = _hand_uniform_start(5, (B, L, 3), mask, 0.3).astype(np.float32)
   method.build(model, input_shape=(B, L))
   out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
 
-  delta = _hand_uniform_start(5, (B, L, 3), mask, 0.3).astype(np.float32)
   total, first_loss = None, None
   for _ in range(3):
     loss, grads, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
@@ -122,7 +103,8 @@ def test_freelb_follows_algorithm_1_from_its_random_start():
     delta = delta * np.minimum(1.0, 0.3 / (norms + 1e-12))
   for got, want in zip(out.gradients, total):
     np.testing.assert_allclose(dense(got), np.asarray(want) / 3, rtol=1e-5, atol=1e-7)
-  # The reported loss is the first pass's, on e + δ₀ (not the clean one).
+  # The reported loss is the first pass's (on e + δ₀); the buffer holds the
+  # last ascent: masked, inside the ball (on its sphere after two steps of 0.2 > 0.3).
   assert float(out.loss) == pytest.approx(first_loss, rel=1e-5)
   np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
 
