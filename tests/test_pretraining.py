@@ -139,3 +139,32 @@ def test_masks_depend_on_the_seed_alone(fewclue_dir, tmp_path):
   selected = np.take_along_axis(first["token_ids"], first["mask_positions"], 1)[weights > 0]
   mask_id = task.preprocessor.tokenizer.mask_token_id
   assert 0.7 < np.mean(selected == mask_id) < 0.9
+
+
+def test_pretraining_learns_above_unigram_frequency(tmp_path):
+  # A corpus where context decides every token: 12-character runs of a
+  # 20-character cycle, each from a random start. Predicting the most frequent
+  # token (the unigram predictor) gets about 1/20 of the masked tokens; a
+  # model that reads the neighbours gets more. 300 steps of a 2-layer, 64-wide
+  # model reach 0.229 held-out masked accuracy here against the unigram
+  # predictor's 0.067 (deterministic: same data, masks and seeds; 10 runs alone
+  # gave the same), so the bound 0.15 leaves a margin on both sides.
+  rng = np.random.RandomState(0)
+  cycle = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉"
+  runs = ["".join(cycle[(s + k) % 20] for k in range(12)) for s in rng.randint(0, 20, 3050)]
+  (tmp_path / "data" / "tnews").mkdir(parents=True)
+  with open(tmp_path / "data" / "tnews" / "unlabeled.json", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"sentence": r}, ensure_ascii=False) + "\n" for r in runs[:3000])
+  with open(tmp_path / "data" / "tnews" / "train.json", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"sentence": r, "label": "100", "label_desc": "x"},
+                            ensure_ascii=False) + "\n" for r in runs[3000:])
+  results = run("train_and_evaluate", tmp_path / "mlm", tf.distribute.get_strategy(),
+                pretrain_bindings(str(tmp_path / "data"), train_steps=300) + [
+                    "bert_masked_lm.num_layers = 2", "bert_masked_lm.num_heads = 2",
+                    "bert_masked_lm.hidden_dim = 64", "bert_masked_lm.intermediate_dim = 128"])
+  held_out = results["experiment"].task.arrays("eval")
+  targets = held_out["mask_ids"][held_out["mask_weights"] > 0]
+  unigram = np.bincount(targets).max() / len(targets)
+  assert unigram < 0.08  # 0.067 here
+  accuracy = results["eval"]["masked_accuracy"]
+  assert accuracy > 0.15 and accuracy > 2 * unigram, (accuracy, unigram)
