@@ -137,8 +137,7 @@ class InputAttack:
       logits = model(best, training=False)
       broken = tf.not_equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
       candidate = self._one_run(model, loss_fn, x, labels, rng)
-      mask = tf.reshape(broken, [-1] + [1] * (len(x.shape) - 1))
-      best = tf.where(mask, best, candidate)
+      best = tf.where(_per_example(broken, x), best, candidate)
     return best
 
   def get_config(self) -> dict:
@@ -147,6 +146,11 @@ class InputAttack:
             "random_start": self.random_start, "restarts": self.restarts,
             "clip_min": self.clip_min, "clip_max": self.clip_max,
             "training": self.training}
+
+
+def _per_example(values, x):
+  """A [batch] tensor shaped to broadcast against `x` (batch × ...)."""
+  return tf.reshape(values, [-1] + [1] * (len(x.shape) - 1))
 
 
 def _cross_entropy(labels, logits):
@@ -171,7 +175,7 @@ def dlr_loss(labels, logits):
 APGD_LOSSES = {"ce": _cross_entropy, "dlr": dlr_loss}
 
 
-def apgd_checkpoints(num_steps: int, rho: float = 0.75):
+def apgd_checkpoints(num_steps: int):
   """{iteration: k} of APGD's step-size checks (as in Croce & Hein's code).
 
   The first check comes after k = max(⌊0.22·N⌋, 1) iterations; after each,
@@ -190,7 +194,6 @@ def apgd_checkpoints(num_steps: int, rho: float = 0.75):
       checks[i] = k
       k = max(k - decrement, minimum)
       counter = 0
-  del rho
   return checks
 
 
@@ -269,11 +272,11 @@ class APGD:
 
   def _one_run(self, model, x, labels, rng):
     """(image per example, broken per example) of one APGD run."""
-    per_example = lambda v: tf.reshape(v, [-1] + [1] * (len(x.shape) - 1))
+    per_example = lambda v: _per_example(v, x)
     x0 = self._start(x, rng)
     loss, correct, grad = self._evaluate(model, x0, labels)
     step = tf.fill(tf.shape(loss), (2.0 if self.norm == "linf" else 1.0) * self.epsilon)
-    checks = apgd_checkpoints(self.num_steps, self.rho)
+    checks = apgd_checkpoints(self.num_steps)
     is_check = tf.constant([i in checks for i in range(self.num_steps)])
     window = tf.constant([float(checks.get(i, 1)) for i in range(self.num_steps)])
     state = dict(
@@ -335,8 +338,7 @@ class APGD:
     best, broken = self._one_run(model, x, labels, rng)
     for _ in range(self.restarts - 1):
       candidate, now = self._one_run(model, x, labels, rng)
-      keep = tf.reshape(broken, [-1] + [1] * (len(x.shape) - 1))
-      best = tf.where(keep, best, candidate)
+      best = tf.where(_per_example(broken, x), best, candidate)
       broken = tf.logical_or(broken, now)
     return best
 

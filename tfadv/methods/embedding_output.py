@@ -325,8 +325,7 @@ class FreeLB(EmbeddingOutputMethod):
       return loss_fn(labels, logits, weights) / self.replays
 
     # δ stays a tensor through the m passes; the buffer is written once, at
-    # the end (reading and writing the variable between passes made the
-    # XLA-compiled step several times slower on CPU).
+    # the end.
     total = None
     for replay in range(self.replays):
       loss, logits, gradients, g = self._full_pass(

@@ -90,23 +90,20 @@ class EmbeddingGradientPenalty(Method):
     return self.epsilon * tf.sqrt(squared_norm + 1e-24)
 
   def _squared_norm(self, tape, loss):
+    """‖g‖² of the unscaled gradient (float16: g is taken scaled, then the
+    square divided by the scale's square)."""
     table = self._embedding
-    # The gradient's value matters here: take it scaled, then unscale it.
     gradient = scaled_gradient(tape, loss, table)
-    scale = loss_scale()
-    if isinstance(gradient, tf.IndexedSlices):
-      gradient = tf.IndexedSlices(gradient.values / scale, gradient.indices,
-                                  gradient.dense_shape)
-    else:
-      gradient = gradient / scale
     if self.form == "matrix":
-      return embedding.squared_norm(gradient, tf.shape(table.value)[0], self.combine)
-    if not isinstance(gradient, tf.IndexedSlices):
+      squared = embedding.squared_norm(gradient, tf.shape(table.value)[0], self.combine)
+    elif isinstance(gradient, tf.IndexedSlices):
+      squared = tf.reduce_sum(tf.square(gradient.values))
+    else:
       raise ValueError(
           f"EmbeddingGradientPenalty(form='per_occurrence') needs the lookup's "
           f"per-occurrence gradient rows, but {table.path} has a dense gradient "
           "(is the matrix also used outside the lookup?). Use form='matrix'.")
-    return tf.reduce_sum(tf.square(gradient.values))
+    return squared / tf.cast(tf.square(loss_scale()), squared.dtype)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     variables = model.trainable_variables

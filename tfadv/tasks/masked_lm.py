@@ -205,16 +205,17 @@ class MaskedLMTask:
     masks after other work in the same process (seen in the test suite).
     Per sequence: each non-special token is selected with probability
     `mask_selection_rate` (at most `mask_selection_length`, a random subset
-    when more), and a selected token becomes [MASK] (80%), a random token
-    (10%) or stays (10%).
+    when more), and a selected token becomes [MASK] (`mask_token_rate`, 80%),
+    a random token (`random_token_rate`, 10%) or stays.
     """
     pre = self.preprocessor
     if pre.packer is None:  # keras-hub makes its packer when first built
       pre.build(None)
     pack = lambda x: pre.packer(pre.tokenizer(x))
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts)).batch(1024).map(pack)
-    token_ids = np.concatenate([ids for ids, _ in dataset.as_numpy_iterator()])
-    token_ids = np.tile(token_ids, (copies, 1))
+    packed = list(dataset.as_numpy_iterator())
+    token_ids = np.tile(np.concatenate([ids for ids, _ in packed]), (copies, 1))
+    segment_ids = np.tile(np.concatenate([seg for _, seg in packed]), (copies, 1))
     rng = np.random.RandomState(seed)
     special = np.array(pre.tokenizer.special_token_ids)
     length = self.mask_selection_length
@@ -232,8 +233,9 @@ class MaskedLMTask:
       k = len(chosen)
       draw = rng.random_sample(k)
       replacement = token_ids[i, chosen].copy()
-      replacement[draw < 0.8] = pre.tokenizer.mask_token_id
-      random_ones = (draw >= 0.8) & (draw < 0.9)
+      replacement[draw < pre.mask_token_rate] = pre.tokenizer.mask_token_id
+      random_ones = (draw >= pre.mask_token_rate) & (
+          draw < pre.mask_token_rate + pre.random_token_rate)
       replacement[random_ones] = rng.randint(0, vocabulary, random_ones.sum())
       masked[i, chosen] = replacement
       positions[i, :k] = chosen
@@ -241,7 +243,7 @@ class MaskedLMTask:
       weights[i, :k] = 1.0
     pad = pre.tokenizer.pad_token_id
     return {"token_ids": masked.astype(np.int32),
-            "segment_ids": np.zeros_like(masked, np.int32),
+            "segment_ids": segment_ids.astype(np.int32),
             "padding_mask": token_ids != pad, "mask_positions": positions,
             "mask_ids": mask_ids, "mask_weights": weights}
 
