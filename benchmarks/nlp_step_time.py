@@ -51,7 +51,7 @@ METHODS = {
     "output_fgm_adversarial": lambda: EmbeddingOutputFGM(epsilon=1.0, form="adversarial"),
     "output_fgm_clean_plus_adversarial": lambda: EmbeddingOutputFGM(epsilon=1.0),
     "output_pgd3": lambda: EmbeddingOutputPGD(epsilon=1.0, step_size=0.5, num_steps=3),
-    "freelb3": lambda: FreeLB(epsilon=1.0, step_size=0.4, replays=3),
+    "freelb3": lambda: FreeLB(epsilon=1.0, step_size=0.4, ascent_steps=3),
 }
 # Targets: the physics above plus 5% (the matrix methods' from issue 3).
 TARGETS = {"fgm_adversarial": 1.75, "fgm_clean_plus_adversarial": 2.05, "gp_squared": 2.6,

@@ -8,8 +8,8 @@ import tensorflow as tf
 from test_nlp_methods import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.experiment import sparse_cross_entropy
-from tfadv.methods.embedding_output import (EmbeddingOutputFGM, EmbeddingOutputPGD,
-                                            FreeLB, per_example_norm)
+from tfadv.methods import EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB
+from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
 from tfadv.trainer import Trainer
 
@@ -85,10 +85,10 @@ def test_freelb_equals_hand_computed_averaged_ascent(start):
   mask = arrays["padding_mask"].astype(np.float32)
   fn = loss_fn()
   if start == "zero":
-    method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, init_magnitude=0.0)
+    method = FreeLB(epsilon=0.3, step_size=0.2, ascent_steps=3, init_magnitude=0.0)
     delta = np.zeros((B, L, 3), np.float32)
   else:  # the default: δ₀ drawn as Algorithm 1 says, from the method's generator
-    method = FreeLB(epsilon=0.3, step_size=0.2, replays=3, seed=5)
+    method = FreeLB(epsilon=0.3, step_size=0.2, ascent_steps=3, seed=5)
     delta = _hand_uniform_start(5, (B, L, 3), mask, 0.3).astype(np.float32)
   method.build(model, input_shape=(B, L))
   out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
@@ -107,6 +107,37 @@ def test_freelb_equals_hand_computed_averaged_ascent(start):
   # last ascent: masked, inside the ball (on its sphere after two steps of 0.2 > 0.3).
   assert float(out.loss) == pytest.approx(first_loss, rel=1e-5)
   np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
+
+
+def test_free_on_text_equals_hand_computed_replays_with_carried_delta():
+  """Free-2 over two batches: each pass gives the update and δ's ascent; δ carries over."""
+  model, embedding, head = tiny_masked_model()
+  first, second = batch_arrays(), batch_arrays(seed=7)
+  second["padding_mask"][:, -2:] = False  # other padding: the carried δ is re-masked
+  fn = loss_fn()
+  method = EmbeddingOutputFree(epsilon=0.3, step_size=0.2, replays=2)
+  assert method.batch_replays == 2
+  method.build(model, input_shape=(B, L))
+  delta = np.zeros((B, L, 3), np.float32)
+  for arrays in (first, first, second):  # batch 1 replayed twice, then batch 2
+    inputs, labels = _inputs(arrays), arrays["label"]
+    mask = arrays["padding_mask"].astype(np.float32)
+    out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+    # By hand: the carried δ on this batch's real tokens, inside the ball.
+    start = delta * mask[..., None]
+    start = start * np.minimum(1.0, 0.3 / (np.sqrt((start ** 2).sum(axis=(1, 2),
+                                                            keepdims=True)) + 1e-12))
+    loss, grads, g = _hand_pass(model, embedding, head, inputs, labels, start, fn)
+    for got, want in zip(out.gradients, grads):
+      np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
+    assert float(out.loss) == pytest.approx(float(loss), rel=1e-6)
+    delta = start + 0.2 * _unit(g, mask)
+    delta = delta * np.minimum(1.0, 0.3 / (np.sqrt((delta ** 2).sum(axis=(1, 2),
+                                                            keepdims=True)) + 1e-12))
+    delta = delta * mask[..., None]
+    np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
+  # The third pass started from a non-zero carried δ (the first from zero).
+  assert np.all(np.sqrt((start ** 2).sum(axis=(1, 2))) > 0.1)
 
 
 def test_freelb_random_start_is_uniform_scaled_per_example_and_masked():
@@ -131,7 +162,7 @@ def test_freelb_random_start_is_uniform_scaled_per_example_and_masked():
 def test_freelb_projection_puts_large_steps_on_the_sphere():
   model, _, _ = tiny_masked_model()
   arrays = batch_arrays()
-  method = FreeLB(epsilon=0.25, step_size=5.0, replays=2)
+  method = FreeLB(epsilon=0.25, step_size=5.0, ascent_steps=2)
   method.build(model, input_shape=(B, L))
   method.compute_gradients(model, loss_fn(), _inputs(arrays), arrays["label"], tf.ones([B]))
   norms = per_example_norm(method.perturbation).numpy().ravel()
@@ -144,7 +175,7 @@ def test_freelb_carry_over_starts_from_the_previous_batchs_delta():
   arrays = batch_arrays()
   inputs, labels = _inputs(arrays), arrays["label"]
   fn = loss_fn()
-  carried = FreeLB(epsilon=0.3, step_size=0.2, replays=2, carry_over=True)
+  carried = FreeLB(epsilon=0.3, step_size=0.2, ascent_steps=2, carry_over=True)
   carried.build(model, input_shape=(B, L))
   first = carried.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
   # The buffer started at zero: the first pass was clean.
@@ -163,7 +194,7 @@ def test_freelb_with_one_replay_and_zero_start_is_plain_training():
   arrays = batch_arrays()
   inputs, labels = _inputs(arrays), arrays["label"]
   fn = loss_fn()
-  method = FreeLB(epsilon=0.3, replays=1, init_magnitude=0.0)
+  method = FreeLB(epsilon=0.3, ascent_steps=1, init_magnitude=0.0)
   method.build(model, input_shape=(B, L))
   out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
   with tf.GradientTape() as tape:
@@ -244,7 +275,8 @@ METHODS = [
     lambda: EmbeddingOutputFGM(epsilon=0.5),
     lambda: EmbeddingOutputFGM(epsilon=0.5, form="adversarial"),
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
-    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2, init_magnitude=0.0),
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2, init_magnitude=0.0),
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2),
     # Zero start: Algorithm 1's random δ₀ is drawn per replica (and by XLA's
     # own generator kernel), so equality across devices needs δ₀ = 0.
 ]
@@ -259,13 +291,14 @@ def test_two_replicas_equal_one_device(method_fn, mirrored):
   m2 = _train(two, arrays, 3, global_batch=8)
   for a, b in zip(one.model.trainable_variables, two.model.trainable_variables):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=2e-6)
-  np.testing.assert_allclose(m1["adv_loss"], m2["adv_loss"], rtol=1e-5)
-  np.testing.assert_allclose(m1["delta_norm"], m2["delta_norm"], rtol=1e-5)
+  for key in ("loss", "adv_loss", "delta_norm"):
+    if key in m1 or key in m2:
+      np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5)
 
 
 def test_freelb_buffer_is_per_replica_and_masked(mirrored):
   arrays = batch_arrays(n=8)
-  trainer = _trainer(mirrored, FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+  trainer = _trainer(mirrored, FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),
                      global_batch=8)
   _train(trainer, arrays, 1, global_batch=8)
   buffers = [v.numpy() for v in trainer.method.perturbation.values]
@@ -293,7 +326,8 @@ def _fixed_uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32):
 
 @pytest.mark.parametrize("method_fn", METHODS[:1] + METHODS[2:] + [
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2),  # random start
-    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2)])  # Algorithm 1's start
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),  # Algorithm 1's start
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2)])
 def test_output_methods_compile_with_xla(method_fn, monkeypatch):
   # XLA's random-number kernel draws another stream than TensorFlow's: the
   # draws are replaced by fixed patterns, and the rest is compared exactly.

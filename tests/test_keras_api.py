@@ -52,7 +52,7 @@ def fit_weights(model, method, x, y, batch_size=None, epochs=1, sequence_length=
     lambda: EmbeddingGradientPenalty(epsilon=0.5),
     lambda: EmbeddingOutputFGM(epsilon=0.5),
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
-    lambda: FreeLB(epsilon=0.5, step_size=0.3, replays=2),
+    lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),
 ], ids=["fgm", "fgm_clean_plus_adv", "gp", "output_fgm", "output_pgd", "freelb"])
 def test_one_fit_step_equals_one_trainer_step_on_bert(method_fn):
   arrays = batch_arrays()

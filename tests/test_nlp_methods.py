@@ -9,7 +9,7 @@ import tensorflow as tf
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
 from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain
-from tfadv.methods.embedding import combine_rows
+from tfadv.methods.embedding_matrix import combine_rows
 from tfadv.trainer import Trainer
 
 B, L, V, C = 4, 8, 40, 3

@@ -17,43 +17,29 @@ import gin
 import keras
 import tensorflow as tf
 
+from tfadv import perturbation
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.models.state import ascent_pass
+from tfadv.perturbation import per_example, per_example_norm
 
-NORMS = ("linf", "l2")
-
-
-def _per_example_norm(x):
-  axes = list(range(1, len(x.shape)))
-  return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=True))
+NORMS = perturbation.NORMS
 
 
 def project(x_adv, x, epsilon, norm, clip_min=0.0, clip_max=1.0):
   """Projects `x_adv` onto the ε-ball around `x`, then onto the pixel range."""
-  delta = x_adv - x
-  if norm == "linf":
-    delta = tf.clip_by_value(delta, -epsilon, epsilon)
-  else:
-    delta = delta * tf.minimum(1.0, epsilon / (_per_example_norm(delta) + 1e-12))
+  delta = perturbation.project(x_adv - x, epsilon, norm)
   return tf.clip_by_value(x + delta, clip_min, clip_max)
 
 
 def ascent_direction(gradient, norm):
   """The steepest-ascent unit step for the norm: sign(g) or g/‖g‖₂."""
-  if norm == "linf":
-    return tf.sign(gradient)
-  return gradient / (_per_example_norm(gradient) + 1e-12)
+  return perturbation.normalize(gradient, norm)
 
 
 def random_start(x, epsilon, norm, rng: tf.random.Generator):
-  """A uniform point of the ℓ∞ ball, or a random direction at radius U(0, ε)·ε for ℓ2."""
-  if norm == "linf":
-    return x + rng.uniform(tf.shape(x), -epsilon, epsilon, dtype=x.dtype)
-  direction = rng.normal(tf.shape(x), dtype=x.dtype)
-  direction /= _per_example_norm(direction) + 1e-12
-  radius = rng.uniform(tf.concat([tf.shape(x)[:1], tf.ones([len(x.shape) - 1], tf.int32)], 0),
-                       0.0, epsilon, dtype=x.dtype)
-  return x + radius * direction
+  """A uniform point of the ℓ∞ ball, or a random direction at radius U(0, ε) for ℓ2."""
+  return x + perturbation.random_start(tf.shape(x), epsilon, norm, rng,
+                                       radius="uniform", dtype=x.dtype)
 
 
 @gin.configurable
@@ -137,7 +123,7 @@ class InputAttack:
       logits = model(best, training=False)
       broken = tf.not_equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
       candidate = self._one_run(model, loss_fn, x, labels, rng)
-      best = tf.where(_per_example(broken, x), best, candidate)
+      best = tf.where(per_example(broken, x), best, candidate)
     return best
 
   def get_config(self) -> dict:
@@ -146,11 +132,6 @@ class InputAttack:
             "random_start": self.random_start, "restarts": self.restarts,
             "clip_min": self.clip_min, "clip_max": self.clip_max,
             "training": self.training}
-
-
-def _per_example(values, x):
-  """A [batch] tensor shaped to broadcast against `x` (batch × ...)."""
-  return tf.reshape(values, [-1] + [1] * (len(x.shape) - 1))
 
 
 def _cross_entropy(labels, logits):
@@ -267,12 +248,12 @@ class APGD:
       t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) + 1e-12)
     else:
       t = rng.normal(tf.shape(x), dtype=x.dtype)
-      t = t / (_per_example_norm(t) + 1e-12)
+      t = t / (per_example_norm(t) + 1e-12)
     return tf.clip_by_value(x + self.epsilon * t, self.clip_min, self.clip_max)
 
   def _one_run(self, model, x, labels, rng):
     """(image per example, broken per example) of one APGD run."""
-    per_example = lambda v: _per_example(v, x)
+    batchwise = lambda v: per_example(v, x)
     x0 = self._start(x, rng)
     loss, correct, grad = self._evaluate(model, x0, labels)
     step = tf.fill(tf.shape(loss), (2.0 if self.norm == "linf" else 1.0) * self.epsilon)
@@ -288,15 +269,15 @@ class APGD:
     def body(s):
       i = s["i"]
       momentum = tf.where(i > 0, 0.75, 1.0)
-      z = self._project(s["x_adv"] + per_example(s["step"]) * ascent_direction(s["grad"], self.norm), x)
+      z = self._project(s["x_adv"] + batchwise(s["step"]) * ascent_direction(s["grad"], self.norm), x)
       x_new = self._project(s["x_adv"] + momentum * (z - s["x_adv"])
                             + (1.0 - momentum) * (s["x_adv"] - s["x_old"]), x)
       loss, correct, grad = self._evaluate(model, x_new, labels)
       newly = tf.logical_and(tf.logical_not(correct), tf.logical_not(s["broken"]))
-      x_broken = tf.where(per_example(newly), x_new, s["x_broken"])
+      x_broken = tf.where(batchwise(newly), x_new, s["x_broken"])
       improved = loss > s["loss_best"]
-      x_best = tf.where(per_example(improved), x_new, s["x_best"])
-      grad_best = tf.where(per_example(improved), grad, s["grad_best"])
+      x_best = tf.where(batchwise(improved), x_new, s["x_best"])
+      grad_best = tf.where(batchwise(improved), grad, s["grad_best"])
       loss_best = tf.where(improved, loss, s["loss_best"])
       # At i = 0 the authors' code compares with an unwritten (zero) entry.
       increases = s["increases"] + tf.cast(loss > s["loss_prev"], tf.float32)
@@ -307,8 +288,8 @@ class APGD:
                                      s["loss_best_last_check"] >= loss_best)
         reduce = tf.logical_or(oscillating, no_progress)
         return (tf.where(reduce, s["step"] / 2.0, s["step"]),
-                tf.where(per_example(reduce), x_best, x_new),
-                tf.where(per_example(reduce), grad_best, grad),
+                tf.where(batchwise(reduce), x_best, x_new),
+                tf.where(batchwise(reduce), grad_best, grad),
                 tf.zeros_like(increases), loss_best, reduce)
 
       def unchecked():
@@ -325,7 +306,7 @@ class APGD:
                    reduced_last_check=reduced)]
 
     state = tf.while_loop(lambda s: s["i"] < self.num_steps, body, [state])[0]
-    image = tf.where(per_example(state["broken"]), state["x_broken"], state["x_best"])
+    image = tf.where(batchwise(state["broken"]), state["x_broken"], state["x_best"])
     return tf.stop_gradient(image), state["broken"]
 
   def __call__(self, model: keras.Model, x: tf.Tensor, labels: tf.Tensor,
@@ -338,7 +319,7 @@ class APGD:
     best, broken = self._one_run(model, x, labels, rng)
     for _ in range(self.restarts - 1):
       candidate, now = self._one_run(model, x, labels, rng)
-      best = tf.where(_per_example(broken, x), best, candidate)
+      best = tf.where(per_example(broken, x), best, candidate)
       broken = tf.logical_or(broken, now)
     return best
 

@@ -16,7 +16,7 @@ was (loading needs no tfadv). The step is the custom-loop trainer's
   [0, 1].
 - `EmbeddingOutputFGM`, `EmbeddingOutputPGD`: text models, per-example
   perturbations of the embedding layer's output (found by layer name).
-- `FreeLB(replays=m)`: its m ascent passes run inside one step anyway; its
+- `FreeLB(ascent_steps=K)`: its K ascent passes run inside one step anyway; its
   buffer is batch × length × hidden, so pass `batch_size=` and
   `sequence_length=` and feed batches of exactly that shape.
 - `FreeTraining(replays=m)`: `fit` has no minibatch replay, so each `fit`

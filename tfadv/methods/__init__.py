@@ -1,9 +1,18 @@
-"""Training methods behind one interface (`tfadv.methods.base.Method`)."""
+"""Training methods behind one interface (`tfadv.methods.base.Method`).
+
+By where the perturbation lives:
+- none: `Plain`;
+- the token-embedding matrix: `EmbeddingFGM` (`fgm`), `EmbeddingGradientPenalty`
+  (`gradient_penalty`), helpers in `embedding_matrix`;
+- each example's embedding output: `EmbeddingOutputFGM`, `EmbeddingOutputPGD`
+  (`embedding_output`), `FreeLB` (`freelb`), `EmbeddingOutputFree` (`free`);
+- the input images: `PGDTraining`, `FGSMTraining` (`pgd`), `FreeTraining` (`free`).
+"""
 from tfadv.methods.base import Method, MethodOutput
-from tfadv.methods.embedding_output import (EmbeddingOutputFGM, EmbeddingOutputPGD,
-                                            FreeLB)
+from tfadv.methods.embedding_output import EmbeddingOutputFGM, EmbeddingOutputPGD
 from tfadv.methods.fgm import EmbeddingFGM
-from tfadv.methods.free import FreeTraining
+from tfadv.methods.free import EmbeddingOutputFree, FreeTraining
+from tfadv.methods.freelb import FreeLB
 from tfadv.methods.gradient_penalty import EmbeddingGradientPenalty
 from tfadv.methods.pgd import FGSMTraining, PGDTraining
 from tfadv.methods.plain import Plain

@@ -30,6 +30,10 @@ from tfadv.loss_scaling import scaled_gradient
 
 LossFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
+# The two ways an adversarial method forms its update: from the adversarial
+# pass alone, or the clean and adversarial gradients added.
+FORMS = ("adversarial", "clean_plus_adversarial")
+
 
 @dataclasses.dataclass
 class MethodOutput:
@@ -85,3 +89,28 @@ def clean_gradients(model: keras.Model, loss_fn: LossFn, inputs, labels,
     logits = model(inputs, training=True)
     loss = loss_fn(labels, logits, weights)
   return loss, logits, scaled_gradient(tape, loss, model.trainable_variables)
+
+
+def add_gradients(clean, adversarial, weight: float = 1.0):
+  """clean + weight·adversarial for one variable (either may be None).
+
+  Two `tf.IndexedSlices` (an embedding table's) stay sparse: their rows are
+  concatenated, duplicates summed later by the all-reduce or the optimizer.
+  """
+  if clean is None or adversarial is None:
+    return clean if adversarial is None else adversarial
+  if isinstance(clean, tf.IndexedSlices) and isinstance(adversarial, tf.IndexedSlices):
+    return tf.IndexedSlices(
+        tf.concat([clean.values, weight * adversarial.values], 0),
+        tf.concat([clean.indices, adversarial.indices], 0), clean.dense_shape)
+  return tf.convert_to_tensor(clean) + weight * tf.convert_to_tensor(adversarial)
+
+
+def replica_mean(loss_share: tf.Tensor) -> tf.Tensor:
+  """This replica's mean loss from its share of the global mean (share × replicas).
+
+  Losses follow the convention above (a replica's sum over the global batch
+  size); the trainer averages metrics over replicas, so a method reports
+  each replica's own mean, and their average is the global mean.
+  """
+  return loss_share * tf.distribute.get_replica_context().num_replicas_in_sync

@@ -1,9 +1,10 @@
-"""Per-example perturbations of the embedding layer's output: FGM, PGD-K, FreeLB.
+"""Per-example perturbations of the embedding layer's output: the shared base, FGM and PGD-K.
 
 Unlike `EmbeddingFGM` (one Δ on the shared embedding *matrix*), these methods
 perturb each example's token embeddings e ∈ R^{length × hidden}
-independently (Miyato et al. 2017's per-example form; Zhu et al. 2020's
-FreeLB), through `tfadv.models.hooks.EmbeddingOutputHook`:
+independently (Miyato et al. 2017's per-example form), through
+`tfadv.models.hooks.EmbeddingOutputHook`. FreeLB (`tfadv.methods.freelb`) and
+Free on text (`tfadv.methods.free.EmbeddingOutputFree`) build on the same base:
 
 - the ball is per example: ‖δ_i‖₂ ≤ ε, the norm over length × hidden;
 - ascent directions are per-example normalised gradients g_i/‖g_i‖₂;
@@ -26,29 +27,12 @@ from typing import Optional
 import gin
 import tensorflow as tf
 
-from tfadv.loss_scaling import keep_if_finite, scaled_gradient
-from tfadv.methods.base import Method, MethodOutput
-from tfadv.methods.fgm import FORMS, _add
+from tfadv import perturbation
+from tfadv.loss_scaling import scaled_gradient
+from tfadv.methods.base import (FORMS, Method, MethodOutput, add_gradients,
+                                replica_mean)
 from tfadv.models.hooks import EmbeddingOutputHook
-
-TINY = 1e-12
-
-
-def per_example_norm(x: tf.Tensor) -> tf.Tensor:
-  """‖x_i‖₂ over all but the batch axis, shaped to broadcast against x."""
-  return tf.sqrt(tf.reduce_sum(tf.square(x), axis=list(range(1, len(x.shape))),
-                               keepdims=True))
-
-
-def normalize(gradient: tf.Tensor) -> tf.Tensor:
-  """g_i / ‖g_i‖₂ per example (zero where g_i is zero)."""
-  return gradient / (per_example_norm(gradient) + TINY)
-
-
-def project(delta: tf.Tensor, epsilon: float) -> tf.Tensor:
-  """Scales each δ_i with ‖δ_i‖₂ > ε back onto the sphere of radius ε."""
-  norm = per_example_norm(delta)
-  return delta * tf.minimum(1.0, epsilon / (norm + TINY))
+from tfadv.perturbation import normalize, per_example_norm, project
 
 
 class EmbeddingOutputMethod(Method):
@@ -96,10 +80,8 @@ class EmbeddingOutputMethod(Method):
 
   def _random_start(self, mask) -> tf.Tensor:
     """A uniform draw from each example's ε-ball (restricted to real tokens)."""
-    direction = normalize(self._rng.normal(tf.shape(self._zeros(mask))) * mask)
-    radius = self._rng.uniform(tf.concat([tf.shape(mask)[:1], [1, 1]], 0))
-    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
-    return self.epsilon * direction * tf.pow(radius, 1.0 / tf.maximum(dims, 1.0))
+    return perturbation.random_start(tf.shape(self._zeros(mask)), self.epsilon, "l2",
+                                     self._rng, mask=mask)
 
   def _forward(self, model, inputs, delta, mask):
     with self.hook.adding(delta * mask):
@@ -122,11 +104,6 @@ class EmbeddingOutputMethod(Method):
       loss = loss_fn(labels, logits, weights)
     *gradients, delta_gradient = scaled_gradient(tape, loss, variables + [delta])
     return loss, logits, gradients, delta_gradient
-
-  @staticmethod
-  def _replica_mean(loss):
-    # Metrics are averaged over replicas: report this replica's mean loss.
-    return loss * tf.distribute.get_replica_context().num_replicas_in_sync
 
   def get_config(self):
     return {"epsilon": self.epsilon, "layer_name": self.layer_name,
@@ -173,9 +150,9 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
     adv_loss, _, adv, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
                                           delta, mask)
     gradients = adv if clean is None else [
-        _add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+        add_gradients(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
     return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
-        "adv_loss": self._replica_mean(adv_loss),
+        "adv_loss": replica_mean(adv_loss),
         "delta_norm": tf.reduce_mean(per_example_norm(delta))})
 
   def get_config(self):
@@ -228,124 +205,17 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
     delta = self.attack(model, loss_fn, inputs, labels, weights, mask)
     adv_loss, adv_logits, adv, _ = self._full_pass(model, loss_fn, inputs, labels,
                                                    weights, delta, mask)
-    metrics = {"adv_loss": self._replica_mean(adv_loss),
+    metrics = {"adv_loss": replica_mean(adv_loss),
                "delta_norm": tf.reduce_mean(per_example_norm(delta))}
     if self.form == "adversarial":
       return MethodOutput(loss=adv_loss, logits=adv_logits, gradients=adv,
                           metrics=metrics)
     loss, logits, clean, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
                                              self._zeros(mask), mask)
-    gradients = [_add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+    gradients = [add_gradients(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
     return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics=metrics)
 
   def get_config(self):
     return {**super().get_config(), "step_size": self.step_size,
             "num_steps": self.num_steps, "random_start": self.random_start,
             "form": self.form, "adversarial_weight": self.adversarial_weight}
-
-
-@gin.configurable
-class FreeLB(EmbeddingOutputMethod):
-  """FreeLB-m (Zhu et al. 2020, Algorithm 1): m ascent steps whose weight gradients are averaged.
-
-  Per step, as in Algorithm 1 and the authors' code (zhuchen03/FreeLB):
-  δ₀ = U(−a, a)/√N_δ entrywise on real tokens (zero at padding), where
-  N_δ = (real tokens of the example) × hidden and a = `init_magnitude`
-  (default ε, the paper's δ₀ = U(−ε, ε)/√N_δ); then m times: one
-  forward/backward pass on e + δ of L/m gives both this pass's weight
-  gradients (accumulated: their sum is the mean over the m passes) and
-  g = ∂L/∂δ, and δ ← Π_{‖δ_i‖_F ≤ ε}(δ + α·g_i/‖g_i‖_F) per example.
-  One optimizer update per step.
-
-  `init_magnitude=0` starts from δ₀ = 0 (tfadv's earlier default, where one
-  of the m gradients is the clean one).
-
-  δ lives in a `tf.Variable` buffer of the per-replica batch's shape
-  (batch × length × hidden, sync-on-read: one per replica), masked at
-  padding positions. `carry_over=True` starts each batch from the previous
-  batch's final δ (projected, masked) instead of a fresh draw (Shafahi et
-  al.'s "free" carrying, for text); FreeLB proper (default) starts fresh.
-
-  Reported loss and accuracy are the first pass's, on e + δ₀ (clean only when
-  `init_magnitude=0`).
-
-  Example:
-  >>> method = FreeLB(epsilon=1.0, step_size=0.3, replays=3)
-  >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
-  """
-
-  name = "freelb"
-
-  def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, replays: int = 3,
-               init_magnitude: Optional[float] = None, carry_over: bool = False,
-               **kwargs):
-    super().__init__(epsilon=epsilon, **kwargs)
-    if replays < 1:
-      raise ValueError(f"FreeLB.replays={replays}; expected >= 1.")
-    self.step_size = float(step_size)
-    self.replays = int(replays)
-    self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
-    self.carry_over = carry_over
-    self.perturbation = None
-
-  def build(self, model, input_shape=None):
-    super().build(model)
-    if input_shape is None or len(input_shape) < 2:
-      raise ValueError("FreeLB needs the per-replica input shape (batch, length): "
-                       "its perturbation buffer is batch × length × hidden.")
-    self.perturbation = tf.Variable(
-        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
-        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        name="freelb_perturbation")
-
-  @property
-  def variables(self):
-    return super().variables + ([self.perturbation] if self.perturbation is not None
-                                else [])
-
-  def initial_delta(self, mask):
-    """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
-    if self.init_magnitude == 0:
-      return self._zeros(mask)
-    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
-    uniform = self._rng.uniform(tf.shape(self._zeros(mask)), -1.0, 1.0)
-    return self.init_magnitude * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
-
-  def _start(self, mask):
-    if self.carry_over:
-      return project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
-    return self.initial_delta(mask)
-
-  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
-    mask = self._mask(inputs)
-    # The buffer's static shape (a reshape, which checks it at run time too):
-    # `tf.ensure_shape` here made the XLA-compiled step 6x slower (FreeLB-3
-    # 18.7x plain instead of 3.0x; docs/results.md).
-    delta = tf.reshape(self._start(mask), self.perturbation.shape)
-
-    def replay_loss(labels, logits, weights):
-      return loss_fn(labels, logits, weights) / self.replays
-
-    # δ stays a tensor through the m passes; the buffer is written once, at
-    # the end.
-    total = None
-    for replay in range(self.replays):
-      loss, logits, gradients, g = self._full_pass(
-          model, replay_loss, inputs, labels, weights, delta, mask)
-      if replay == 0:
-        first_loss, first_logits = loss * self.replays, logits
-      total = gradients if total is None else [_add(t, a, 1.0)
-                                               for t, a in zip(total, gradients)]
-      # The same backward pass moves δ: no extra pass for the ascent.
-      delta = keep_if_finite(tf.stop_gradient(project(
-          delta + self.step_size * normalize(g * mask), self.epsilon) * mask), delta)
-    self.perturbation.assign(delta)
-    return MethodOutput(loss=first_loss, logits=first_logits, gradients=total,
-                        metrics={"adv_loss": self._replica_mean(loss * self.replays),
-                                 "delta_norm": tf.reduce_mean(per_example_norm(delta))})
-
-  def get_config(self):
-    return {**super().get_config(), "step_size": self.step_size,
-            "replays": self.replays, "init_magnitude": self.init_magnitude,
-            "carry_over": self.carry_over}

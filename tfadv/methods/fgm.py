@@ -11,7 +11,7 @@ One training step:
 Δ is formed densely in E's shape by default (`combine="dense"`: one
 scatter-add of the occurrence rows, the same cost as the hand-written FGM with
 and without XLA); `combine="sorted"` keeps the older sort-based sparse form,
-which is ~10× slower under XLA (`tfadv.methods.embedding`, docs/results.md).
+which is ~10× slower under XLA (`tfadv.methods.embedding_matrix`, docs/results.md).
 
 E + Δ is never written into the variable: the adversarial pass runs inside a
 `keras.StatelessScope` that substitutes the value E + Δ for E. Rows of tokens
@@ -25,14 +25,13 @@ import gin
 import keras
 import tensorflow as tf
 
-from tfadv.methods import embedding
+from tfadv.methods import embedding_matrix as embedding
 from tfadv.loss_scaling import scaled_gradient
-from tfadv.methods.base import Method, MethodOutput
+from tfadv.methods.base import FORMS, Method, MethodOutput, add_gradients, replica_mean
+from tfadv.methods.embedding_matrix import TOKEN_EMBEDDING
 from tfadv.models.state import random_state_variables
 
-FORMS = ("adversarial", "clean_plus_adversarial")
 NORMS = ("l2", "sign")
-TOKEN_EMBEDDING = "token_embedding/embeddings"
 
 
 @gin.configurable
@@ -135,12 +134,10 @@ class EmbeddingFGM(Method):
     if clean is None:
       gradients = adv
     else:
-      gradients = [_add(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
+      gradients = [add_gradients(c, a, self.adversarial_weight) for c, a in zip(clean, adv)]
     delta_norm = tf.sqrt(tf.reduce_sum(tf.square(delta)))
-    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    # Metrics are averaged over replicas: report this replica's mean loss.
     return MethodOutput(loss=loss, logits=logits, gradients=gradients,
-                        metrics={"adv_loss": adv_loss * replicas,
+                        metrics={"adv_loss": replica_mean(adv_loss),
                                  "delta_norm": delta_norm})
 
   def get_config(self):
@@ -148,12 +145,3 @@ class EmbeddingFGM(Method):
             "adversarial_weight": self.adversarial_weight,
             "embedding_path": self.embedding_path, "combine": self.combine}
 
-
-def _add(clean, adversarial, weight):
-  if clean is None or adversarial is None:
-    return clean if adversarial is None else adversarial
-  if isinstance(clean, tf.IndexedSlices) and isinstance(adversarial, tf.IndexedSlices):
-    return tf.IndexedSlices(
-        tf.concat([clean.values, weight * adversarial.values], 0),
-        tf.concat([clean.indices, adversarial.indices], 0), clean.dense_shape)
-  return tf.convert_to_tensor(clean) + weight * tf.convert_to_tensor(adversarial)

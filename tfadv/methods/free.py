@@ -1,4 +1,8 @@
-"""Free adversarial training (Shafahi et al. 2019, "Adversarial Training for Free!").
+"""Free adversarial training (Shafahi et al. 2019, "Adversarial Training for Free!"), on images and on text.
+
+`FreeTraining` perturbs the input images (the paper's setting, ℓ∞);
+`EmbeddingOutputFree` perturbs each example's token embeddings (ℓ2 per
+example, padding masked), the same algorithm on text.
 
 Each minibatch is replayed m times in a row (the input pipeline does that,
 from `batch_replays`). Every replay is one forward/backward pass on
@@ -30,7 +34,9 @@ import gin
 import tensorflow as tf
 
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
-from tfadv.methods.base import Method, MethodOutput
+from tfadv.methods.base import Method, MethodOutput, replica_mean
+from tfadv.methods.embedding_output import EmbeddingOutputMethod
+from tfadv.perturbation import normalize, per_example_norm, project
 
 
 @gin.configurable
@@ -108,3 +114,71 @@ class FreeTraining(Method):
     return {"epsilon": self.epsilon, "replays": self.batch_replays,
             "clip_min": self.clip_min, "clip_max": self.clip_max,
             "through_clamp": self.through_clamp}
+
+
+@gin.configurable
+class EmbeddingOutputFree(EmbeddingOutputMethod):
+  """Free-m on the embedding outputs: Shafahi et al.'s algorithm for text.
+
+  Each minibatch is replayed m times (`replays`; the input pipeline delivers
+  it m times in a row). Every replay is one forward/backward pass on e + δ
+  (δ masked at padding) whose gradients serve twice: the weight gradients
+  are this replay's update, and g = ∂L/∂δ moves the perturbation,
+  δ ← Π_ε(δ + α·g_i/‖g_i‖₂) per example (the ℓ2 form of the paper's
+  δ ← clip(δ + ε·sign(g)); α = `step_size`, default ε as in the paper).
+  δ lives in a per-replica `tf.Variable` buffer (batch × length × hidden)
+  and is carried over to the next minibatch (masked with its padding and
+  projected). A replay costs one plain step, and a run of n optimizer steps
+  sees n/m batches: `Experiment.train_epochs` divides the epochs by m.
+
+  Deviation from the paper: there δ is an ℓ∞ perturbation of pixels; text
+  has no pixel range, and tfadv's other embedding-output methods use
+  per-example ℓ2 balls, so this one does too (same ε scale as `FreeLB`).
+
+  Example:
+  >>> method = EmbeddingOutputFree(epsilon=1.0, replays=3)
+  >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
+  """
+
+  name = "free_output"
+
+  def __init__(self, epsilon: float = 1.0, replays: int = 3,
+               step_size: float = None, **kwargs):
+    super().__init__(epsilon=epsilon, **kwargs)
+    if replays < 1:
+      raise ValueError(f"EmbeddingOutputFree.replays={replays}; expected >= 1.")
+    self.batch_replays = int(replays)
+    self.step_size = float(epsilon if step_size is None else step_size)
+    self.perturbation = None
+
+  def build(self, model, input_shape=None):
+    super().build(model)
+    if input_shape is None or len(input_shape) < 2:
+      raise ValueError("EmbeddingOutputFree needs the per-replica input shape (batch, "
+                       "length): its perturbation buffer is batch × length × hidden.")
+    self.perturbation = tf.Variable(
+        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
+        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        name="free_output_perturbation")
+
+  @property
+  def variables(self):
+    return super().variables + ([self.perturbation] if self.perturbation is not None
+                                else [])
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+    mask = self._mask(inputs)
+    # The carried δ, on this batch's real tokens, inside the ball.
+    delta = project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
+    loss, logits, gradients, g = self._full_pass(model, loss_fn, inputs, labels,
+                                                 weights, delta, mask)
+    # One backward pass, two uses: the weights' update above, δ's ascent here.
+    moved = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
+    self.perturbation.assign(keep_if_finite(tf.stop_gradient(moved), delta))
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
+        "delta_norm": tf.reduce_mean(per_example_norm(delta))})
+
+  def get_config(self):
+    return {**super().get_config(), "replays": self.batch_replays,
+            "step_size": self.step_size}

@@ -32,10 +32,10 @@ Which g, chosen by `form`:
 import gin
 import tensorflow as tf
 
-from tfadv.methods import embedding
+from tfadv.methods import embedding_matrix as embedding
 from tfadv.loss_scaling import loss_scale, scaled_gradient
-from tfadv.methods.base import Method, MethodOutput
-from tfadv.methods.fgm import TOKEN_EMBEDDING
+from tfadv.methods.base import Method, MethodOutput, replica_mean
+from tfadv.methods.embedding_matrix import TOKEN_EMBEDDING
 
 VARIANTS = ("squared", "norm")
 FORMS = ("per_occurrence", "matrix")
@@ -119,10 +119,9 @@ class EmbeddingGradientPenalty(Method):
       penalty = self.penalty(self._squared_norm(inner, local_loss))
       total = loss + penalty / scale
     gradients = scaled_gradient(outer, total, variables)
-    # Metrics are averaged over replicas.
     return MethodOutput(loss=loss, logits=logits, gradients=gradients,
-                        metrics={"grad_penalty": penalty * replicas / scale,
-                                 "total_loss": total * replicas})
+                        metrics={"grad_penalty": replica_mean(penalty / scale),
+                                 "total_loss": replica_mean(total)})
 
   def get_config(self):
     return {"epsilon": self.epsilon, "variant": self.variant, "form": self.form,

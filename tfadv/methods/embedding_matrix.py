@@ -22,6 +22,8 @@ import keras
 import tensorflow as tf
 
 COMBINE = ("dense", "sorted")
+# keras-hub's BERT token-embedding matrix (`backbone.token_embedding.embeddings`).
+TOKEN_EMBEDDING = "token_embedding/embeddings"
 
 
 def check_combine(owner: str, combine: str) -> None:
