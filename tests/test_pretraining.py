@@ -40,7 +40,7 @@ def pretrain_bindings(fewclue_dir, **experiment):
 def test_corpus_holds_out_eval_and_refuses_dev_files(fewclue_dir):
   corpus = PretrainingCorpus(fewclue_dir, unlabeled_files=("tnews/unlabeled.json",),
                              train_files=("tnews/train.json",), num_eval=300)
-  train, held_out = corpus.texts("train"), corpus.texts("eval")
+  train, held_out = corpus.examples("train")[0], corpus.examples("eval")[0]
   assert len(held_out) == 300 and len(train) == 20000 - 300 + 1185
   assert not set(held_out) & set(train[:20000 - 300])
   with pytest.raises(ValueError, match="dev.json"):
@@ -123,7 +123,7 @@ def test_masks_depend_on_the_seed_alone(fewclue_dir, tmp_path):
   configure(pretrain_bindings(fewclue_dir))
   task = experiment_lib.Experiment().task  # pylint: disable=no-value-for-parameter
   task.prepare(str(tmp_path))
-  texts = task.corpus.texts("eval")[:200]
+  texts = task.corpus.examples("eval")[0][:200]
   first = task._mask(texts, 2, seed=7)  # pylint: disable=protected-access
   tf.random.uniform([5])
   tf.random.set_seed(123)

@@ -24,7 +24,7 @@ from tfadv.trainer import Trainer
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import tpu_vm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-NATURAL = os.path.join(REPO, "configs", "fashion_mnist_natural.gin")
+PLAIN = os.path.join(REPO, "configs", "fashion_mnist_plain.gin")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def idx_dir(tmp_path_factory):
 
 def main_command(model_dir, idx_dir, *extra):
   params = tiny_fashion_bindings(idx_dir) + list(extra)
-  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={NATURAL}",
+  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={PLAIN}",
            f"--model_dir={model_dir}", "--mode=train"]
           + [f"--gin_param={p}" for p in params])
 

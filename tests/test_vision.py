@@ -356,7 +356,7 @@ def fashion_bindings(tmp_path):
 
 def test_free_divides_epochs_and_end_to_end_evaluate_and_export(tmp_path):
   bindings = fashion_bindings(tmp_path)
-  natural = (bindings, ["configs/fashion_mnist_natural.gin"])
+  natural = (bindings, ["configs/fashion_mnist_plain.gin"])
   free = (bindings, ["configs/fashion_mnist_free8.gin"])
   default = tf.distribute.get_strategy()
   out_natural = run_experiment("train_and_evaluate", tmp_path / "natural", default, *natural)

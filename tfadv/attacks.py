@@ -42,8 +42,21 @@ def random_start(x, epsilon, norm, rng: tf.random.Generator):
                                        radius="uniform", dtype=x.dtype)
 
 
+class Attack:
+  """An evaluation attack: `adversarial_logits` of a batch under the attack.
+
+  Input-space attacks return adversarial inputs from `__call__`; attacks on
+  a model's internals (`EmbeddingOutputAttack`) return the logits directly.
+  The trainer calls `adversarial_logits` for either.
+  """
+
+  def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
+    adversarial = self(model, inputs, labels, rng=rng, loss_fn=loss_fn)
+    return model(adversarial, training=False)
+
+
 @gin.configurable
-class InputAttack:
+class InputAttack(Attack):
   """Projected gradient ascent on the loss, from a clean or random start.
 
   FGSM is `num_steps=1, step_size=epsilon, random_start=False`; FGSM with a
@@ -179,7 +192,7 @@ def apgd_checkpoints(num_steps: int):
 
 
 @gin.configurable
-class APGD:
+class APGD(Attack):
   """Auto-PGD (Croce & Hein 2020), an evaluation attack with no step size to tune.
 
   Follows the authors' code (fra31/auto-attack, `APGDAttack`): a random
@@ -327,3 +340,66 @@ class APGD:
     return {"epsilon": self.epsilon, "num_steps": self.num_steps, "loss": self.loss,
             "norm": self.norm, "restarts": self.restarts, "rho": self.rho,
             "clip_min": self.clip_min, "clip_max": self.clip_max}
+
+
+@gin.configurable
+class EmbeddingOutputAttack(Attack):
+  """PGD-K on each example's embedding outputs (ℓ2 ball of radius ε, padding masked).
+
+  The evaluation counterpart of `EmbeddingOutputPGD`: δ⁰ a uniform point of
+  each example's ball on its real tokens (or 0), then K steps
+  δ ← Π_ε(δ + α·g_i/‖g_i‖₂) with g = ∂L/∂δ in inference mode, and the logits
+  at e + δᴷ. The random start comes from the trainer's evaluation generator,
+  which restarts from a fixed seed at every evaluation.
+
+  Example:
+  >>> attack = EmbeddingOutputAttack(epsilon=1.0, num_steps=5)
+  >>> # Experiment.eval_attacks = {"pgd5": @EmbeddingOutputAttack()} in a text config
+  """
+
+  def __init__(self, epsilon: float = 1.0, step_size: Optional[float] = None,
+               num_steps: int = 5, random_start: bool = True,
+               layer_name: str = "token_embedding",
+               padding_mask_key: Optional[str] = "padding_mask"):
+    if num_steps < 1:
+      raise ValueError(f"EmbeddingOutputAttack.num_steps={num_steps}; expected >= 1.")
+    self.epsilon = float(epsilon)
+    self.step_size = float(step_size if step_size is not None else 2.5 * epsilon / num_steps)
+    self.num_steps = int(num_steps)
+    self.random_start = random_start
+    self.layer_name = layer_name
+    self.padding_mask_key = padding_mask_key
+    self._hook = None
+
+  def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
+    from tfadv.models.hooks import EmbeddingOutputHook  # pylint: disable=g-import-not-at-top
+    if self._hook is None or self._hook.model is not model:
+      self._hook = EmbeddingOutputHook(model, self.layer_name)
+    hook = self._hook
+    if self.padding_mask_key is None:
+      ids = inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
+      mask = tf.ones(tf.concat([tf.shape(ids)[:2], [1]], 0), tf.float32)
+    else:
+      mask = tf.cast(inputs[self.padding_mask_key], tf.float32)[..., None]
+    shape = tf.concat([tf.shape(mask)[:2], [hook.output_dim]], 0)
+    if self.random_start:
+      delta = perturbation.random_start(shape, self.epsilon, "l2", rng, mask=mask)
+    else:
+      delta = tf.zeros(shape)
+    for _ in range(self.num_steps):
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(delta)
+        with hook.adding(delta * mask):
+          logits = tf.cast(model(inputs, training=False), tf.float32)
+        loss = tf.reduce_sum(loss_fn(labels, logits))
+      gradient = scaled_gradient(tape, loss, delta)
+      delta = perturbation.project(
+          delta + self.step_size * perturbation.normalize(gradient * mask),
+          self.epsilon) * mask
+    with hook.adding(tf.stop_gradient(delta)):
+      return model(inputs, training=False)
+
+  def get_config(self) -> dict:
+    return {"epsilon": self.epsilon, "step_size": self.step_size,
+            "num_steps": self.num_steps, "random_start": self.random_start,
+            "layer_name": self.layer_name, "padding_mask_key": self.padding_mask_key}

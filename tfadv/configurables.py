@@ -1,7 +1,7 @@
 """Imports every module with gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
 from tfadv import attacks, distribute, experiment, optimization
-from tfadv.data import clue, images, reviews
+from tfadv.data import clue, corpus, images, reviews
 from tfadv.methods import embedding_output, fgm, free, freelb, gradient_penalty, pgd, plain
 from tfadv.models import bert, vision
 from tfadv.tasks import image, masked_lm, text

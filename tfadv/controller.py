@@ -6,6 +6,7 @@ needs to know about any of them.
 """
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,11 @@ class Controller:
       optimizer, global step, method buffers).
     train_iterator_fn: `start_step -> iterator` over training batches.
     eval_iterator_fn: `() -> (iterator, num_steps)` over one evaluation pass.
+    validation_iterator_fn: the same over the validation split, or None.
+      With one, the `eval_every` evaluations (and one at the end of
+      training) are on validation, and the checkpoint with the best
+      validation accuracy is kept in `<model_dir>/best/` (its step and
+      metrics in `best/best.json`); the evaluation split is left alone.
     train_steps: total steps of the run.
     examples_per_step: global batch size, for examples/sec.
     steps_per_loop: steps per in-graph loop; progress lines are printed and
@@ -54,7 +60,8 @@ class Controller:
                checkpoint_every: int = 500, eval_every: int = 0,
                max_checkpoints: int = 3, is_chief: bool = True,
                learning_rate_fn: Optional[Callable[[], float]] = None,
-               print_fn: Callable[[str], None] = functools.partial(print, flush=True)):
+               print_fn: Callable[[str], None] = functools.partial(print, flush=True),
+               validation_iterator_fn: Optional[Callable] = None):
     self.trainer = trainer
     self.model_dir = model_dir
     self.train_iterator_fn = train_iterator_fn
@@ -72,6 +79,17 @@ class Controller:
     self.manager = tf.train.CheckpointManager(
         checkpoint, self._write_dir, max_to_keep=max_checkpoints,
         step_counter=trainer.global_step, checkpoint_interval=None)
+    self.validation_iterator_fn = validation_iterator_fn
+    self.best_manager = None
+    self.best: Dict = {}
+    if validation_iterator_fn is not None:
+      self.best_manager = tf.train.CheckpointManager(
+          checkpoint, os.path.join(self._write_dir, "best"), max_to_keep=1,
+          step_counter=trainer.global_step, checkpoint_interval=None)
+      path = os.path.join(model_dir, "best", "best.json")
+      if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+          self.best = json.load(f)
     self._writers = {}
     self.last_eval: Dict[str, float] = {}
     self.last_train: Dict[str, float] = {}
@@ -86,13 +104,18 @@ class Controller:
           os.path.join(self._write_dir, name))
     return self._writers[name]
 
-  def restore(self) -> int:
-    """Restores the newest checkpoint of the model dir; returns its step."""
-    latest = tf.train.latest_checkpoint(self.model_dir)
+  @property
+  def has_validation(self) -> bool:
+    return self.validation_iterator_fn is not None
+
+  def restore(self, best: bool = False) -> Optional[str]:
+    """Restores the newest checkpoint (`best`: the best on validation); returns its path."""
+    directory = os.path.join(self.model_dir, "best") if best else self.model_dir
+    latest = tf.train.latest_checkpoint(directory)
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       self.print(f"Restored {latest} at step {self.step}.")
-    return self.step
+    return latest
 
   def save(self) -> str:
     path = self.manager.save(checkpoint_number=self.trainer.global_step)
@@ -122,9 +145,12 @@ class Controller:
     On SIGTERM it stops at the next step boundary, saves a checkpoint there
     and raises `Preempted` (see `tfadv.preemption`).
     """
-    step = self.restore()
+    self.restore()
+    step = self.step
     if step >= self.train_steps:
       self.print(f"Already trained {step} of {self.train_steps} steps.")
+      if self.has_validation and self.best.get("step", -1) < 0:
+        self.validate()
       return self.last_train
     iterator = self.train_iterator_fn(step)
     self.print(f"Training from step {step} to {self.train_steps}.")
@@ -157,9 +183,44 @@ class Controller:
           raise Preempted(step, path)
         if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.train_steps:
           self.save()
-        if self.eval_every and step % self.eval_every == 0 and step < self.train_steps:
+        periodic = self.eval_every and step % self.eval_every == 0
+        if self.has_validation and (periodic or step == self.train_steps):
+          self.validate()
+        elif periodic and step < self.train_steps:
           self.evaluate()
     return self.last_train
+
+  def validate(self) -> Dict[str, float]:
+    """Evaluates on validation; keeps the checkpoint if it is the best so far."""
+    iterator, num_steps = self.validation_iterator_fn()
+    metrics = self.trainer.evaluate(iterator, num_steps)
+    metrics.pop("examples")
+    self.write_summaries("validation", metrics, self.step)
+    accuracy = self.trainer.accuracy_name
+    improved = not self.best or metrics[accuracy] > self.best["metrics"][accuracy]
+    if improved:
+      self.best = {"step": self.step, "metrics": metrics}
+      self.best_manager.save(checkpoint_number=self.trainer.global_step)
+      if self.is_chief:
+        with tf.io.gfile.GFile(os.path.join(self.model_dir, "best", "best.json"), "w") as f:
+          json.dump(self.best, f, indent=1)
+    self.print(f"validation at step {self.step} | loss {metrics['loss']:.4f} | "
+               f"{accuracy} {metrics[accuracy]:.4f} | best {self.best['metrics'][accuracy]:.4f} "
+               f"at step {self.best['step']}{' (new)' if improved else ''}")
+    return metrics
+
+  def write_hparams(self, values: Dict) -> None:
+    """The run's settings for TensorBoard's HParams dashboard (in the model dir)."""
+    from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+    accuracy = self.trainer.accuracy_name
+    metrics = [hp.Metric(accuracy, group="eval", display_name=f"eval {accuracy}")]
+    if self.has_validation:
+      metrics.append(hp.Metric(accuracy, group="validation",
+                               display_name=f"validation {accuracy}"))
+    with self.writer(".").as_default(step=self.step):
+      hp.hparams_config(hparams=[hp.HParam(k) for k in values], metrics=metrics)
+      hp.hparams(values, trial_id=os.path.basename(os.path.normpath(self.model_dir)))
+    self.writer(".").flush()
 
   def evaluate(self) -> Dict[str, float]:
     """One pass over the evaluation data at the current weights."""

@@ -76,10 +76,6 @@ def make_strategy(kind: str = "default", num_cpu_devices: int = 0,
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  """Whether this process writes checkpoints and summaries."""
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.task_type:
-    return True
-  return resolver.task_type == "chief" or (
-      resolver.task_type == "worker" and resolver.task_id == 0 and
-      "chief" not in resolver.cluster_spec().as_dict())
+  """Whether this process writes checkpoints and summaries (TF's own answer:
+  the chief, or worker 0 of a cluster without one)."""
+  return bool(strategy.extended.should_checkpoint)

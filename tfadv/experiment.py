@@ -5,28 +5,73 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import gin
 import keras
 import tensorflow as tf
 from absl import logging
-from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
-from tfadv import distribute
+from tfadv import compat, distribute
 from tfadv.controller import Controller
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
 from tfadv.models.state import random_state_variables
 from tfadv.optimization import adamw
+from tfadv.tasks.base import Task, count_correct, sparse_cross_entropy
 from tfadv.trainer import Trainer
 
 MODES = ("train", "evaluate", "train_and_evaluate", "export")
 
 
-def sparse_cross_entropy(labels, logits):
-  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] = None,
+                  *, global_batch_size: int, task: Optional[Task] = None,
+                  strategy: Optional[tf.distribute.Strategy] = None,
+                  optimizer_fn: Optional[Callable[[], keras.optimizers.Optimizer]] = None,
+                  input_shape=None, mixed_precision: Optional[str] = None,
+                  jit_compile: bool = False, eval_attacks: Optional[dict] = None,
+                  split_batch: Optional[Callable] = None,
+                  per_example_loss: Optional[Callable] = None,
+                  sparse_reduce: bool = False) -> Trainer:
+  """Model, optimizer and method built under `strategy`'s scope, in a `Trainer`.
+
+  The one place a trainer is assembled: `Experiment`, the tests and the
+  benchmarks all call it. `task` supplies the batch split, loss, accuracy
+  and input shape (each overridable by the keyword of the same name);
+  without a task, `split_batch` is required and the loss is cross-entropy.
+
+  Example:
+  >>> trainer = build_trainer(lambda: keras_hub.models.BertTextClassifier(
+  ...     backbone, num_classes=15), EmbeddingFGM(epsilon=0.5),
+  ...     global_batch_size=32, split_batch=lambda b: (features(b), b["label"]))
+  >>> metrics = trainer.train(iterator, num_steps=10)
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  method = method if method is not None else Plain()
+  per_replica_batch = global_batch_size // strategy.num_replicas_in_sync
+  if task is not None:
+    split_batch = split_batch or task.split_batch
+    per_example_loss = per_example_loss or task.per_example_loss
+    if input_shape is None:
+      input_shape = task.input_shape(per_replica_batch)
+  if split_batch is None:
+    raise ValueError("build_trainer: pass task= or split_batch=.")
+  keras.mixed_precision.set_global_policy(mixed_precision or "float32")
+  with strategy.scope():
+    model = model_fn()
+    optimizer = (optimizer_fn or (lambda: keras.optimizers.Adam(1e-3)))()
+    if mixed_precision == "mixed_float16":
+      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    method.build(model, input_shape=input_shape)
+  return Trainer(
+      strategy, model, optimizer, method, split_batch=split_batch,
+      per_example_loss=per_example_loss or sparse_cross_entropy,
+      global_batch_size=global_batch_size, jit_compile=jit_compile,
+      eval_attacks=eval_attacks, sparse_reduce=sparse_reduce,
+      count_correct=task.count_correct if task is not None else count_correct,
+      accuracy_name=task.accuracy_name if task is not None else "accuracy")
 
 
 @gin.configurable
@@ -52,8 +97,10 @@ class Experiment:
     max_checkpoints: checkpoints kept in the model dir.
     optimizer_fn: `(total_steps) -> optimizer`, e.g. `@adamw` (default) or
       `@sgd_momentum`.
-    eval_attacks: `{name: InputAttack}` for image tasks: evaluation also
-      reports `accuracy_<name>` under each attack (robust accuracy).
+    eval_attacks: `{name: attack}`: evaluation also reports
+      `accuracy_<name>` under each attack (robust accuracy), and with two or
+      more the per-example worst case: `tfadv.attacks.InputAttack`/`APGD`
+      for image tasks, `EmbeddingOutputAttack` for text tasks.
     mixed_precision: a Keras dtype policy for the model: "mixed_bfloat16"
       (TPU) or "mixed_float16" (GPU): layers compute in 16 bits; variables,
       losses, gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and
@@ -63,7 +110,7 @@ class Experiment:
       differentiates the scaled loss. None: float32 throughout.
   """
 
-  def __init__(self, task=gin.REQUIRED, method: Optional[Method] = None,
+  def __init__(self, task: Task = gin.REQUIRED, method: Optional[Method] = None,
                train_steps: int = 1000, global_batch_size: int = 32,
                eval_batch_size: Optional[int] = None, seed: int = 0,
                deterministic: bool = True, jit_compile: bool = False,
@@ -95,47 +142,42 @@ class Experiment:
 
   def build(self, model_dir: str, strategy: tf.distribute.Strategy, print_fn=None):
     """Creates model, optimizer, trainer and controller; returns the controller."""
+    if not isinstance(self.task, Task):
+      raise TypeError(f"Experiment.task is a {type(self.task).__name__}; a task "
+                      "subclasses tfadv.tasks.Task (tfadv/tasks/base.py).")
     keras.utils.set_random_seed(self.seed)
     if self.deterministic and not self.jit_compile:
       tf.config.experimental.enable_op_determinism()
-    elif self.jit_compile and tf_config.is_op_determinism_enabled():
+    elif self.jit_compile and compat.op_determinism_enabled():
       # TF refuses some XLA kernels under op determinism (MaxPool's gradient);
       # XLA's own CPU/TPU kernels do not depend on thread timing.
       logging.info("jit_compile=True: op determinism left to XLA.")
-      tf_config.disable_op_determinism()
+      compat.disable_op_determinism()
     self.strategy = strategy
     print_fn = print_fn or functools.partial(print, flush=True)
     self.task.prepare(model_dir)
     if self.train_epochs is not None:
       self.train_steps = self._steps_for_epochs()
-    per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
-    input_shape = (self.task.input_shape(per_replica_batch)
-                   if hasattr(self.task, "input_shape") else None)
-    keras.mixed_precision.set_global_policy(self.mixed_precision or "float32")
-    with strategy.scope():
-      self.model = self.task.build_model()
-      self.optimizer = self.optimizer_fn(total_steps=self.train_steps)
-      if self.mixed_precision == "mixed_float16":
-        self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-      self.optimizer.build(self.model.trainable_variables)
-      self.method.build(self.model, input_shape=input_shape)
-    self.trainer = Trainer(
-        strategy, self.model, self.optimizer, self.method,
-        split_batch=self.task.split_batch,
-        per_example_loss=getattr(self.task, "per_example_loss", sparse_cross_entropy),
-        global_batch_size=self.global_batch_size, jit_compile=self.jit_compile,
-        eval_attacks=self.eval_attacks,
-        **{k: getattr(self.task, k) for k in ("count_correct", "accuracy_name")
-           if hasattr(self.task, k)})
+    self.trainer = build_trainer(
+        self.task.build_model, self.method, global_batch_size=self.global_batch_size,
+        task=self.task, strategy=strategy,
+        optimizer_fn=lambda: self.optimizer_fn(total_steps=self.train_steps),
+        mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
+        eval_attacks=self.eval_attacks)
+    self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
                                      random_state=_numbered(random_state_variables(self.model)),
                                      method=_numbered(getattr(self.method, "variables", [])))
     self._train_arrays = None
-    self._eval_arrays = None
+    self._eval_arrays = {}
+    validation = "validation" in self.task.splits
     self.controller = Controller(
         self.trainer, model_dir, checkpoint,
-        train_iterator_fn=self._train_iterator, eval_iterator_fn=self._eval_iterator,
+        train_iterator_fn=self._train_iterator,
+        eval_iterator_fn=functools.partial(self._eval_iterator, "eval"),
+        validation_iterator_fn=(functools.partial(self._eval_iterator, "validation")
+                                if validation else None),
         train_steps=self.train_steps, examples_per_step=self.global_batch_size,
         steps_per_loop=self.steps_per_loop, checkpoint_every=self.checkpoint_every,
         eval_every=self.eval_every, max_checkpoints=self.max_checkpoints,
@@ -143,6 +185,74 @@ class Experiment:
         learning_rate_fn=lambda: float(self.optimizer.learning_rate),
         print_fn=print_fn)
     return self.controller
+
+  def run(self, mode: str, model_dir: str, strategy: tf.distribute.Strategy,
+          print_fn=None) -> dict:
+    """Runs `mode` in `model_dir`.
+
+    Returns `{"train": last training metrics, "train_seconds": ...,
+    "eval": evaluation metrics, "best": {"step", validation metrics} when the
+    task has a validation split, "finished"/"export": paths written}`.
+
+    With a validation split, training evaluates on it every `eval_every`
+    steps and at the end, and keeps the best checkpoint (highest validation
+    accuracy; the earliest on ties) in `<model_dir>/best/`; the reported
+    evaluation ("eval", e.g. CLUE's dev set) and the export use that
+    checkpoint, so nothing reported was looked at to choose it.
+    """
+    if mode not in MODES:
+      raise ValueError(f"--mode={mode!r}; expected one of {MODES}.")
+    print_fn = print_fn or functools.partial(print, flush=True)
+    controller = self.build(model_dir, strategy, print_fn=print_fn)
+    results = {}
+    try:
+      if controller.is_chief:
+        with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+          f.write(gin.operative_config_str())
+        controller.write_text("train", "gin/operative_config",
+                              gin.markdown(gin.operative_config_str()))
+        controller.write_hparams(self.hparams())
+      if mode in ("train", "train_and_evaluate"):
+        start = time.time()
+        results["train"] = controller.train()
+        results["train_seconds"] = time.time() - start
+        if controller.is_chief:
+          finished = self.task.finish_training(self.model, model_dir)
+          if finished:  # e.g. pretraining's keras-hub preset directory
+            results["finished"] = finished
+            print_fn(f"Wrote {finished}")
+      if mode in ("evaluate", "export") or (
+          mode == "train_and_evaluate" and controller.has_validation):
+        if not controller.restore(best=controller.has_validation):
+          raise FileNotFoundError(f"No checkpoint in {model_dir}: train first "
+                                  "(--mode=train) or pass the right --model_dir.")
+      if controller.has_validation and controller.best:
+        results["best"] = dict(controller.best)
+      if mode in ("evaluate", "train_and_evaluate"):
+        results["eval"] = controller.evaluate()
+      if "eval" in results and controller.is_chief:
+        write_eval_records(model_dir, self.task, controller.step, results)
+      if mode == "export":
+        path = self.task.export(self.model, os.path.join(model_dir, "export"))
+        print_fn(f"Exported {path}")
+        results["export"] = path
+    finally:
+      controller.close()
+    return results
+
+  def hparams(self) -> dict:
+    """The run's method and its settings, for TensorBoard's HParams dashboard."""
+    values = {"method": getattr(self.method, "name", type(self.method).__name__),
+              "task": type(self.task).__name__, "seed": self.seed,
+              "train_steps": self.train_steps,
+              "global_batch_size": self.global_batch_size}
+    dataset = getattr(self.task, "dataset", None)
+    if dataset is not None:
+      values["dataset"] = dataset.name
+    for key, value in self.method.get_config().items():
+      if isinstance(value, (bool, int, float, str)):
+        values[f"method.{key}"] = value
+    return values
 
   def _steps_for_epochs(self) -> int:
     replays = self.method.batch_replays
@@ -158,14 +268,14 @@ class Experiment:
         self.strategy, self._train_arrays, self.global_batch_size, shuffle=True,
         seed=self.seed, start_step=start_step,
         repeats_per_batch=self.method.batch_replays,
-        augment_fn=getattr(self.task, "augment_batch", None))
+        augment_fn=self.task.augment_batch)
     return iter(dataset)
 
-  def _eval_iterator(self):
-    # Tokenize the evaluation split once; every evaluation reuses it.
-    if self._eval_arrays is None:
-      self._eval_arrays = self.task.arrays("eval")
-    arrays = self._eval_arrays
+  def _eval_iterator(self, split: str):
+    # Tokenize each evaluated split once; every evaluation reuses it.
+    if split not in self._eval_arrays:
+      self._eval_arrays[split] = self.task.arrays(split)
+    arrays = self._eval_arrays[split]
     n = len(arrays[next(iter(arrays))])
     num_steps = -(-n // self.eval_batch_size)
     dataset = distributed_dataset(self.strategy, arrays, self.eval_batch_size,
@@ -193,11 +303,12 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
   writes `eval_results.json`, the run's own record, which nothing else
   overwrites.
   """
-  split = getattr(task, "eval_split", "eval")
+  split = task.eval_split
   record = {"step": step, "split": split,
             **{k: float(v) for k, v in results["eval"].items()}}
-  if "train_seconds" in results:
-    record["train_seconds"] = results["train_seconds"]
+  for key in ("train_seconds", "best"):
+    if key in results:
+      record[key] = results[key]
   paths = [eval_record_path(model_dir, split)]
   if "train" in results:
     paths.append(os.path.join(model_dir, "eval_results.json"))
@@ -208,43 +319,5 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
 
 def run(mode: str, model_dir: str, strategy: tf.distribute.Strategy,
         print_fn=None) -> dict:
-  """Runs `mode` of the gin-configured `Experiment` in `model_dir`."""
-  if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}; expected one of {MODES}.")
-  print_fn = print_fn or functools.partial(print, flush=True)
-  experiment = Experiment()  # pylint: disable=no-value-for-parameter
-  controller = experiment.build(model_dir, strategy, print_fn=print_fn)
-  results = {}
-  try:
-    if controller.is_chief:
-      with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
-      controller.write_text("train", "gin/operative_config",
-                            gin.markdown(gin.operative_config_str()))
-    if mode in ("train", "train_and_evaluate"):
-      start = time.time()
-      results["train"] = controller.train()
-      results["train_seconds"] = time.time() - start
-      if controller.is_chief and hasattr(experiment.task, "finish_training"):
-        # E.g. pretraining writes its keras-hub preset directory.
-        results["finished"] = experiment.task.finish_training(experiment.model, model_dir)
-        print_fn(f"Wrote {results['finished']}")
-    if mode == "train_and_evaluate":
-      results["eval"] = controller.evaluate()
-    if mode in ("evaluate", "export"):
-      if not tf.train.latest_checkpoint(model_dir):
-        raise FileNotFoundError(f"No checkpoint in {model_dir}: train first "
-                                "(--mode=train) or pass the right --model_dir.")
-      controller.restore()
-    if mode == "evaluate":
-      results["eval"] = controller.evaluate()
-    if "eval" in results and controller.is_chief:
-      write_eval_records(model_dir, experiment.task, controller.step, results)
-    if mode == "export":
-      path = experiment.task.export(experiment.model, os.path.join(model_dir, "export"))
-      print_fn(f"Exported {path}")
-      results["export"] = path
-  finally:
-    controller.close()
-  results["experiment"] = experiment
-  return results
+  """Runs `mode` of the gin-configured `Experiment` in `model_dir`; returns its results."""
+  return Experiment().run(mode, model_dir, strategy, print_fn=print_fn)  # pylint: disable=no-value-for-parameter

@@ -32,12 +32,12 @@ output, no loss weights. Sample weights work. Under a `tf.distribute`
 strategy, call `adversarial` inside `strategy.scope()`, like `compile`.
 """
 
-import types
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from tfadv import compat
 from tfadv.methods.base import Method
 from tfadv.trainer import apply_method
 
@@ -83,7 +83,7 @@ def _adversarial_train_step(self, data):
   for _ in range(method.batch_replays):
     out, _ = apply_method(method, self, self.optimizer, loss_fn, x, y, weights)
   # Keras's loss tracker averages over replicas what each replica reports.
-  self._loss_tracker.update_state(out.loss * tf.cast(replicas, tf.float32),
+  compat.loss_tracker(self).update_state(out.loss * tf.cast(replicas, tf.float32),
                                   sample_weight=local)
   return self.compute_metrics(x, y, out.logits, sample_weight=sample_weight)
 
@@ -122,6 +122,5 @@ def adversarial(model: keras.Model, method: Method,
   method.build(model, input_shape=input_shape)
   model._tfadv_method = method  # pylint: disable=protected-access
   model._tfadv_batch_size = batch_size if input_shape is not None else None  # pylint: disable=protected-access
-  model.train_step = types.MethodType(_adversarial_train_step, model)
-  model.train_function = None  # rebuilt around the new step on the next fit
+  compat.replace_train_step(model, _adversarial_train_step)
   return model

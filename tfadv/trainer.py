@@ -13,9 +13,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tfadv import compat
 from tfadv.data.pipeline import WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
+from tfadv.tasks.base import count_correct
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -28,19 +30,6 @@ def _host_flag() -> tf.Variable:
   """A boolean variable outside any strategy: the host sets it, the loop reads it."""
   with tf.init_scope():
     return tf.Variable(False, trainable=False, name="stop_requested")
-
-
-def _apply_reduced_gradients_only(optimizer: keras.optimizers.Optimizer) -> None:
-  # The trainer all-reduces gradients itself (once) so that it can report the
-  # global gradient norm; stop the Keras optimizer from summing them again.
-  # A LossScaleOptimizer applies through its inner optimizer, which would
-  # reduce them a second time: switch both off.
-  inner = getattr(optimizer, "inner_optimizer", None)
-  for opt in [optimizer] + ([inner] if inner is not None else []):
-    if not hasattr(opt, "_all_reduce_sum_gradients"):
-      raise RuntimeError("This Keras version's optimizer has no "
-                         "_all_reduce_sum_gradients; tfadv needs updating.")
-    opt._all_reduce_sum_gradients = list  # pylint: disable=protected-access
 
 
 def apply_method(method: Method, model: keras.Model,
@@ -68,7 +57,7 @@ def apply_method(method: Method, model: keras.Model,
   Returns the method's output and the global norm of the (unscaled) reduced
   gradients.
   """
-  _apply_reduced_gradients_only(optimizer)
+  compat.skip_optimizer_all_reduce(optimizer)
   with loss_scaling_by(optimizer):
     out = method.compute_gradients(model, loss_fn, inputs, labels, weights)
     scale = loss_scale()
@@ -82,13 +71,6 @@ def apply_method(method: Method, model: keras.Model,
     reduced = context.all_reduce(SUM, [_dense(g) for g in grads])
   optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
   return out, tf.linalg.global_norm(reduced) / scale
-
-
-def count_correct(labels, logits, weights):
-  """Classification: (weighted correct predictions, weighted examples)."""
-  hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
-                 tf.float32)
-  return tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
 
 
 def _dense(gradient):
@@ -148,7 +130,7 @@ class Trainer:
                    "XLA.", type(strategy).__name__)
       jit_compile = False
     self.jit_compile = jit_compile
-    _apply_reduced_gradients_only(optimizer)
+    compat.skip_optimizer_all_reduce(optimizer)
     self.eval_attacks = dict(eval_attacks or {})
     self.eval_seed = eval_seed
     with strategy.scope():
@@ -191,9 +173,8 @@ class Trainer:
             "counted": count, "examples": tf.reduce_sum(weights)}
     robust = None
     for name, attack in self.eval_attacks.items():
-      adversarial = attack(self.model, inputs, labels, rng=self._eval_rng,
-                           loss_fn=self.per_example_loss)
-      adv_logits = tf.cast(self.model(adversarial, training=False), tf.float32)
+      adv_logits = tf.cast(attack.adversarial_logits(
+          self.model, inputs, labels, self._eval_rng, self.per_example_loss), tf.float32)
       sums[f"correct_{name}"], _ = self.count_correct(labels, adv_logits, weights)
       held = tf.equal(tf.argmax(adv_logits, -1, output_type=labels.dtype), labels)
       robust = held if robust is None else tf.logical_and(robust, held)
@@ -218,7 +199,7 @@ class Trainer:
     # Every worker must take the same number of steps (their all-reduces
     # pair up), so a stop seen by any worker stops all of them: the sum of
     # the 0/1 flags is > 0 iff any is set.
-    if self.strategy.extended._in_multi_worker_mode():  # pylint: disable=protected-access
+    if compat.in_multi_worker_mode(self.strategy):
       flags = self.strategy.run(self._stop_flag)
       return self.strategy.reduce(SUM, flags, axis=None) > 0
     return self.stop_requested.read_value()

@@ -24,6 +24,9 @@ from typing import List, Optional, Sequence
 import gin
 import tensorflow as tf
 
+from tfadv.data.base import TextDataset, carve_validation
+from tfadv.errors import MissingInputError
+
 MALFORMED_POLICIES = ("error", "skip", "repair")
 # Line terminators other than "\n" that Unicode-aware readers split on.
 _RAW_LINE_BREAKS = ("\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
@@ -177,7 +180,7 @@ def _sort_labels(labels: Sequence[str]) -> List[str]:
 
 
 @gin.configurable
-class ClueDataset:
+class ClueDataset(TextDataset):
   """A CLUE classification task stored as `train.json` / `dev.json`.
 
   Label ids (e.g. TNEWS's 100..116 with gaps) are mapped to 0..C-1 in
@@ -192,6 +195,12 @@ class ClueDataset:
       file works, e.g. `eval_file="/data/test.json"`.
     labels_file: optional label list; `None` derives labels from train.
     malformed: policy for malformed records: "error", "skip" or "repair".
+    validation_fraction: the share of train carved off as the "validation"
+      split (stratified by label, seeded; `tfadv.data.base.carve_validation`),
+      on which the experiment selects its checkpoint; "train" is the rest.
+      0: no validation split.
+    validation_seed: the carving's seed (fixed: every run of a table
+      validates on the same examples).
 
   Example:
   >>> ds = ClueDataset("../shared/data/fewclue/tnews")
@@ -201,8 +210,11 @@ class ClueDataset:
 
   def __init__(self, data_dir: str = gin.REQUIRED, train_file: str = "train.json",
                eval_file: str = "dev.json", labels_file: Optional[str] = "labels.json",
-               malformed: str = "error", name: Optional[str] = None):
+               malformed: str = "error", name: Optional[str] = None,
+               validation_fraction: float = 0.0, validation_seed: int = 0):
     self.data_dir = data_dir
+    self.validation_fraction = validation_fraction
+    self.validation_seed = validation_seed
     self.train_file = train_file
     self.eval_file = eval_file
     self.labels_file = labels_file
@@ -222,15 +234,18 @@ class ClueDataset:
 
   def _check_exists(self, path: str):
     if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(
-          f"CLUE data not found: expected {path}. A CLUE task directory holds "
-          "train.json and dev.json in CLUE's JSON-lines format (optionally "
-          "labels.json). Get them from the CLUE benchmark "
-          "(github.com/CLUEbenchmark/CLUE, or FewCLUE's datasets/ folder) "
-          "and set `ClueDataset.data_dir`; WORKSPACE.md shows the layout.")
+      raise MissingInputError(
+          f"CLUE data not found: expected {path}. Put train.json and dev.json "
+          "(CLUE's JSON lines; from github.com/CLUEbenchmark/CLUE or FewCLUE's "
+          "datasets/) there, or set --gin_param=\"ClueDataset.data_dir = '...'\" "
+          "(WORKSPACE.md shows the layout).")
+
+  @property
+  def splits(self):
+    return ("train", "validation", "eval") if self.validation_fraction else ("train", "eval")
 
   def split(self, which: str) -> ClueSplit:
-    """Returns the `"train"` or `"eval"` split, read once and cached."""
+    """The whole train file (`"train"`) or the eval file (`"eval"`), read once and cached."""
     path = self._path(self.train_file if which == "train" else self.eval_file)
     if path not in self._cache:
       self._check_exists(path)
@@ -246,5 +261,15 @@ class ClueDataset:
     return _sort_labels(self.split("train").labels)
 
   def examples(self, which: str):
-    split = self.split(which)
-    return split.texts, split.labels
+    """(texts, raw labels) of "train" (less validation), "validation" or "eval"."""
+    self.check_split(which)
+    if which == "eval":
+      split = self.split("eval")
+      return split.texts, split.labels
+    split = self.split("train")
+    if not self.validation_fraction:
+      return split.texts, split.labels
+    train, validation = carve_validation(split.labels, self.validation_fraction,
+                                         self.validation_seed)
+    chosen = train if which == "train" else validation
+    return [split.texts[i] for i in chosen], [split.labels[i] for i in chosen]

@@ -18,6 +18,9 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from tfadv.data.base import ArrayDataset
+from tfadv.errors import MissingInputError
+
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog",
@@ -70,13 +73,16 @@ def find_idx_file(directory: str, stem: str) -> str:
 
 
 @gin.configurable
-class ImageDataset:
+class ImageDataset(ArrayDataset):
   """An image classification dataset as uint8 arrays.
 
   Args:
     name: "fashion_mnist", "mnist" or "cifar10" (TFDS names).
     source: "idx" (local IDX files; MNIST-style datasets only), "tfds", or
-      "auto": IDX files if `data_dir` or a Debian package has them, else TFDS.
+      "auto": IDX files if `data_dir` or a Debian package has them, else TFDS
+      for datasets without IDX files (CIFAR-10); an MNIST-style dataset whose
+      IDX files are missing is an error naming the package to install (set
+      `source="tfds"` to download it instead).
     data_dir: directory of the IDX files, or TFDS's data dir.
     num_train, num_eval: keep the first examples of each split (None: all).
 
@@ -119,12 +125,22 @@ class ImageDataset:
   def _resolved_source(self) -> str:
     if self.source != "auto":
       return self.source
-    return "idx" if self._idx_dir() else "tfds"
+    if self._idx_dir():
+      return "idx"
+    if self.name in DEFAULT_IDX_DIRS:
+      self._missing_idx()
+    return "tfds"
+
+  def _missing_idx(self):
+    where = [self.data_dir] if self.data_dir else DEFAULT_IDX_DIRS.get(self.name)
+    raise MissingInputError(
+        f"{self.name} not found: no IDX files in {where}. Install them with "
+        f"`apt-get install -y dataset-{self.name.replace('_', '-')}`, or set "
+        "ImageDataset.data_dir (or ImageDataset.source = 'tfds' to download).")
 
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
     """{"image": uint8 [N, H, W, C], "label": int32 [N]} of "train" or "eval"."""
-    if split not in IDX_FILES:
-      raise ValueError(f"split={split!r}; expected 'train' or 'eval'.")
+    self.check_split(split)
     if self._resolved_source() == "idx":
       images, labels = self._read_idx(split)
     else:
@@ -140,11 +156,7 @@ class ImageDataset:
   def _read_idx(self, split):
     directory = self._idx_dir()
     if directory is None:
-      raise FileNotFoundError(
-          f"No IDX files for {self.name} in "
-          f"{[self.data_dir] if self.data_dir else DEFAULT_IDX_DIRS.get(self.name)}: "
-          "install Debian's package (apt-get install -y dataset-fashion-mnist) "
-          "or pass ImageDataset.data_dir.")
+      self._missing_idx()
     image_stem, label_stem = IDX_FILES[split]
     images = read_idx(find_idx_file(directory, image_stem))
     labels = read_idx(find_idx_file(directory, label_stem))

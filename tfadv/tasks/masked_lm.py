@@ -19,8 +19,7 @@ that every fine-tuning config points at with one binding:
 
 import io
 import os
-import random
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import gin
 import keras
@@ -29,119 +28,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfadv.data import clue
 from tfadv.data import vocab as vocab_lib
+from tfadv.data.corpus import PretrainingCorpus, pack  # pylint: disable=unused-import
 from tfadv.models.bert import bert_masked_lm
+from tfadv.tasks.base import Task
 
 FEATURES = ("token_ids", "segment_ids", "padding_mask", "mask_positions")
 TARGETS = ("mask_ids", "mask_weights")
 
 
 @gin.configurable
-class PretrainingCorpus:
-  """Sentences for pretraining: unlabeled files plus the train splits' texts.
-
-  Evaluation split: `num_eval` sentences held out of `eval_files` (a seeded
-  draw; by default all unlabeled files; `configs/pretrain_mlm_zh.gin` keeps
-  it to TNEWS and EPRSTMT, so that presets pretrained on more files are
-  scored on the same held-out sentences). Dev
-  and test files are refused, so no evaluation text of a fine-tuning task is
-  ever seen in pretraining.
-
-  Args:
-    data_dir: root the file names are relative to, e.g.
-      `../shared/data/fewclue` (see WORKSPACE.md).
-    unlabeled_files: CLUE JSON-lines files whose records have a `sentence`.
-    train_files: labelled training splits whose sentences are added.
-    num_eval: unlabeled sentences held out for masked-token accuracy.
-    eval_files: the unlabeled files the held-out sentences are drawn from
-      (each must also be in `unlabeled_files`; default: all of them); the
-      rest of them train.
-    seed: the hold-out draw.
-
-  Example:
-  >>> corpus = PretrainingCorpus("../shared/data/fewclue")
-  >>> len(corpus.texts("train")), len(corpus.texts("eval"))
-  (41774, 2000)
-  """
-
-  def __init__(self, data_dir: str = gin.REQUIRED,
-               unlabeled_files: Sequence[str] = ("tnews/unlabeled.json",
-                                                 "eprstmt/unlabeled.json"),
-               train_files: Sequence[str] = ("tnews/train.json", "iflytek/train.json"),
-               num_eval: int = 2000,
-               eval_files: Optional[Sequence[str]] = None,
-               seed: int = 0):
-    eval_files = unlabeled_files if eval_files is None else eval_files
-    missing = [f for f in eval_files if f not in unlabeled_files]
-    if missing:
-      raise ValueError(
-          f"PretrainingCorpus: eval_files {missing} are not among unlabeled_files "
-          f"{list(unlabeled_files)}; add them there or drop them from eval_files.")
-    for name in list(unlabeled_files) + list(train_files):
-      base = os.path.basename(name).lower()
-      if base.startswith(("dev", "test")):
-        raise ValueError(
-            f"PretrainingCorpus: {name!r} looks like an evaluation split; "
-            "pretraining reads unlabeled and train files only.")
-    self.data_dir = data_dir
-    self.unlabeled_files = tuple(unlabeled_files)
-    self.train_files = tuple(train_files)
-    self.num_eval = num_eval
-    self.eval_files = tuple(eval_files)
-    self.seed = seed
-    self._splits = None
-
-  def _read(self, name: str, require_label: bool) -> List[str]:
-    path = name if ("://" in name or os.path.isabs(name)) else os.path.join(
-        self.data_dir, name)
-    if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(
-          f"Pretraining text not found: {path}. Set PretrainingCorpus.data_dir "
-          "(WORKSPACE.md shows the FewCLUE layout).")
-    # Raw line separators inside sentences are real data: keep the records.
-    return clue.read_clue_file(path, malformed="repair",
-                               require_label=require_label).texts
-
-  def texts(self, split: str) -> List[str]:
-    """The "train" or "eval" sentences."""
-    if self._splits is None:
-      pool = [t for f in self.eval_files for t in self._read(f, False)]
-      random.Random(self.seed).shuffle(pool)
-      held_out = pool[:self.num_eval]
-      train = pool[self.num_eval:]
-      for f in self.unlabeled_files:
-        if f not in self.eval_files:
-          train += self._read(f, False)
-      for f in self.train_files:
-        train += self._read(f, True)
-      self._splits = {"train": [t for t in train if t.strip()],
-                      "eval": [t for t in held_out if t.strip()]}
-    return self._splits[split]
-
-
-def pack(texts: List[str], characters: int) -> List[str]:
-  """Joins consecutive texts (by a space) into sequences of ≥ `characters`.
-
-  Example:
-  >>> pack(["今天", "天气", "很好"], characters=4)
-  ['今天 天气', '很好']
-  """
-  if characters <= 0:
-    return list(texts)
-  packed, current = [], ""
-  for text in texts:
-    current = f"{current} {text}" if current else text
-    if len(current) >= characters:
-      packed.append(current)
-      current = ""
-  if current:
-    packed.append(current)
-  return packed
-
-
-@gin.configurable
-class MaskedLMTask:
+class MaskedLMTask(Task):
   """Pretrains `keras_hub.models.BertMaskedLM` on a `PretrainingCorpus`.
 
   Reported accuracy is masked-token accuracy (`masked_accuracy`): the
@@ -194,15 +91,9 @@ class MaskedLMTask:
 
   def prepare(self, model_dir: str) -> None:
     self.model_dir = model_dir
-    tf.io.gfile.makedirs(model_dir)
-    vocab_path = os.path.join(model_dir, "vocab.txt")
-    if tf.io.gfile.exists(vocab_path):
-      vocabulary = vocab_lib.load_vocabulary(vocab_path)
-    else:
-      vocabulary = vocab_lib.build_char_vocabulary(
-          self.corpus.texts("train"), self.vocabulary_size, self.vocabulary_min_count)
-      vocab_lib.save_vocabulary(vocabulary, vocab_path)
-      logging.info("Built a %d-token vocabulary: %s", len(vocabulary), vocab_path)
+    vocabulary = vocab_lib.load_or_build_vocabulary(
+        model_dir, lambda: self.corpus.examples("train")[0], self.vocabulary_size,
+        self.vocabulary_min_count)
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
     self.preprocessor = keras_hub.models.BertMaskedLMPreprocessor(
         tokenizer, sequence_length=self.sequence_length,
@@ -275,7 +166,8 @@ class MaskedLMTask:
         arrays = dict(np.load(io.BytesIO(f.read())))
     else:
       copies = self.masks_per_sentence if split == "train" else 1
-      texts = pack(self.corpus.texts(split), self.pack_characters)
+      sentences, _ = self.corpus.examples(split)
+      texts = pack(sentences, self.pack_characters)
       arrays = self._mask(texts, copies, self.seed + (0 if split == "train" else 1))
       tf.io.gfile.makedirs(os.path.dirname(path))
       buffer = io.BytesIO()
@@ -283,7 +175,7 @@ class MaskedLMTask:
       with tf.io.gfile.GFile(path, "wb") as f:
         f.write(buffer.getvalue())
       logging.info("Masked %d %s sequences (%d sentences) x %d: %s", len(texts),
-                   split, len(self.corpus.texts(split)), copies, path)
+                   split, len(sentences), copies, path)
     self._arrays[split] = arrays
     return arrays
 

@@ -9,17 +9,21 @@ import keras
 import keras_hub
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from tfadv.data import vocab as vocab_lib
+from tfadv.errors import MissingInputError
 from tfadv.models.bert import bert_classifier
+from tfadv.tasks.base import Task, load_or_save_labels
+
+# The preset `make pretrain` writes, which every CLUE config fine-tunes from.
+PRETRAINED_PRESET = "runs/pretrain_mlm_zh/preset"
 
 FEATURES = ("token_ids", "segment_ids", "padding_mask")
 LABELS = "label"
 
 
 @gin.configurable
-class TextClassificationTask:
+class TextClassificationTask(Task):
   """Tokenized text classification for a dataset with `examples(split)`.
 
   The task owns what a trained model must carry with it: the label mapping
@@ -29,11 +33,13 @@ class TextClassificationTask:
   tokenizes exactly as the run that trained the model.
 
   Args:
-    dataset: a `ClueDataset`, `ProductReviews` or anything with
-      `label_names()` and `examples("train" | "eval")`.
+    dataset: a `tfadv.data.base.TextDataset`: `ClueDataset`,
+      `ProductReviews`, or your own.
     sequence_length: tokens per example, `[CLS]` and `[SEP]` included.
     preset: keras-hub preset name or local directory; its tokenizer and
       weights replace the character vocabulary and random initialisation.
+      A local directory that does not exist is an error naming the command
+      that makes it (`make pretrain` for `runs/pretrain_mlm_zh/preset`).
     vocabulary_size: upper bound for the built character vocabulary.
     vocabulary_min_count: characters rarer than this map to `[UNK]`.
 
@@ -43,6 +49,8 @@ class TextClassificationTask:
   >>> model = task.build_model()
   >>> arrays = task.arrays("train")  # token_ids, segment_ids, ..., label
   """
+
+  embedding_layer = "token_embedding"
 
   def __init__(self, dataset=gin.REQUIRED, sequence_length: int = 128,
                preset: Optional[str] = None, vocabulary_size: int = 8000,
@@ -59,40 +67,33 @@ class TextClassificationTask:
   def num_classes(self) -> int:
     return len(self.label_names)
 
-  @property
-  def eval_split(self) -> str:
-    return getattr(self.dataset, "eval_split", "eval")
-
   def prepare(self, model_dir: str) -> None:
     """Loads or creates the label mapping and tokenizer for `model_dir`."""
-    tf.io.gfile.makedirs(model_dir)
-    labels_path = os.path.join(model_dir, "labels.json")
-    if tf.io.gfile.exists(labels_path):
-      with tf.io.gfile.GFile(labels_path) as f:
-        self.label_names = json.load(f)["labels"]
-    else:
-      self.label_names = [str(x) for x in self.dataset.label_names()]
-      with tf.io.gfile.GFile(labels_path, "w") as f:
-        json.dump({"labels": self.label_names,
-                   "dataset": getattr(self.dataset, "name", "")}, f,
-                  ensure_ascii=False, indent=1)
+    self.label_names = load_or_save_labels(
+        model_dir, self.dataset.label_names, getattr(self.dataset, "name", ""))
     if self.preset:
+      self._check_preset()
       self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
           self.preset, sequence_length=self.sequence_length)
       return
-    vocab_path = os.path.join(model_dir, "vocab.txt")
-    if tf.io.gfile.exists(vocab_path):
-      vocabulary = vocab_lib.load_vocabulary(vocab_path)
-    else:
-      texts, _ = self.dataset.examples("train")
-      vocabulary = vocab_lib.build_char_vocabulary(
-          texts, self.vocabulary_size, self.vocabulary_min_count)
-      vocab_lib.save_vocabulary(vocabulary, vocab_path)
-      logging.info("Built a %d-token character vocabulary from %d training "
-                   "texts: %s", len(vocabulary), len(texts), vocab_path)
+    vocabulary = vocab_lib.load_or_build_vocabulary(
+        model_dir, lambda: self.dataset.examples("train")[0],
+        self.vocabulary_size, self.vocabulary_min_count)
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
     self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=self.sequence_length)
+
+  def _check_preset(self):
+    local = (self.preset.startswith(("gs://", "/", ".")) or os.sep in self.preset
+             or os.path.exists(self.preset))
+    if local and not tf.io.gfile.exists(os.path.join(self.preset, "config.json")):
+      how = ("make it with `make pretrain` (configs/pretrain_mlm_zh.gin, about an hour "
+             "on 2 cores)" if os.path.normpath(self.preset).endswith(
+                 os.path.normpath(PRETRAINED_PRESET)) else
+             "point TextClassificationTask.preset at a keras-hub preset directory")
+      raise MissingInputError(
+          f"Preset not found: {self.preset} (no config.json); {how}, or train from "
+          "scratch with --gin_param=\"TextClassificationTask.preset = None\".")
 
   def input_shape(self, per_replica_batch: int):
     """(batch, length) of one replica's token inputs (FreeLB's buffer uses it)."""
@@ -106,7 +107,7 @@ class TextClassificationTask:
         preset=self.preset)
 
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
-    """Tokenized features and class indices of `split` ("train" or "eval")."""
+    """Tokenized features and class indices of `split` ("train", "validation", "eval")."""
     texts, raw_labels = self.dataset.examples(split)
     index = {name: i for i, name in enumerate(self.label_names)}
     unknown = sorted(set(raw_labels) - set(index))

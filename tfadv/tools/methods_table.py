@@ -1,4 +1,4 @@
-"""The methods table: baseline, FGM and GP on FewCLUE TNEWS and IFLYTEK, over seeds.
+"""The methods table: plain training, FGM and GP on FewCLUE TNEWS and IFLYTEK, over seeds.
 
     python -m tfadv.tools.methods_table --data_dir=../shared/data/fewclue \\
         --out_dir=docs --work_dir=runs/methods_table
@@ -44,7 +44,7 @@ flags.DEFINE_string("out_dir", "docs", "Where results.md and results.png go.")
 flags.DEFINE_string("work_dir", "runs/methods_table", "Model dirs of the runs.")
 flags.DEFINE_string("config_dir", "configs", "Where <task>_<method>.gin live.")
 flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks (rows).")
-flags.DEFINE_list("methods", ["baseline", "fgm", "gp"], "Methods (columns).")
+flags.DEFINE_list("methods", ["plain", "fgm", "gp"], "Methods (columns).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every task x method.")
 flags.DEFINE_multi_string("sweep", [], "method[@task,...]:eps1,eps2,... extra ε "
                           "rows (on --sweep_tasks, or the tasks after @).")
@@ -142,7 +142,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
                    path):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
-  title = "## Text: FewCLUE TNEWS and IFLYTEK (baseline, FGM, GP)"
+  title = "## Text: FewCLUE TNEWS and IFLYTEK (plain, FGM, GP)"
   if FLAGS.preset:
     title = ("## Text: FewCLUE TNEWS and IFLYTEK, fine-tuned from the locally "
              f"pretrained preset (`{FLAGS.preset}`)")
@@ -155,7 +155,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
            f"{elapsed_seconds / 60:.1f} min elapsed in this invocation with --jobs={FLAGS.jobs} "
            "(runs read back from an earlier one count 0).", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
-           "in brackets the difference from the baseline's mean:", "",
+           "in brackets the difference from plain training's mean:", "",
            "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
            "|---" * (len(tasks) + 1) + "|"]
   for variant in variants:
@@ -167,8 +167,8 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
         continue
       mean, std = runs.mean_std([100 * r["accuracy"] for r in records])
       cell = f"{mean:.2f} ± {std:.2f} (n={len(records)})"
-      baseline = groups.get((task, "baseline"))
-      if baseline and variant != "baseline":
+      baseline = groups.get((task, "plain"))
+      if baseline and variant != "plain":
         cell += f" [{mean - runs.mean_std([100 * r['accuracy'] for r in baseline])[0]:+.2f}]"
       cells.append(cell)
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")

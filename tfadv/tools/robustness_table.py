@@ -1,4 +1,4 @@
-"""The robustness table: natural, FGSM-RS, PGD-7 and Free-m on Fashion-MNIST.
+"""The robustness table: plain training, FGSM-RS, PGD-7 and Free-m on Fashion-MNIST.
 
     python -m tfadv.tools.robustness_table --out_dir=docs \\
         --work_dir=runs/robustness_table
@@ -24,7 +24,7 @@ ROBUST = "accuracy_worst_case"
 flags.DEFINE_string("out_dir", "docs", "Where results.md and the plot go.")
 flags.DEFINE_string("work_dir", "runs/robustness_table", "Model dirs of the runs.")
 flags.DEFINE_string("config_dir", "configs", "Where fashion_mnist_<method>.gin live.")
-flags.DEFINE_list("methods", ["natural", "fgsm", "pgd7", "free4", "free8"],
+flags.DEFINE_list("methods", ["plain", "fgsm", "pgd7", "free4", "free8"],
                   "Rows: configs/fashion_mnist_<method>.gin.")
 flags.DEFINE_list("seeds", ["0"], "Seeds of every row.")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
@@ -56,8 +56,8 @@ def claims(rows):
   def mean(method, key):
     return runs.mean_std(r[key] for r in rows[method])[0]
   lines = []
-  if "natural" in rows:
-    lines.append(f"- Natural training robust (worst case): {100 * mean('natural', ROBUST):.1f}% "
+  if "plain" in rows:
+    lines.append(f"- Plain training robust (worst case): {100 * mean("plain", ROBUST):.1f}% "
                  "(claim: near 0%).")
   if "pgd7" in rows:
     pgd_acc, pgd_time = mean("pgd7", ROBUST), mean("pgd7", "train_seconds")
@@ -89,7 +89,7 @@ def main(argv):
     rows.setdefault(method, []).append(record)
     finished.append((method, seed, record))
   total = sum(r["wall_seconds"] for *_, r in finished)
-  lines = ["## Vision: Fashion-MNIST, natural vs FGSM-RS vs PGD-7 vs Free-m", "",
+  lines = ["## Vision: Fashion-MNIST, plain vs FGSM-RS vs PGD-7 vs Free-m", "",
            "Produced by (from the repository root):", "", "```",
            runs.command_line("tfadv.tools.robustness_table"), "```", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "

@@ -1,0 +1,9 @@
+"""Errors a user fixes by changing the command, not the code.
+
+`tfadv.main` prints their one-line message (which names the fix) and exits
+with status 2, without a traceback; nothing has been written by then.
+"""
+
+
+class MissingInputError(FileNotFoundError):
+  """An input the run reads is not there (data, preset, installed dataset)."""

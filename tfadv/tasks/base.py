@@ -1,0 +1,142 @@
+"""The `Task` contract: what an `Experiment` needs to know about what is learned.
+
+A task owns the data (as arrays by split), the model, and how a batch turns
+into model inputs and labels; the method (how to train) and the trainer
+(where, how fast) know nothing of it. To add a task, subclass `Task`,
+implement the five abstract members, override the optional ones that differ
+from their defaults, and name it in a gin file
+(`Experiment.task = @MyTask()`).
+
+Required:
+  prepare(model_dir)     make or load what the model needs beside its weights
+                         (label map, vocabulary) in the model dir;
+  build_model()          a Keras model returning logits (built under the
+                         strategy's scope by the experiment);
+  arrays(split)          {name: array} of "train", "eval" and, when
+                         `splits` has it, "validation";
+  split_batch(batch)     (model inputs, labels) of a batch of those arrays;
+  export(model, dir)     write the trained model for serving; returns a path.
+
+Optional (defaults here):
+  splits                 ("train", "eval"), plus "validation" when the data
+                         has a validation split (then the experiment keeps
+                         the checkpoint best on validation);
+  eval_split             name of the "eval" split in records ("dev", "test");
+  accuracy_name          the progress line's and records' accuracy key;
+  input_shape(batch)     per-replica input shape, for methods with buffers;
+  per_example_loss       (labels, logits) -> per-example loss (cross-entropy);
+  count_correct          (labels, logits, weights) -> (correct, total);
+  augment_batch          (batch, seed) -> batch, or None for no augmentation;
+  embedding_layer        the layer an embedding-space evaluation attack
+                         perturbs (text tasks), or None;
+  finish_training        a hook at the end of training (pretraining writes
+                         its preset there).
+
+Example (a complete task):
+>>> class Parity(Task):
+...   def prepare(self, model_dir): pass
+...   def build_model(self):
+...     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+...   def arrays(self, split):
+...     x = np.random.RandomState(0).randint(0, 2, (64, 4)).astype("float32")
+...     return {"x": x, "y": (x.sum(1) % 2).astype("int32")}
+...   def split_batch(self, batch): return batch["x"], batch["y"]
+...   def export(self, model, export_dir):
+...     model.save(export_dir + "/model.keras"); return export_dir
+"""
+
+import abc
+import json
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def sparse_cross_entropy(labels, logits):
+  """Per-example cross-entropy of integer labels and logits."""
+  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def count_correct(labels, logits, weights):
+  """Classification: (weighted correct predictions, weighted examples)."""
+  hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+                 tf.float32)
+  return tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
+
+
+class Task(abc.ABC):
+  """Base class of tasks; see the module docstring for the contract."""
+
+  accuracy_name = "accuracy"
+  # (batch, seed) -> batch: random augmentation of training batches, or None.
+  augment_batch: Optional[Callable] = None
+  # The embedding layer an embedding-space evaluation attack perturbs, or None.
+  embedding_layer: Optional[str] = None
+
+  @abc.abstractmethod
+  def prepare(self, model_dir: str) -> None:
+    """Creates or loads what the model needs beside its weights, in `model_dir`."""
+
+  @abc.abstractmethod
+  def build_model(self) -> keras.Model:
+    """The model (returning logits); called under the strategy's scope."""
+
+  @abc.abstractmethod
+  def arrays(self, split: str) -> Dict[str, np.ndarray]:
+    """Examples of `split` ("train", "validation", "eval") as equally long arrays."""
+
+  @abc.abstractmethod
+  def split_batch(self, batch) -> Tuple:
+    """(model inputs, labels) of a batch of `arrays`."""
+
+  @abc.abstractmethod
+  def export(self, model: keras.Model, export_dir: str) -> str:
+    """Writes `model` for use outside tfadv; returns the path written."""
+
+  @property
+  def splits(self) -> Tuple[str, ...]:
+    dataset = getattr(self, "dataset", None)
+    return tuple(dataset.splits) if dataset is not None else ("train", "eval")
+
+  @property
+  def eval_split(self) -> str:
+    dataset = getattr(self, "dataset", None)
+    return dataset.eval_split if dataset is not None else "eval"
+
+  def input_shape(self, per_replica_batch: int) -> Optional[tuple]:
+    """One replica's input shape (for methods with per-example buffers), or None."""
+    del per_replica_batch
+    return None
+
+  def per_example_loss(self, labels, logits):
+    return sparse_cross_entropy(labels, logits)
+
+  def count_correct(self, labels, logits, weights):
+    return count_correct(labels, logits, weights)
+
+  def finish_training(self, model: keras.Model, model_dir: str) -> Optional[str]:
+    """Called once after training (chief only); may return a path it wrote."""
+    del model, model_dir
+    return None
+
+
+def load_or_save_labels(model_dir: str, make_labels: Callable[[], List[str]],
+                        dataset_name: str = "") -> List[str]:
+  """The model's class order: `labels.json` in the model dir, written on first use.
+
+  A resumed, evaluated or exported run reads the mapping the model was
+  trained with, whatever the data directory says now.
+  """
+  path = os.path.join(model_dir, "labels.json")
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)["labels"]
+  labels = [str(x) for x in make_labels()]
+  tf.io.gfile.makedirs(model_dir)
+  with tf.io.gfile.GFile(path, "w") as f:
+    json.dump({"labels": labels, "dataset": dataset_name}, f,
+              ensure_ascii=False, indent=1)
+  return labels
