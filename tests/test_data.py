@@ -1,6 +1,5 @@
 """CLUE reader, malformed-record policies, vocabulary and input pipeline."""
 
-import json
 import os
 
 import numpy as np

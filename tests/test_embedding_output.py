@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_nlp_methods import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
+import builders
+from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB
 from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
-from tfadv.trainer import Trainer
 
 H = 16  # tiny_bert's hidden size
 
@@ -256,14 +255,10 @@ def test_pgd_iterates_stay_in_each_ball_and_off_padding():
 
 
 def _trainer(strategy, method, jit=False, global_batch=B, learning_rate=1e-2):
-  with strategy.scope():
-    model = tiny_bert()
-    optimizer = keras.optimizers.Adam(learning_rate)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(global_batch // strategy.num_replicas_in_sync, L))
-  return Trainer(strategy, model, optimizer, method, split_batch=split,
-                 per_example_loss=sparse_cross_entropy,
-                 global_batch_size=global_batch, jit_compile=jit)
+  return builders.trainer(tiny_bert, method, split, global_batch, strategy=strategy,
+                          optimizer_fn=lambda: keras.optimizers.Adam(learning_rate),
+                          input_shape=(global_batch // strategy.num_replicas_in_sync, L),
+                          jit=jit)
 
 
 def _train(trainer, arrays, steps, global_batch=B):

@@ -11,27 +11,23 @@ import pytest
 import tensorflow as tf
 
 import tfadv.keras
-from test_nlp_methods import B, batch_arrays, split as text_split, tiny_bert
-from test_vision import image_arrays, split as image_split, tiny_cnn
+from builders import batch_arrays, split as text_split, tiny_bert
+from builders import image_arrays, image_split, tiny_cnn
 from tfadv.data.clue import ClueDataset
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.data.vocab import build_char_vocabulary
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.optimization import adamw
 from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, EmbeddingOutputFGM,
                            EmbeddingOutputPGD, FreeLB, FreeTraining, PGDTraining)
-from tfadv.trainer import Trainer
+from tfadv.experiment import build_trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def trainer_weights(model, method, arrays, split, steps=1, replays=1, input_shape=None):
-  optimizer = keras.optimizers.SGD(0.1)
-  optimizer.build(model.trainable_variables)
-  method.build(model, input_shape=input_shape)
-  trainer = Trainer(tf.distribute.get_strategy(), model, optimizer, method,
-                    split_batch=split, per_example_loss=sparse_cross_entropy,
-                    global_batch_size=len(arrays["label"]))
+  trainer = build_trainer(lambda: model, method, global_batch_size=len(arrays["label"]),
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.1),
+                          split_batch=split, input_shape=input_shape)
   ds = distributed_dataset(trainer.strategy, arrays, len(arrays["label"]), shuffle=False,
                            num_steps=steps, repeats_per_batch=replays)
   trainer.train(iter(ds), steps)

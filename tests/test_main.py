@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
+import builders
 from tfadv import distribute
 from tfadv.main import ConfigError
 
 
 def test_unknown_parameter_names_the_binding():
   with pytest.raises(ConfigError) as info:
-    helpers.configure(["Experiment.trian_steps = 5"])
+    builders.configure(["Experiment.trian_steps = 5"])
   assert "Experiment.trian_steps = 5" in str(info.value)
   assert "trian_steps" in str(info.value)
 
 
 def test_unknown_configurable_names_the_binding():
   with pytest.raises(ConfigError, match="Experimnt"):
-    helpers.configure(["Experimnt.train_steps = 5"])
+    builders.configure(["Experimnt.train_steps = 5"])
 
 
 def test_gin_file_typo_names_file_and_binding(tmp_path):
@@ -31,8 +31,8 @@ def test_gin_file_typo_names_file_and_binding(tmp_path):
   path.write_text("include 'configs/base/train.gin'\nadamw.learnig_rate = 1e-3\n")
   with pytest.raises(ConfigError) as info:
     gin_path = str(path)
-    os.chdir(helpers.REPO)
-    helpers.parse_config([gin_path], [])
+    os.chdir(builders.REPO)
+    builders.parse_config([gin_path], [])
   assert "bad.gin" in str(info.value) and "learnig_rate" in str(info.value)
 
 
@@ -40,7 +40,7 @@ def test_command_line_config_error_exits_2_with_message():
   proc = subprocess.run(
       [sys.executable, "-m", "tfadv.main", "--gin_file=configs/demo.gin",
        "--gin_param=Experiment.trian_steps = 5", "--model_dir=/tmp/unused"],
-      cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+      cwd=builders.REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "config error" in proc.stderr and "Experiment.trian_steps" in proc.stderr
 
@@ -80,8 +80,8 @@ def _table_refusal(model_dir):
 
 def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path):
   strategy = tf.distribute.get_strategy()
-  bindings = helpers.tnews_bindings(fewclue_dir, train_steps=10, checkpoint_every=10)
-  trained = helpers.run("train_and_evaluate", tmp_path, strategy, bindings)
+  bindings = builders.tnews_bindings(fewclue_dir, train_steps=10, checkpoint_every=10)
+  trained = builders.run("train_and_evaluate", tmp_path, strategy, bindings)
   training_record = (tmp_path / "eval_results.json").read_text()
   assert json.loads(training_record)["split"] == "dev"
   assert (tmp_path / "eval_results_dev.json").read_text() == training_record
@@ -91,7 +91,7 @@ def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path)
              {"label": "104", "label_des": "news_finance", "sentence": "股市今日上涨"}]
   test_file = tmp_path / "test.json"
   test_file.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), "utf-8")
-  evaluated = helpers.run("evaluate", tmp_path, strategy,
+  evaluated = builders.run("evaluate", tmp_path, strategy,
                           bindings + [f"ClueDataset.eval_file = '{test_file}'"])
   assert any("3 examples" in line for line in evaluated["lines"])
   model = evaluated["experiment"].model
@@ -107,7 +107,7 @@ def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path)
   assert other["accuracy"] == pytest.approx(expected_acc)
   assert "split 'test', not 'dev'" in _table_refusal(tmp_path)
 
-  exported = helpers.run("export", tmp_path, strategy, bindings)
+  exported = builders.run("export", tmp_path, strategy, bindings)
   path = exported["export"]
   assert path.endswith("model.keras") and os.path.exists(path)
   code = ("import sys, json, keras, keras_hub, numpy as np\n"

@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import helpers
+import builders
 import tfadv.keras
-from test_nlp_methods import B, batch_arrays, split, tiny_bert
+from builders import B, batch_arrays, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import EmbeddingFGM, EmbeddingOutputPGD, Plain
-from tfadv.trainer import Trainer
+from tfadv.experiment import build_trainer
 
 METHODS = {
     "plain": Plain,
@@ -46,13 +45,11 @@ def _optimizer(policy):
 def trainer_update(policy, method, weights, strategy=None, n=B):
   strategy = strategy or tf.distribute.get_strategy()
   arrays = batch_arrays(n)
-  with strategy.scope():
-    model = _model(policy, weights)
-    optimizer = _optimizer(policy)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(n // strategy.num_replicas_in_sync, arrays["token_ids"].shape[1]))
-  trainer = Trainer(strategy, model, optimizer, method, split_batch=split,
-                    per_example_loss=sparse_cross_entropy, global_batch_size=n)
+  trainer = build_trainer(
+      lambda: _model(policy, weights), method, global_batch_size=n, strategy=strategy,
+      optimizer_fn=lambda: _optimizer(policy), split_batch=split,
+      input_shape=(n // strategy.num_replicas_in_sync, arrays["token_ids"].shape[1]))
+  model, optimizer = trainer.model, trainer.optimizer
   metrics = trainer.train(iter(distributed_dataset(strategy, arrays, n, shuffle=False)), 1)
   return [v.numpy() - w for v, w in zip(model.trainable_variables, weights)], metrics, optimizer
 
@@ -103,13 +100,11 @@ def test_float16_on_two_replicas_equals_one_device_and_reduces_once(start, mirro
 
 def test_float16_overflow_skips_the_step_and_halves_the_scale(start):
   arrays = batch_arrays()
-  model = _model("mixed_float16", start)
-  optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(LR), initial_scale=1e30)
-  optimizer.build(model.trainable_variables)
-  method = EmbeddingFGM(epsilon=0.5)
-  method.build(model)
-  trainer = Trainer(tf.distribute.get_strategy(), model, optimizer, method, split_batch=split,
-                    per_example_loss=sparse_cross_entropy, global_batch_size=B)
+  trainer = build_trainer(
+      lambda: _model("mixed_float16", start), EmbeddingFGM(epsilon=0.5), global_batch_size=B,
+      optimizer_fn=lambda: keras.optimizers.LossScaleOptimizer(
+          keras.optimizers.SGD(LR), initial_scale=1e30), split_batch=split)
+  model, optimizer = trainer.model, trainer.optimizer
   trainer.train(iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=False)), 1)
   for v, w in zip(model.trainable_variables, start):
     np.testing.assert_array_equal(v.numpy(), w)  # skipped
@@ -117,9 +112,9 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(start):
 
 
 def test_experiment_trains_in_mixed_float16(fewclue_dir, tmp_path):
-  bindings = helpers.tnews_bindings(fewclue_dir, train_steps=10, mixed_precision="mixed_float16")
+  bindings = builders.tnews_bindings(fewclue_dir, train_steps=10, mixed_precision="mixed_float16")
   try:
-    results = helpers.run("train", tmp_path, tf.distribute.get_strategy(), bindings)
+    results = builders.run("train", tmp_path, tf.distribute.get_strategy(), bindings)
   finally:
     keras.mixed_precision.set_global_policy("float32")
   experiment = results["experiment"]

@@ -1,26 +1,16 @@
 """Embedding-matrix FGM and gradient penalty: references, exactness, distribution, XLA."""
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import builders
+from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain
 from tfadv.methods.embedding_matrix import combine_rows
-from tfadv.trainer import Trainer
 
-B, L, V, C = 4, 8, 40, 3
-
-
-def tiny_bert(seed=0):
-  keras.utils.set_random_seed(seed)
-  backbone = keras_hub.models.BertBackbone(
-      vocabulary_size=V, num_layers=1, num_heads=2, hidden_dim=16,
-      intermediate_dim=32, dropout=0.0, max_sequence_length=L)
-  return keras_hub.models.BertTextClassifier(backbone, num_classes=C, dropout=0.0)
 
 
 def tiny_mlp(dtype="float64", seed=0):
@@ -32,32 +22,6 @@ def tiny_mlp(dtype="float64", seed=0):
   x = keras.layers.Flatten(dtype=dtype)(x)
   x = keras.layers.Dense(6, activation="tanh", dtype=dtype)(x)
   return keras.Model({"token_ids": ids}, keras.layers.Dense(C, dtype=dtype)(x))
-
-
-def batch_arrays(n=B, seed=0):
-  rng = np.random.RandomState(seed)
-  ids = rng.randint(5, V, size=(n, L)).astype(np.int32)
-  ids[:, 0] = 2
-  ids[0, 3:5] = ids[0, 1]  # repeated tokens: duplicate gradient rows
-  mask = np.ones((n, L), bool)
-  mask[1, 6:] = False
-  return {"token_ids": ids, "segment_ids": np.zeros((n, L), np.int32),
-          "padding_mask": mask, "label": rng.randint(0, C, n).astype(np.int32)}
-
-
-def split(batch):
-  return {k: batch[k] for k in ("token_ids", "segment_ids", "padding_mask")}, batch["label"]
-
-
-def loss_fn(global_batch=B):
-  def fn(labels, logits, weights):
-    per = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    return tf.reduce_sum(per * tf.cast(weights, per.dtype)) / global_batch
-  return fn
-
-
-def dense(g):
-  return tf.convert_to_tensor(g).numpy()
 
 
 def eager_grads(model, inputs, labels, weights, fn):
@@ -106,14 +70,8 @@ def test_combine_rows_sums_duplicates_without_dense_table():
 
 
 def _trainer(strategy, model_fn, method, optimizer_fn, jit=False, global_batch=B):
-  with strategy.scope():
-    model = model_fn()
-    optimizer = optimizer_fn()
-    optimizer.build(model.trainable_variables)
-    method.build(model)
-  return Trainer(strategy, model, optimizer, method, split_batch=split,
-                 per_example_loss=sparse_cross_entropy,
-                 global_batch_size=global_batch, jit_compile=jit)
+  return builders.trainer(model_fn, method, split, global_batch, strategy=strategy,
+                          optimizer_fn=optimizer_fn, jit=jit)
 
 
 def _train(trainer, arrays, steps, global_batch=B):

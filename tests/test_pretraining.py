@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from helpers import configure, run, tnews_bindings
+from builders import configure, run, tnews_bindings
 from tfadv import experiment as experiment_lib
 from tfadv.tasks.masked_lm import PretrainingCorpus, pack
 import tensorflow as tf

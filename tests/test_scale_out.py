@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO, tiny_fashion_bindings, write_tiny_fashion_idx
-from test_nlp_methods import batch_arrays, split as text_split, tiny_bert
-from test_vision import image_arrays, split as image_split, tiny_cnn
+from builders import REPO, tiny_fashion_bindings, write_tiny_fashion_idx
+from builders import batch_arrays, split as text_split, tiny_bert
+from builders import image_arrays, image_split, tiny_cnn
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, FGSMTraining,
                            FreeTraining, PGDTraining, Plain)
-from tfadv.trainer import Trainer
+from tfadv.experiment import build_trainer
 
 sys.path.insert(0, os.path.join(REPO, "launch"))
 import tpu_vm  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -283,14 +282,13 @@ def test_every_method_trains_in_mixed_bfloat16_with_float32_state(name, bfloat16
   for policy in ("float32", "mixed_bfloat16"):
     keras.mixed_precision.set_global_policy(policy)
     method = method_fn()
-    model = tiny_bert() if kind == "text" else tiny_cnn()
-    optimizer = keras.optimizers.SGD(0.01)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(8, 12, 12, 1) if kind == "image" else None)
     arrays = batch_arrays(8) if kind == "text" else image_arrays(8)
-    trainer = Trainer(tf.distribute.get_strategy(), model, optimizer, method,
-                      split_batch=text_split if kind == "text" else image_split,
-                      per_example_loss=sparse_cross_entropy, global_batch_size=8)
+    trainer = build_trainer(
+        tiny_bert if kind == "text" else tiny_cnn, method, global_batch_size=8,
+        optimizer_fn=lambda: keras.optimizers.SGD(0.01),
+        split_batch=text_split if kind == "text" else image_split,
+        input_shape=(8, 12, 12, 1) if kind == "image" else None)
+    model = trainer.model
     ds = distributed_dataset(trainer.strategy, arrays, 8, shuffle=True,
                              repeats_per_batch=method.batch_replays)
     losses[policy] = trainer.train(iter(ds), 2)["loss"]

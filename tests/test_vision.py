@@ -7,17 +7,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.python.framework import config as tf_config  # pylint: disable=g-direct-tensorflow-import
 
-from helpers import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
-from tfadv import attacks as attacks_lib
+from builders import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
+from tfadv import attacks as attacks_lib, compat
 from tfadv.attacks import APGD, InputAttack, apgd_checkpoints, dlr_loss
 from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
 from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
+from tfadv.experiment import build_trainer
+from tfadv.tasks.base import sparse_cross_entropy
 from tfadv.models.vision import preact_resnet18, small_cnn, wide_resnet
-from tfadv.trainer import Trainer
 
 _real_project = attacks_lib.project
 
@@ -31,8 +30,8 @@ def xla_kernels():
   """XLA's MaxPool gradient is refused while TF's op determinism is on (an
   earlier test in the process may have turned it on); `Experiment` turns it
   off for jit_compile runs in the same way."""
-  was_on = tf_config.is_op_determinism_enabled()
-  tf_config.disable_op_determinism()
+  was_on = compat.op_determinism_enabled()
+  compat.disable_op_determinism()
   yield
   if was_on:
     tf.config.experimental.enable_op_determinism()
@@ -54,14 +53,10 @@ def split(batch):
 
 
 def make_trainer(strategy, method, jit=False, lr=0.05, attacks=None, seed=0):
-  with strategy.scope():
-    model = tiny_cnn(seed)
-    optimizer = keras.optimizers.SGD(lr)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(B // strategy.num_replicas_in_sync, H, H, 1))
-  return Trainer(strategy, model, optimizer, method, split_batch=split,
-                 per_example_loss=sparse_cross_entropy, global_batch_size=B,
-                 jit_compile=jit, eval_attacks=attacks)
+  return build_trainer(lambda: tiny_cnn(seed), method, global_batch_size=B,
+                       strategy=strategy, optimizer_fn=lambda: keras.optimizers.SGD(lr),
+                       split_batch=split, jit_compile=jit, eval_attacks=attacks,
+                       input_shape=(B // strategy.num_replicas_in_sync, H, H, 1))
 
 
 def train(trainer, arrays, steps, replays=1):
@@ -561,20 +556,21 @@ def test_worst_case_accuracy_counts_examples_no_attack_breaks():
   labels = np.arange(n) % 2
   images = np.eye(2, dtype=np.float32)[labels]
 
-  def breaking(parity):
-    def attack(model, x, y, rng=None, loss_fn=None):
-      flip = tf.equal(tf.range(tf.shape(x)[0]) % 2, parity)[:, None]
+  class Breaking(attacks_lib.Attack):
+    def __init__(self, parity):
+      self.parity = parity
+
+    def __call__(self, model, x, y, rng=None, loss_fn=None):
+      flip = tf.equal(tf.range(tf.shape(x)[0]) % 2, self.parity)[:, None]
       return tf.where(flip, 1.0 - x, x)
-    return attack
+
+  breaking = Breaking
 
   strategy = tf.distribute.get_strategy()
-  model = _linear(np.eye(2), np.zeros(2))
-  optimizer = keras.optimizers.SGD(0.0)
-  optimizer.build(model.trainable_variables)
-  trainer = Trainer(strategy, model, optimizer, Plain(),
-                    split_batch=lambda b: (b["image"], b["label"]),
-                    per_example_loss=sparse_cross_entropy, global_batch_size=n,
-                    eval_attacks={"even": breaking(0), "odd": breaking(1)})
+  trainer = build_trainer(lambda: _linear(np.eye(2), np.zeros(2)), Plain(),
+                          global_batch_size=n, optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                          split_batch=lambda b: (b["image"], b["label"]),
+                          eval_attacks={"even": breaking(0), "odd": breaking(1)})
   ds = distributed_dataset(strategy, {"image": images, "label": labels.astype(np.int32)},
                            n, shuffle=False)
   metrics = trainer.evaluate(iter(ds), 1)

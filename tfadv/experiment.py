@@ -238,6 +238,7 @@ class Experiment:
         results["export"] = path
     finally:
       controller.close()
+    results["accuracy_name"] = self.trainer.accuracy_name
     return results
 
   def hparams(self) -> dict:

@@ -85,14 +85,17 @@ def main(argv):
   model_dir = FLAGS.model_dir or default_model_dir(FLAGS.gin_file)
   logging.info("Model dir: %s; strategy %s with %d replicas.", model_dir,
                type(strategy).__name__, strategy.num_replicas_in_sync)
-  from tfadv import preemption  # pylint: disable=g-import-not-at-top
+  from tfadv import errors, preemption  # pylint: disable=g-import-not-at-top
   try:
     results = experiment.run(FLAGS.mode, model_dir, strategy)
   except preemption.Preempted as e:
     print(f"tfadv: {e}", flush=True)
     sys.exit(preemption.EXIT_CODE)
+  except errors.MissingInputError as e:
+    print(f"tfadv: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if "eval" in results:
-    name = results["experiment"].trainer.accuracy_name
+    name = results["accuracy_name"]
     print(f"final eval {name.replace('_', ' ')}: {results['eval'][name]:.4f}")
 
 

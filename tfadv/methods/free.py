@@ -34,7 +34,7 @@ import gin
 import tensorflow as tf
 
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
-from tfadv.methods.base import Method, MethodOutput, replica_mean
+from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.embedding_output import EmbeddingOutputMethod
 from tfadv.perturbation import normalize, per_example_norm, project
 

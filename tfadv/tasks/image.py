@@ -49,6 +49,7 @@ class ImageClassificationTask(Task):
     return len(self.label_names)
 
   def prepare(self, model_dir: str) -> None:
+    self.arrays("train")  # missing data stops the run before anything is written
     self.label_names = load_or_save_labels(model_dir, self.dataset.label_names,
                                            self.dataset.name)
 

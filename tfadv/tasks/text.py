@@ -69,10 +69,11 @@ class TextClassificationTask(Task):
 
   def prepare(self, model_dir: str) -> None:
     """Loads or creates the label mapping and tokenizer for `model_dir`."""
+    if self.preset:  # before anything is written
+      self._check_preset()
     self.label_names = load_or_save_labels(
         model_dir, self.dataset.label_names, getattr(self.dataset, "name", ""))
     if self.preset:
-      self._check_preset()
       self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
           self.preset, sequence_length=self.sequence_length)
       return

@@ -57,7 +57,7 @@ def claims(rows):
     return runs.mean_std(r[key] for r in rows[method])[0]
   lines = []
   if "plain" in rows:
-    lines.append(f"- Plain training robust (worst case): {100 * mean("plain", ROBUST):.1f}% "
+    lines.append(f"- Plain training robust (worst case): {100 * mean('plain', ROBUST):.1f}% "
                  "(claim: near 0%).")
   if "pgd7" in rows:
     pgd_acc, pgd_time = mean("pgd7", ROBUST), mean("pgd7", "train_seconds")

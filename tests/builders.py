@@ -1,0 +1,175 @@
+"""The tests' shared builders: tiny models and batches, trainers, in-process experiments.
+
+Test files import from here, never from each other.
+"""
+
+import gzip
+import os
+import struct
+
+import gin
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from tfadv import experiment as experiment_lib
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.experiment import build_trainer
+from tfadv.main import parse_config
+from tfadv.models.vision import small_cnn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = [
+    "bert_classifier.num_layers = 1",
+    "bert_classifier.num_heads = 2",
+    "bert_classifier.hidden_dim = 32",
+    "bert_classifier.intermediate_dim = 64",
+    "TextClassificationTask.sequence_length = 32",
+    "TextClassificationTask.vocabulary_size = 3000",
+]
+
+
+def configure(bindings, gin_files=()):
+  gin.clear_config()
+  parse_config([os.path.join(REPO, f) for f in gin_files], list(bindings))
+
+
+def tnews_bindings(fewclue_dir, **experiment):
+  lines = TINY_MODEL + [
+      "Experiment.task = @TextClassificationTask()",
+      "TextClassificationTask.dataset = @ClueDataset()",
+      f"ClueDataset.data_dir = '{fewclue_dir}/tnews'",
+      "adamw.learning_rate = 2e-3",
+  ]
+  defaults = dict(train_steps=20, global_batch_size=16, steps_per_loop=10,
+                  checkpoint_every=10, seed=1)
+  defaults.update(experiment)
+  lines += [f"Experiment.{k} = {v!r}" for k, v in defaults.items()]
+  return lines
+
+
+def run(mode, model_dir, strategy, bindings, gin_files=()):
+  """Runs the configured Experiment; its results plus "lines" (the progress
+  output) and "experiment" (the built Experiment, for tests to inspect)."""
+  configure(bindings, gin_files)
+  lines = []
+  experiment = experiment_lib.Experiment()  # pylint: disable=no-value-for-parameter
+  results = experiment.run(mode, str(model_dir), strategy, print_fn=lines.append)
+  results["lines"] = lines
+  results["experiment"] = experiment
+  return results
+
+
+def weights(model):
+  return [keras.ops.convert_to_numpy(v) for v in model.variables]
+
+
+def write_idx(path, array):
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+      f">{array.ndim}I", *array.shape)
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_fashion_idx(directory, num_train=96, num_test=40):
+  """Fashion-MNIST-shaped IDX files of a learnable toy problem: the class
+  decides which rows of the image are bright."""
+  rng = np.random.RandomState(0)
+  os.makedirs(directory, exist_ok=True)
+  for split, n in (("train", num_train), ("t10k", num_test)):
+    labels = rng.randint(0, 10, n)
+    images = rng.randint(0, 60, (n, 28, 28))
+    for i, label in enumerate(labels):
+      images[i, 2 * label:2 * label + 3] += 180
+    write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), images)
+    write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels)
+  return str(directory)
+
+
+def tiny_fashion_bindings(idx_dir):
+  """Bindings over configs/fashion_mnist_*.gin for a CNN small enough for tests."""
+  return [f"ImageDataset.data_dir = '{idx_dir}'", "ImageDataset.source = 'idx'",
+          "small_cnn.filters = (4, 8)", "small_cnn.dense_units = 16",
+          "Experiment.global_batch_size = 16", "Experiment.eval_batch_size = 20",
+          "Experiment.train_epochs = 8", "Experiment.steps_per_loop = 8",
+          "Experiment.checkpoint_every = 16"]
+
+
+# --- text: a one-layer keras-hub BERT and batches of token ids ---------------
+
+B, L, V, C = 4, 8, 40, 3
+
+
+def tiny_bert(seed=0):
+  keras.utils.set_random_seed(seed)
+  backbone = keras_hub.models.BertBackbone(
+      vocabulary_size=V, num_layers=1, num_heads=2, hidden_dim=16,
+      intermediate_dim=32, dropout=0.0, max_sequence_length=L)
+  return keras_hub.models.BertTextClassifier(backbone, num_classes=C, dropout=0.0)
+
+
+def batch_arrays(n=B, seed=0):
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(5, V, size=(n, L)).astype(np.int32)
+  ids[:, 0] = 2
+  ids[0, 3:5] = ids[0, 1]  # repeated tokens: duplicate gradient rows
+  mask = np.ones((n, L), bool)
+  mask[1, 6:] = False
+  return {"token_ids": ids, "segment_ids": np.zeros((n, L), np.int32),
+          "padding_mask": mask, "label": rng.randint(0, C, n).astype(np.int32)}
+
+
+def split(batch):
+  return {k: batch[k] for k in ("token_ids", "segment_ids", "padding_mask")}, batch["label"]
+
+
+def loss_fn(global_batch=B):
+  def fn(labels, logits, weights):
+    per = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return tf.reduce_sum(per * tf.cast(weights, per.dtype)) / global_batch
+  return fn
+
+
+def dense(g):
+  return tf.convert_to_tensor(g).numpy()
+
+
+# --- images: a tiny CNN on 12x12 uint8 images ------------------------------------
+
+IB, IH, IC = 8, 12, 4
+
+
+def tiny_cnn(seed=0):
+  keras.utils.set_random_seed(seed)
+  return small_cnn((IH, IH, 1), IC, filters=(4, 8), dense_units=16)
+
+
+def image_arrays(n=2 * IB, seed=0):
+  rng = np.random.RandomState(seed)
+  return {"image": rng.randint(0, 256, (n, IH, IH, 1)).astype(np.uint8),
+          "label": rng.randint(0, IC, n).astype(np.int32)}
+
+
+def image_split(batch):
+  return tf.cast(batch["image"], tf.float32) / 255.0, batch["label"]
+
+
+# --- trainers ----------------------------------------------------------------------
+
+def trainer(model_fn, method, split_batch, global_batch, strategy=None,
+            optimizer_fn=None, input_shape=None, jit=False, **kwargs):
+  """`tfadv.experiment.build_trainer` with the tests' defaults (Adam 1e-2)."""
+  return build_trainer(model_fn, method, global_batch_size=global_batch,
+                       strategy=strategy, split_batch=split_batch,
+                       optimizer_fn=optimizer_fn or (lambda: keras.optimizers.Adam(1e-2)),
+                       input_shape=input_shape, jit_compile=jit, **kwargs)
+
+
+def train(trainer_, arrays, steps, global_batch, seed=3, replays=1):
+  """`steps` steps of `trainer_` on `arrays`, shuffled with `seed`."""
+  ds = distributed_dataset(trainer_.strategy, arrays, global_batch, shuffle=True,
+                           seed=seed, repeats_per_batch=replays)
+  return trainer_.train(iter(ds), steps)

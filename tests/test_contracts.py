@@ -1,0 +1,231 @@
+"""The written contracts: Task, datasets, validation split and best checkpoint, errors, compat."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from tfadv import compat, distribute
+from tfadv.data.base import carve_validation
+from tfadv.data.clue import ClueDataset
+from tfadv.experiment import Experiment
+from tfadv.tasks import Task
+
+# --- validation split ------------------------------------------------------------
+
+
+def test_carve_validation_is_stratified_seeded_and_disjoint():
+  labels = ["a"] * 20 + ["b"] * 10 + ["c"] * 3 + ["d"]
+  train, validation = carve_validation(labels, 0.2, seed=4)
+  assert sorted(np.concatenate([train, validation]).tolist()) == list(range(len(labels)))
+  assert not set(train) & set(validation)
+  picked = [labels[i] for i in validation]
+  assert picked.count("a") == 4 and picked.count("b") == 2 and picked.count("c") == 1
+  assert "d" not in picked  # a single example stays in train
+  again, _ = carve_validation(labels, 0.2, seed=4)
+  other, _ = carve_validation(labels, 0.2, seed=5)
+  assert np.array_equal(train, again) and not np.array_equal(train, other)
+  with pytest.raises(ValueError, match="validation_fraction"):
+    carve_validation(labels, 1.0)
+
+
+def test_clue_validation_split_is_carved_from_train_only(fewclue_dir):
+  whole = ClueDataset(os.path.join(fewclue_dir, "tnews"))
+  carved = ClueDataset(os.path.join(fewclue_dir, "tnews"), validation_fraction=0.15)
+  texts, labels = whole.examples("train")
+  train, validation = carved.examples("train"), carved.examples("validation")
+  assert len(train[0]) + len(validation[0]) == len(texts)
+  assert sorted(train[0] + validation[0]) == sorted(texts)
+  assert 0.13 < len(validation[0]) / len(texts) < 0.17
+  assert set(validation[1]) == set(labels)  # every label of TNEWS is validated
+  assert carved.examples("eval") == whole.examples("eval")  # dev untouched
+  assert carved.splits == ("train", "validation", "eval")
+  with pytest.raises(ValueError, match="validation_fraction"):
+    whole.examples("validation")
+
+
+@pytest.mark.slow
+def test_checkpoint_is_chosen_on_validation_and_dev_is_evaluated_once_on_it(
+    fewclue_dir, tmp_path):
+  bindings = builders.tnews_bindings(fewclue_dir, train_steps=60, eval_every=10)
+  bindings += ["ClueDataset.validation_fraction = 0.2", "adamw.learning_rate = 3e-3"]
+  results = builders.run("train_and_evaluate", tmp_path, tf.distribute.get_strategy(),
+                         bindings)
+  validations = [line for line in results["lines"] if line.startswith("validation at step")]
+  assert len(validations) == 6  # every 10 steps, the last at step 60
+  accuracy = [float(line.split("| accuracy ")[1].split()[0]) for line in validations]
+  steps = [int(line.split()[3]) for line in validations]
+  best_step = steps[int(np.argmax(accuracy))]  # the earliest of the best
+  # Dev was evaluated once, after training, on the best checkpoint.
+  assert sum(line.startswith("eval at step") for line in results["lines"]) == 1
+  assert results["best"]["step"] == best_step
+  record = json.load(open(tmp_path / "eval_results.json"))
+  assert record["step"] == best_step and record["best"]["step"] == best_step
+  assert record["best"]["metrics"]["accuracy"] == pytest.approx(max(accuracy), abs=1e-4)
+  with open(tmp_path / "best" / "best.json") as f:
+    assert json.load(f)["step"] == best_step
+  # The evaluated weights are the best checkpoint's.
+  experiment = results["experiment"]
+  reader = tf.train.load_checkpoint(str(tmp_path / "best"))
+  assert int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE")) == best_step
+  assert int(experiment.trainer.global_step.numpy()) == best_step
+
+
+# --- the Task contract --------------------------------------------------------------
+
+
+class Parity(Task):
+  """The smallest complete task: parity of 4 bits, a linear model."""
+
+  def prepare(self, model_dir):
+    self.model_dir = model_dir
+
+  def build_model(self):
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(2)])
+
+  def arrays(self, split):
+    bits = np.random.RandomState(0 if split == "train" else 1).randint(0, 2, (64, 4))
+    return {"x": bits.astype(np.float32), "y": (bits.sum(1) % 2).astype(np.int32)}
+
+  def split_batch(self, batch):
+    return batch["x"], batch["y"]
+
+  def export(self, model, export_dir):
+    return export_dir
+
+
+def test_a_new_task_runs_through_the_experiment_unchanged(tmp_path):
+  gin.clear_config()
+  experiment = Experiment(Parity(), train_steps=4, global_batch_size=8,
+                          steps_per_loop=2, checkpoint_every=4)
+  results = experiment.run("train_and_evaluate", str(tmp_path),
+                           tf.distribute.get_strategy(), print_fn=lambda _: None)
+  assert set(results["eval"]) >= {"loss", "accuracy"}
+  assert json.load(open(tmp_path / "eval_results_eval.json"))["step"] == 4
+
+
+def test_a_task_must_subclass_the_contract(tmp_path):
+  gin.clear_config()
+  class Duck:  # every member, but not a Task
+    split_batch = Parity.split_batch
+  with pytest.raises(TypeError, match="tfadv.tasks.Task"):
+    Experiment(Duck()).run("train", str(tmp_path), tf.distribute.get_strategy())
+  with pytest.raises(TypeError, match="abstract"):
+    type("Half", (Task,), {"prepare": lambda self, d: None})()
+
+
+# --- errors a newcomer meets: one line, exit status 2 ---------------------------------
+
+def _main(*flags, cwd=builders.REPO):
+  return subprocess.run([sys.executable, "-m", "tfadv.main", *flags], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["preset", "clue", "fashion_mnist"])
+def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path):
+  model_dir = tmp_path / "run"
+  if case == "preset":
+    missing = tmp_path / "runs" / "pretrain_mlm_zh" / "preset"
+    flags = ["--gin_file=configs/tnews_fgm.gin",
+             f"--gin_param=TextClassificationTask.preset = '{missing}'"]
+    fix = "make pretrain"
+  elif case == "clue":
+    flags = ["--gin_file=configs/tnews_plain.gin", "--gin_file=configs/base/scratch.gin",
+             f"--gin_param=ClueDataset.data_dir = '{tmp_path}/tnews'"]
+    fix = "ClueDataset.data_dir"
+  else:
+    flags = ["--gin_file=configs/fashion_mnist_plain.gin",
+             f"--gin_param=ImageDataset.data_dir = '{tmp_path}'"]
+    fix = "apt-get install -y dataset-fashion-mnist"
+  done = _main(*flags, f"--model_dir={model_dir}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("tfadv: ") and fix in last
+  assert "Traceback" not in done.stderr
+  assert not (model_dir / "labels.json").exists()  # stopped before writing
+
+
+# --- text evaluation under attack, HParams ----------------------------------------------
+
+@pytest.mark.slow
+def test_text_runs_report_accuracy_under_an_embedding_attack_and_hparams(fewclue_dir, tmp_path):
+  bindings = builders.tnews_bindings(fewclue_dir, train_steps=20)
+  bindings += ["Experiment.method = @EmbeddingOutputFGM()",
+               "EmbeddingOutputFGM.epsilon = 0.5",
+               "Experiment.eval_attacks = {'pgd3': @EmbeddingOutputAttack()}",
+               "EmbeddingOutputAttack.epsilon = 2.0",
+               "EmbeddingOutputAttack.num_steps = 3"]
+  results = builders.run("train_and_evaluate", tmp_path, tf.distribute.get_strategy(),
+                         bindings)
+  clean, attacked = results["eval"]["accuracy"], results["eval"]["accuracy_pgd3"]
+  assert attacked < clean
+  record = json.load(open(tmp_path / "eval_results.json"))
+  assert record["accuracy_pgd3"] == pytest.approx(attacked)
+  assert any("accuracy_pgd3" in line for line in results["lines"])
+  # The run's method and ε on TensorBoard's HParams dashboard.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  content = events.PluginTagToContent("hparams")
+  session = [plugin_data_pb2.HParamsPluginData.FromString(v) for v in content.values()]
+  values = {k: v for data in session if data.HasField("session_start_info")
+            for k, v in data.session_start_info.hparams.items()}
+  assert values["method"].string_value == "fgm_output"
+  assert values["method.epsilon"].number_value == pytest.approx(0.5)
+
+
+# --- compat: every private reach works here, and fails loudly when moved -------------------
+
+def test_compat_shims_work_with_the_installed_keras_and_tensorflow(mirrored):
+  optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+  compat.skip_optimizer_all_reduce(optimizer)
+  assert optimizer._all_reduce_sum_gradients is list  # pylint: disable=protected-access
+  assert optimizer.inner_optimizer._all_reduce_sum_gradients is list  # pylint: disable=protected-access
+  assert compat.in_multi_worker_mode(mirrored) is False
+  assert distribute.is_chief(mirrored) and distribute.is_chief(tf.distribute.get_strategy())
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.compile(optimizer="sgd", loss="mse")
+  assert isinstance(compat.loss_tracker(model), keras.metrics.Mean)
+  compat.replace_train_step(model, lambda self, data: {"custom": tf.constant(7.0)})
+  history = model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0)
+  assert history.history["custom"] == [7.0]
+  layer = model.layers[0]
+  with compat.swapped_call(layer, lambda x: tf.zeros([tf.shape(x)[0], 1]) + 3.0):
+    assert float(model(np.ones((1, 2)))[0, 0]) == 3.0
+  assert float(model(np.zeros((1, 2)))[0, 0]) == float(layer.bias[0])
+  was = compat.op_determinism_enabled()
+  assert isinstance(was, bool)
+
+
+@pytest.mark.parametrize("shim, target, attribute", [
+    ("skip_optimizer_all_reduce", "optimizer", "_all_reduce_sum_gradients"),
+    ("in_multi_worker_mode", "extended", "_in_multi_worker_mode"),
+    ("loss_tracker", "model", "_loss_tracker"),
+])
+def test_compat_fails_loudly_when_keras_moves_an_attribute(shim, target, attribute,
+                                                           monkeypatch, mirrored):
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.compile(optimizer="sgd", loss="mse")
+  objects = {"optimizer": (keras.optimizers.SGD(0.1), lambda o: o),
+             "extended": (mirrored, lambda s: s.extended),
+             "model": (model, lambda m: m)}
+  argument, owner = objects[target]
+  holder = owner(argument)
+  if attribute in vars(holder):
+    monkeypatch.delattr(holder, attribute)
+  for cls in type(holder).__mro__:  # a method: gone from every class defining it
+    if attribute in vars(cls):
+      monkeypatch.delattr(cls, attribute)
+  assert not hasattr(holder, attribute)
+  with pytest.raises(compat.CompatibilityError, match="compat.py"):
+    getattr(compat, shim)(argument)
