@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test benchmark clean pretrain
+.PHONY: install demo test test-fast benchmark clean pretrain
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m tfadv.main --gin_file=configs/demo.gin --model_dir=runs/demo
+	$(PY) -m tfadv.tools.demo --work_dir=runs/demo
 
 # The preset every CLUE config fine-tunes from (about 35 minutes on 2 cores).
 PRESET := runs/pretrain_mlm_zh/preset
@@ -25,6 +25,10 @@ $(PRESET)/config.json: | install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Unit tests only (no training runs, subprocesses or multi-worker): < 2 minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -102,6 +102,7 @@ class Parity(Task):
     return export_dir
 
 
+@pytest.mark.slow
 def test_a_new_task_runs_through_the_experiment_unchanged(tmp_path):
   gin.clear_config()
   experiment = Experiment(Parity(), train_steps=4, global_batch_size=8,

@@ -277,6 +277,7 @@ METHODS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_fn", METHODS)
 def test_two_replicas_equal_one_device(method_fn, mirrored):
   arrays = batch_arrays(n=16)
@@ -319,6 +320,7 @@ def _fixed_uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32):
   return tf.reshape(minval + (maxval - minval) * pattern, shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_fn", METHODS[:1] + METHODS[2:] + [
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2),  # random start
     lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),  # Algorithm 1's start

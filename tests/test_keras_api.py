@@ -50,6 +50,7 @@ def fit_weights(model, method, x, y, batch_size=None, epochs=1, sequence_length=
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
     lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),
 ], ids=["fgm", "fgm_clean_plus_adv", "gp", "output_fgm", "output_pgd", "freelb"])
+@pytest.mark.slow
 def test_one_fit_step_equals_one_trainer_step_on_bert(method_fn):
   arrays = batch_arrays()
   inputs, labels = text_split(arrays)
@@ -61,6 +62,7 @@ def test_one_fit_step_equals_one_trainer_step_on_bert(method_fn):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_with_pgd_and_free_equals_the_trainer():
   arrays = image_arrays(8)
   x, y = image_split(arrays)
@@ -87,6 +89,7 @@ def test_free_needs_a_batch_size_and_full_batches():
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 12 = 8 + a batch of 4
 
 
+@pytest.mark.slow
 def test_fit_under_mirrored_strategy_equals_one_device(mirrored):
   arrays = batch_arrays(8)
   # Keras's fit distributes numpy inputs with an AddN that refuses bool, so
@@ -101,6 +104,7 @@ def test_fit_under_mirrored_strategy_equals_one_device(mirrored):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fit_on_tnews_with_callbacks_then_reload_without_tfadv(tmp_path, fewclue_dir):
   data = ClueDataset(data_dir=os.path.join(fewclue_dir, "tnews"))
   names = data.label_names()

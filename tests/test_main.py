@@ -78,6 +78,7 @@ def _table_refusal(model_dir):
   return ""
 
 
+@pytest.mark.slow
 def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path):
   strategy = tf.distribute.get_strategy()
   bindings = builders.tnews_bindings(fewclue_dir, train_steps=10, checkpoint_every=10)

@@ -76,6 +76,7 @@ def assert_same_update(got, want, tolerance):
   assert moved > 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_float16_step_equals_the_float32_step(name, start):
   want, metrics32, _ = trainer_update("float32", METHODS[name](), start)
@@ -89,6 +90,7 @@ def test_float16_step_equals_the_float32_step(name, start):
   assert_same_update(got_fit, want, 0.03)
 
 
+@pytest.mark.slow
 def test_float16_on_two_replicas_equals_one_device_and_reduces_once(start, mirrored):
   one, _, _ = trainer_update("mixed_float16", EmbeddingFGM(epsilon=0.5), start, n=8)
   two, _, optimizer = trainer_update("mixed_float16", EmbeddingFGM(epsilon=0.5), start,
@@ -98,6 +100,7 @@ def test_float16_on_two_replicas_equals_one_device_and_reduces_once(start, mirro
   assert optimizer.inner_optimizer._all_reduce_sum_gradients is list  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_float16_overflow_skips_the_step_and_halves_the_scale(start):
   arrays = batch_arrays()
   trainer = build_trainer(
@@ -111,6 +114,7 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(start):
   assert float(optimizer.dynamic_scale) == pytest.approx(5e29)
 
 
+@pytest.mark.slow
 def test_experiment_trains_in_mixed_float16(fewclue_dir, tmp_path):
   bindings = builders.tnews_bindings(fewclue_dir, train_steps=10, mixed_precision="mixed_float16")
   try:

@@ -109,6 +109,7 @@ def test_fgm_step_leaves_no_float_drift():
   np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_fn", [
     lambda: EmbeddingFGM(epsilon=0.5),
     lambda: EmbeddingFGM(epsilon=0.5, norm="sign", form="clean_plus_adversarial"),
@@ -136,6 +137,7 @@ def test_matrix_methods_two_replicas_equal_one_device(method_fn, mirrored):
     lambda: EmbeddingGradientPenalty(epsilon=0.5),
     lambda: EmbeddingGradientPenalty(epsilon=0.5, form="matrix"),
     lambda: EmbeddingGradientPenalty(epsilon=0.5, variant="norm")])
+@pytest.mark.slow
 def test_methods_compile_with_xla(method_fn):
   arrays = batch_arrays()
   make_opt = lambda: keras.optimizers.Adam(1e-2)

@@ -48,6 +48,7 @@ def test_corpus_holds_out_eval_and_refuses_dev_files(fewclue_dir):
   assert pack(["今天", "天气", "很好"], characters=4) == ["今天 天气", "很好"]
 
 
+@pytest.mark.slow
 def test_pretraining_writes_a_preset_that_fine_tuning_loads(fewclue_dir, tmp_path):
   model_dir = tmp_path / "mlm"
   results = run("train_and_evaluate", model_dir, tf.distribute.get_strategy(),
@@ -98,6 +99,7 @@ def test_pretraining_writes_a_preset_that_fine_tuning_loads(fewclue_dir, tmp_pat
   experiment.controller.close()
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_on_the_same_masked_examples(fewclue_dir, tmp_path):
   model_dir = tmp_path / "mlm"
   first = run("train", model_dir, tf.distribute.get_strategy(),
@@ -115,6 +117,7 @@ def test_pretraining_resumes_on_the_same_masked_examples(fewclue_dir, tmp_path):
   assert 0.10 < weights.sum() / masked["padding_mask"].sum() < 0.20
 
 
+@pytest.mark.slow
 def test_masks_depend_on_the_seed_alone(fewclue_dir, tmp_path):
   # keras-hub's masker took its TensorFlow op seeds from the process's op
   # counter, so the same seed gave other masks after other work in the same
@@ -141,6 +144,7 @@ def test_masks_depend_on_the_seed_alone(fewclue_dir, tmp_path):
   assert 0.7 < np.mean(selected == mask_id) < 0.9
 
 
+@pytest.mark.slow
 def test_pretraining_learns_above_unigram_frequency(tmp_path):
   # A corpus where context decides every token: 12-character runs of a
   # 20-character cycle, each from a random start. Predicting the most frequent

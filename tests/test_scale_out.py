@@ -59,6 +59,7 @@ def run(command, **kwargs):
 
 # --- multi-worker ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_match_one_worker(tmp_path, idx_dir):
   steps = ["Experiment.train_epochs = None", "Experiment.train_steps = 12",
            "Experiment.steps_per_loop = 4", "Experiment.checkpoint_every = 4"]
@@ -113,6 +114,7 @@ def start_and_wait_for(command, text):
   raise AssertionError(f"never printed {text!r}:\n{''.join(lines)[-2000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_loop_and_the_rerun_resumes_exactly(tmp_path, idx_dir, uninterrupted):
   command = main_command(tmp_path, idx_dir, *LONG)
   proc, lines = start_and_wait_for(command, "Training from step 0")
@@ -136,6 +138,7 @@ def test_sigterm_saves_mid_loop_and_the_rerun_resumes_exactly(tmp_path, idx_dir,
     np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, idx_dir, uninterrupted):
   every = ["Experiment.steps_per_loop = 100", "Experiment.checkpoint_every = 200"]
   command = main_command(tmp_path, idx_dir, *LONG, *every)
@@ -156,9 +159,19 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path, idx_dir, uninte
 
 # --- Cloud TPU launcher ---------------------------------------------------
 
-def dry_run(capsys, *flags, exists=lambda path: True):
+@pytest.fixture
+def preset(tmp_path):
+  """A stand-in for `make pretrain`'s preset, which the CLUE configs read."""
+  directory = tmp_path / "runs" / "pretrain_mlm_zh" / "preset"
+  directory.mkdir(parents=True)
+  (directory / "config.json").write_text("{}")
+  return str(directory)
+
+
+def dry_run(capsys, preset, *flags, exists=lambda path: True):
   assert tpu_vm.main(["--name=adv", "--zone=us-central2-b", "--dry_run",
                       "--gin_file=configs/iflytek_fgm.gin",
+                      f"--gin_param=TextClassificationTask.preset = '{preset}'",
                       "--model_dir=gs://bucket/tfadv/runs/iflytek_fgm", *flags],
                      exists=exists) == 0
   return capsys.readouterr().out.strip().splitlines()
@@ -167,14 +180,17 @@ def dry_run(capsys, *flags, exists=lambda path: True):
 UPLOADED = "gs://bucket/tfadv/runs/iflytek_fgm/inputs/ClueDataset.data_dir/iflytek"
 
 
-def test_tpu_dry_run_for_a_v4_8(capsys):
-  lines = dry_run(capsys, "--accelerator_type=v4-8", "--spot", "--project=proj")
+def test_tpu_dry_run_for_a_v4_8(capsys, preset):
+  lines = dry_run(capsys, preset, "--accelerator_type=v4-8", "--spot", "--project=proj")
   assert lines[0] == "# v4-8: 1 host(s), runtime tpu-vm-tf-2.16.1-pjrt"
-  # The config's local CLUE directory goes to the model dir's bucket first.
+  # The config's local CLUE directory and preset go to the model dir's bucket first.
   data = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "fewclue", "iflytek"))
   assert lines[1] == (f"gcloud storage cp -r {data} "
                       "gs://bucket/tfadv/runs/iflytek_fgm/inputs/ClueDataset.data_dir/ "
                       "--project=proj")
+  assert lines[2] == (f"gcloud storage cp -r {preset} gs://bucket/tfadv/runs/iflytek_fgm/"
+                      "inputs/TextClassificationTask.preset/ --project=proj")
+  lines = lines[:2] + lines[3:]
   assert lines[2] == ("gcloud compute tpus tpu-vm create adv --zone=us-central2-b "
                       "--project=proj --accelerator-type=v4-8 "
                       "--version=tpu-vm-tf-2.16.1-pjrt --spot")
@@ -188,15 +204,18 @@ def test_tpu_dry_run_for_a_v4_8(capsys):
   # ...and the run reads the upload, not ../shared.
   remote = [w for w in shlex.split(train) if w.startswith("--command=")][0]
   assert f'--gin_param=ClueDataset.data_dir = "{UPLOADED}"' in shlex.split(remote)
+  assert ('--gin_param=TextClassificationTask.preset = "gs://bucket/tfadv/runs/iflytek_fgm/'
+          'inputs/TextClassificationTask.preset/preset"') in shlex.split(remote)
   assert lines[6].endswith("--worker=0 '--command=tail -n +1 -f ~/tfadv.log'")
   assert len(lines) == 7
 
 
-def test_tpu_dry_run_for_a_v5e_pod_slice(capsys):
-  lines = dry_run(capsys, "--accelerator_type=v5litepod-16", "--preemptible",
+def test_tpu_dry_run_for_a_v5e_pod_slice(capsys, preset):
+  lines = dry_run(capsys, preset, "--accelerator_type=v5litepod-16", "--preemptible",
                   "--action=create", "--action=train", "--action=delete")
   assert lines[0] == "# v5litepod-16: 4 host(s), runtime tpu-vm-tf-2.16.1-pod-pjrt"
   assert lines[1].startswith("gcloud storage cp -r ")  # inserted before create
+  assert lines.pop(2).startswith(f"gcloud storage cp -r {preset} ")
   assert lines[2].endswith("--accelerator-type=v5litepod-16 "
                            "--version=tpu-vm-tf-2.16.1-pod-pjrt --preemptible")
   # One TensorFlow client on worker 0 drives the slice by the TPU's name.
@@ -275,6 +294,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_method_trains_in_mixed_bfloat16_with_float32_state(name, bfloat16_policy):
   method_fn, kind = CASES[name]

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import builders
 
 
+@pytest.mark.slow
 def test_loss_falls_and_dev_accuracy_beats_chance(fewclue_dir, tmp_path):
   # A from-scratch BERT sits on a plateau for ~100 steps before it learns.
   bindings = builders.tnews_bindings(fewclue_dir, train_steps=300, global_batch_size=32,
@@ -33,6 +34,7 @@ class _Killed(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(fewclue_dir, tmp_path):
   strategy = tf.distribute.get_strategy()
   bindings = builders.tnews_bindings(fewclue_dir, train_steps=40, steps_per_loop=10,
@@ -61,6 +63,7 @@ def test_kill_and_resume_matches_uninterrupted_run(fewclue_dir, tmp_path):
     np.testing.assert_array_equal(a, b.numpy())
 
 
+@pytest.mark.slow
 def test_two_replicas_match_one_device(fewclue_dir, tmp_path, mirrored):
   # Dropout draws different masks per replica than on one device, so the
   # equality is checked with dropout off; everything else is the same math.
@@ -80,6 +83,7 @@ def test_two_replicas_match_one_device(fewclue_dir, tmp_path, mirrored):
   np.testing.assert_allclose(one["train"]["loss"], two["train"]["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_compiles_with_xla(fewclue_dir, tmp_path):
   strategy = tf.distribute.get_strategy()
   runs = {}
@@ -99,6 +103,7 @@ def test_train_step_compiles_with_xla(fewclue_dir, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensorboard_reads_expected_tags(fewclue_dir, tmp_path):
   bindings = builders.tnews_bindings(fewclue_dir, train_steps=10, steps_per_loop=5,
                                     checkpoint_every=10)

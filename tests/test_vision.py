@@ -261,6 +261,7 @@ def test_replays_deliver_each_batch_m_times_and_resume_mid_batch():
     lambda: FGSMTraining(epsilon=EPS, random_start=False),
     lambda: FreeTraining(epsilon=EPS, replays=2),
 ], ids=["pgd_linf", "pgd_l2", "fgsm", "free"])
+@pytest.mark.slow
 def test_vision_steps_compile_with_xla_and_match_graph_mode(method_fn, xla_kernels):
   arrays = image_arrays()
   results = []
@@ -276,6 +277,7 @@ def test_vision_steps_compile_with_xla_and_match_graph_mode(method_fn, xla_kerne
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_start_methods_compile_with_xla(xla_kernels, monkeypatch):
   # XLA's random-number kernel draws another stream than TensorFlow's, so the
   # draw itself is replaced by a fixed pattern of the same shape and range;
@@ -302,6 +304,7 @@ def test_random_start_methods_compile_with_xla(xla_kernels, monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pgd_on_two_replicas_equals_one_device(mirrored):
   arrays = image_arrays(4 * B)
   results = []
@@ -314,6 +317,7 @@ def test_pgd_on_two_replicas_equals_one_device(mirrored):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_robust_evaluation_is_ordered_and_repeatable():
   attacks = {"fgsm": InputAttack(epsilon=EPS, num_steps=1),
              "pgd20": InputAttack(epsilon=EPS, step_size=EPS / 4, num_steps=20,
@@ -349,6 +353,7 @@ def fashion_bindings(tmp_path):
   return tiny_fashion_bindings(write_tiny_fashion_idx(tmp_path / "idx"))
 
 
+@pytest.mark.slow
 def test_free_divides_epochs_and_end_to_end_evaluate_and_export(tmp_path):
   bindings = fashion_bindings(tmp_path)
   natural = (bindings, ["configs/fashion_mnist_plain.gin"])
@@ -512,6 +517,7 @@ def test_apgd_checkpoints_follow_croce_and_hein():
   assert list(checks.values())[:8] == [22, 19, 16, 13, 10, 7, 6, 6]
 
 
+@pytest.mark.slow
 def test_apgd_is_at_least_as_strong_as_pgd_and_compiles_with_xla(xla_kernels):
   trainer = make_trainer(tf.distribute.get_strategy(), Plain(), lr=0.1)
   arrays = image_arrays(64)

@@ -29,7 +29,7 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
                   *, global_batch_size: int, task: Optional[Task] = None,
                   strategy: Optional[tf.distribute.Strategy] = None,
                   optimizer_fn: Optional[Callable[[], keras.optimizers.Optimizer]] = None,
-                  input_shape=None, mixed_precision: Optional[str] = None,
+                  input_shape=None, mixed_precision: Optional[str] = None,  # None: as set
                   jit_compile: bool = False, eval_attacks: Optional[dict] = None,
                   split_batch: Optional[Callable] = None,
                   per_example_loss: Optional[Callable] = None,
@@ -57,7 +57,8 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
       input_shape = task.input_shape(per_replica_batch)
   if split_batch is None:
     raise ValueError("build_trainer: pass task= or split_batch=.")
-  keras.mixed_precision.set_global_policy(mixed_precision or "float32")
+  if mixed_precision is not None:  # None: the current global policy
+    keras.mixed_precision.set_global_policy(mixed_precision)
   with strategy.scope():
     model = model_fn()
     optimizer = (optimizer_fn or (lambda: keras.optimizers.Adam(1e-3)))()
@@ -162,13 +163,13 @@ class Experiment:
         self.task.build_model, self.method, global_batch_size=self.global_batch_size,
         task=self.task, strategy=strategy,
         optimizer_fn=lambda: self.optimizer_fn(total_steps=self.train_steps),
-        mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
+        mixed_precision=self.mixed_precision or "float32", jit_compile=self.jit_compile,
         eval_attacks=self.eval_attacks)
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
                                      random_state=_numbered(random_state_variables(self.model)),
-                                     method=_numbered(getattr(self.method, "variables", [])))
+                                     method=_numbered(self.method.variables))
     self._train_arrays = None
     self._eval_arrays = {}
     validation = "validation" in self.task.splits
@@ -243,13 +244,12 @@ class Experiment:
 
   def hparams(self) -> dict:
     """The run's method and its settings, for TensorBoard's HParams dashboard."""
-    values = {"method": getattr(self.method, "name", type(self.method).__name__),
+    values = {"method": self.method.name,
               "task": type(self.task).__name__, "seed": self.seed,
               "train_steps": self.train_steps,
               "global_batch_size": self.global_batch_size}
-    dataset = getattr(self.task, "dataset", None)
-    if dataset is not None:
-      values["dataset"] = dataset.name
+    if self.task.dataset is not None:
+      values["dataset"] = self.task.dataset.name
     for key, value in self.method.get_config().items():
       if isinstance(value, (bool, int, float, str)):
         values[f"method.{key}"] = value

@@ -69,8 +69,9 @@ def _adversarial_train_step(self, data):
     # Under XLA (Keras's default jit_compile="auto") the assert is dropped;
     # ensure_shape still stops a wrong-sized batch before the buffer is used.
     with tf.control_dependencies([check]):
-      x = tf.nest.map_structure(
-          lambda t: tf.ensure_shape(t, [self._tfadv_batch_size] + t.shape[1:]), x)
+      # Inputs and labels both: whatever the step computes first, it stops here.
+      x, y = tf.nest.map_structure(
+          lambda t: tf.ensure_shape(t, [self._tfadv_batch_size] + t.shape[1:]), (x, y))
   replicas = tf.distribute.get_strategy().num_replicas_in_sync
   global_batch = tf.cast(local * replicas, tf.float32)
   weights = (tf.ones([local], tf.float32) if sample_weight is None

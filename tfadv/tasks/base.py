@@ -18,6 +18,7 @@ Required:
   export(model, dir)     write the trained model for serving; returns a path.
 
 Optional (defaults here):
+  dataset                the `tfadv.data.base.Dataset` read, or None;
   splits                 ("train", "eval"), plus "validation" when the data
                          has a validation split (then the experiment keeps
                          the checkpoint best on validation);
@@ -71,6 +72,9 @@ class Task(abc.ABC):
   """Base class of tasks; see the module docstring for the contract."""
 
   accuracy_name = "accuracy"
+  # The `tfadv.data.base.Dataset` the task reads, if any (splits, eval_split
+  # and the HParams dashboard's "dataset" come from it).
+  dataset = None
   # (batch, seed) -> batch: random augmentation of training batches, or None.
   augment_batch: Optional[Callable] = None
   # The embedding layer an embedding-space evaluation attack perturbs, or None.
@@ -98,13 +102,11 @@ class Task(abc.ABC):
 
   @property
   def splits(self) -> Tuple[str, ...]:
-    dataset = getattr(self, "dataset", None)
-    return tuple(dataset.splits) if dataset is not None else ("train", "eval")
+    return tuple(self.dataset.splits) if self.dataset is not None else ("train", "eval")
 
   @property
   def eval_split(self) -> str:
-    dataset = getattr(self, "dataset", None)
-    return dataset.eval_split if dataset is not None else "eval"
+    return self.dataset.eval_split if self.dataset is not None else "eval"
 
   def input_shape(self, per_replica_batch: int) -> Optional[tuple]:
     """One replica's input shape (for methods with per-example buffers), or None."""

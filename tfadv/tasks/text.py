@@ -72,7 +72,7 @@ class TextClassificationTask(Task):
     if self.preset:  # before anything is written
       self._check_preset()
     self.label_names = load_or_save_labels(
-        model_dir, self.dataset.label_names, getattr(self.dataset, "name", ""))
+        model_dir, self.dataset.label_names, self.dataset.name)
     if self.preset:
       self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
           self.preset, sequence_length=self.sequence_length)
@@ -114,7 +114,7 @@ class TextClassificationTask(Task):
     unknown = sorted(set(raw_labels) - set(index))
     if unknown:
       raise ValueError(
-          f"The {split} split of {getattr(self.dataset, 'name', 'the dataset')} "
+          f"The {split} split of {self.dataset.name} "
           f"has labels {unknown[:10]} that are not among the model's "
           f"{len(index)} classes {self.label_names[:20]}.")
     out = {k: [] for k in FEATURES}

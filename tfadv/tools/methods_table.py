@@ -15,11 +15,13 @@ per method and task, every run with its wall time, the command) and
 `--sweep_seeds`; `--sweep=gp@iflytek:0.1` on named tasks only), for when the
 configs' ε does not help at this scale.
 
-`--select=fgm_output:0.3,1,3` chooses a method's ε on dev before the table
-runs: each ε is trained on `--select_tasks` with `--select_seeds` (seeds the
-table does not report), the ε with the best mean dev accuracy (the smaller on
-a tie) is used for that method's rows on every task, and the section shows
-the selection runs.
+`--select=fgm_output:0.3,1,3` chooses a method's ε per task on the
+validation split carved from train (`ClueDataset.validation_fraction`,
+configs/base/clue.gin): each ε runs with every `--seeds` seed, each run keeps
+its best checkpoint on validation, and the ε with the best mean validation
+accuracy (the smaller on a tie) is that task's row; dev is only reported,
+never used to choose. The section lists every candidate's validation and dev
+numbers.
 
 `--preset=runs/pretrain_mlm_zh/preset` fine-tunes every run from a keras-hub
 preset (e.g. the one `configs/pretrain_mlm_zh.gin` writes) and writes its
@@ -51,23 +53,24 @@ flags.DEFINE_multi_string("sweep", [], "method[@task,...]:eps1,eps2,... extra ε
 flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
 flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
 flags.DEFINE_multi_string("select", [], "method:eps1,eps2,... chooses the method's "
-                          "ε by dev accuracy on --select_tasks / --select_seeds "
-                          "before the table runs.")
-flags.DEFINE_list("select_tasks", ["tnews"], "Tasks the ε selection trains on.")
-flags.DEFINE_list("select_seeds", ["100"], "Seeds of the ε selection runs (keep "
-                  "them apart from --seeds).")
+                          "ε per task by validation accuracy (mean over --seeds).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
 flags.DEFINE_multi_string("task_gin_param", [], "task:binding, a binding for one "
                           "task's runs only, e.g. 'iflytek:Experiment.train_steps = 400'.")
 flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
                     "every run fine-tunes from.")
 flags.DEFINE_integer("jobs", 1, "Runs at a time.")
+flags.DEFINE_string("section", None, "The section of results.md (and the plot's name) "
+                    "this table writes; default by --preset.")
+flags.DEFINE_string("title", None, "The section's title.")
 
 # The ε binding of each method; the step sizes of the iterative methods scale
 # with ε (the ratios of their configs).
 EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon",
+                   "gp_matrix": "EmbeddingGradientPenalty.epsilon",
                    "fgm_output": "EmbeddingOutputFGM.epsilon",
-                   "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon"}
+                   "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon",
+                   "free_output": "EmbeddingOutputFree.epsilon"}
 STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
                 "freelb": ("FreeLB.step_size", 0.4)}
 TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
@@ -78,7 +81,7 @@ class NlpRun(runs.Run):
 
   def __init__(self, task, method, seed, epsilon=None, selected=False):
     self.task, self.method, self.seed, self.epsilon = task, method, int(seed), epsilon
-    self.selected = selected  # ε chosen on dev: the method's own row
+    self.selected = selected  # ε chosen on validation: the method's own row
     eps = "" if epsilon is None else f"_eps{epsilon:g}"
     params = [f"Experiment.seed = {self.seed}",
               f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
@@ -146,12 +149,13 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   if FLAGS.preset:
     title = ("## Text: FewCLUE TNEWS and IFLYTEK, fine-tuned from the locally "
              f"pretrained preset (`{FLAGS.preset}`)")
+  title = f"## {FLAGS.title}" if FLAGS.title else title
   lines = [title, "",
            "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
            "```", runs.command_line("tfadv.tools.methods_table"), "```", "",
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
-           f"of wall time summed over {len(finished) + len(selection)} runs, "
+           f"of wall time summed over {len(finished)} runs, "
            f"{elapsed_seconds / 60:.1f} min elapsed in this invocation with --jobs={FLAGS.jobs} "
            "(runs read back from an earlier one count 0).", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
@@ -173,52 +177,64 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
       cells.append(cell)
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   if chosen:
-    lines += ["", "ε of each method, chosen on dev before the table ran: " + "; ".join(
-        f"{method} ε = {epsilon:g}" for method, epsilon in chosen.items()) + "."]
+    lines += ["", "ε chosen per task on the validation split (mean validation accuracy "
+              "of the best checkpoints over the seeds; dev never used to choose):", "",
+              "| task | method | ε | validation accuracy (%) by ε |",
+              "|---|---|---|---|"]
+    for (task, method), epsilon in sorted(chosen.items()):
+      by_eps = {}
+      for run, record in selection:
+        if (run.task, run.method) == (task, method):
+          by_eps.setdefault(run.epsilon, []).append(100 * validation_accuracy(record))
+      cells = ", ".join(f"{e:g}: {runs.mean_std(v)[0]:.2f}" for e, v in sorted(by_eps.items()))
+      lines.append(f"| {task} | {method} | {epsilon:g} | {cells} |")
   lines += ["", f"![methods table]({_plot_name()})", ""]
   if selection:
-    lines += ["ε selection (dev accuracy of each candidate; the chosen ε is "
-              "marked; these seeds are not in the table):", ""]
-    lines += _run_rows([(run, record, run.epsilon == chosen.get(run.method))
+    lines += ["Every ε candidate (the chosen ones are marked):", ""]
+    lines += _run_rows([(run, record, run.epsilon == chosen.get((run.task, run.method)))
                         for run, record in selection], variant=lambda run: (
                             f"{run.method} ε={run.epsilon:g}"))
     lines.append("")
   lines += ["Every run of the table:", ""]
   lines += _run_rows([(run, record, False) for run, record in finished],
                      variant=lambda run: run.variant)
-  section = "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table"
+  section = FLAGS.section or (
+      "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table")
   runs.replace_section(path, section, "\n".join(lines))
 
 
 def _run_rows(rows, variant):
-  lines = ["| task | method | seed | dev accuracy | dev loss | steps | wall time |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| task | method | seed | validation accuracy | dev accuracy | dev loss | "
+           "best checkpoint (step) | wall time |",
+           "|---|---|---|---|---|---|---|---|"]
   for run, record, mark in rows:
+    best = record.get("best")
+    validation = f"{100 * best['metrics']['accuracy']:.2f}" if best else "–"
     lines.append(f"| {run.task} | {variant(run)}{' (chosen)' if mark else ''} | "
-                 f"{run.seed} | {100 * record['accuracy']:.2f} | {record['loss']:.4f} | "
-                 f"{record['step']} | {record['wall_seconds']:.0f} s |")
+                 f"{run.seed} | {validation} | {100 * record['accuracy']:.2f} | "
+                 f"{record['loss']:.4f} | {record['step']} | {record['wall_seconds']:.0f} s |")
   return lines
 
 
 def _plot_name():
+  if FLAGS.section:
+    return f"results_{FLAGS.section.replace('-', '_')}.png"
   return "results_text_pretrained.png" if FLAGS.preset else "results_text.png"
 
 
-def selection_runs():
-  """The runs that choose each `--select` method's ε."""
-  planned = []
+def planned_runs():
+  """The table's runs: every method x task x seed, each `--select` ε of a method."""
+  selected = {}
   for spec in FLAGS.select:
     method, tasks, epsilons = parse_epsilons(spec, "select")
-    planned += [NlpRun(task, method, seed, eps) for eps in epsilons
-                for task in (tasks or FLAGS.select_tasks) for seed in FLAGS.select_seeds]
-  return planned
-
-
-def planned_runs(chosen=None):
-  """The table's runs; methods in `chosen` ({method: ε}) run at that ε."""
-  chosen = chosen or {}
-  planned = [NlpRun(task, method, seed, chosen.get(method), selected=method in chosen)
-             for task in FLAGS.tasks for method in FLAGS.methods for seed in FLAGS.seeds]
+    for task in tasks or FLAGS.tasks:
+      selected[(task, method)] = epsilons
+  planned = []
+  for task in FLAGS.tasks:
+    for method in FLAGS.methods:
+      for epsilon in selected.get((task, method), [None]):
+        planned += [NlpRun(task, method, seed, epsilon, selected=epsilon is not None)
+                    for seed in FLAGS.seeds]
   for spec in FLAGS.sweep:
     method, tasks, epsilons = parse_epsilons(spec, "sweep")
     for epsilon in epsilons:
@@ -226,6 +242,24 @@ def planned_runs(chosen=None):
                   for task in (tasks or FLAGS.sweep_tasks or FLAGS.tasks)
                   for seed in FLAGS.sweep_seeds]
   return planned
+
+
+def validation_accuracy(record) -> float:
+  """The accuracy of the run's best checkpoint on its validation split."""
+  if "best" not in record:
+    raise app.UsageError("--select needs runs with a validation split "
+                         "(ClueDataset.validation_fraction > 0, as in configs/base/clue.gin).")
+  return record["best"]["metrics"]["accuracy"]
+
+
+def choose(finished):
+  """{(task, method): ε} of the selected methods, by mean validation accuracy."""
+  candidates = {}
+  for run, record in finished:
+    if run.selected:
+      candidates.setdefault((run.task, run.method), {}).setdefault(
+          run.epsilon, []).append(validation_accuracy(record))
+  return {key: runs.choose_best(by_eps) for key, by_eps in candidates.items()}
 
 
 def run_all(planned):
@@ -257,26 +291,22 @@ def run_all(planned):
 def main(argv):
   del argv
   start = time.time()
-  for task in set(FLAGS.tasks) | set(FLAGS.select_tasks if FLAGS.select else []):
+  for task in FLAGS.tasks:
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
-  selecting = selection_runs()
-  selection = list(zip(selecting, run_all(selecting)))
-  by_method = {}
-  for run, record in selection:
-    by_method.setdefault(run.method, {}).setdefault(run.epsilon, []).append(
-        record["accuracy"])
-  chosen = {method: runs.choose_best(accuracies) for method, accuracies in by_method.items()}
-  for method, epsilon in chosen.items():
-    tasks = sorted({run.task for run, _ in selection if run.method == method})
-    print(f"{method}: ε = {epsilon:g} chosen on dev ({', '.join(tasks)}, "
-          f"seeds {', '.join(FLAGS.select_seeds)}).", flush=True)
-  planned = planned_runs(chosen)
-  groups, finished = {}, []
-  for run, record in zip(planned, run_all(planned)):
-    finished.append((run, record))
+  planned = planned_runs()
+  finished = list(zip(planned, run_all(planned)))
+  chosen = choose(finished)
+  for (task, method), epsilon in sorted(chosen.items()):
+    print(f"{task} {method}: ε = {epsilon:g} chosen on validation.", flush=True)
+  groups, selection = {}, []
+  for run, record in finished:
+    if run.selected:
+      selection.append((run, record))
+      if run.epsilon != chosen[(run.task, run.method)]:
+        continue
     groups.setdefault((run.task, run.variant), []).append(record)
-  total = sum(record["wall_seconds"] for _, record in finished + selection)
+  total = sum(record["wall_seconds"] for _, record in finished)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_markdown(groups, finished, selection, chosen, total, time.time() - start,
                  os.path.join(FLAGS.out_dir, "results.md"))
