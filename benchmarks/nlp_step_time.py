@@ -38,7 +38,7 @@ from timing import best_step_time, report  # pylint: disable=g-import-not-at-top
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, EmbeddingOutputFGM,
                            EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB, Plain)
-from tfadv.trainer import Trainer
+from tfadv.experiment import build_trainer
 
 METHODS = {
     "plain": Plain,
@@ -125,15 +125,13 @@ def reference_step_time(args, arrays, epsilon):
 
 def make_trainer(args, method, jit, strategy=None, sparse_reduce=False):
   strategy = strategy or tf.distribute.get_strategy()
-  with strategy.scope():
-    model = keras_hub.models.BertTextClassifier(make_backbone(args), num_classes=args.classes)
-    optimizer = keras.optimizers.AdamW(1e-4)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(args.batch // strategy.num_replicas_in_sync, args.length))
-  return Trainer(strategy, model, optimizer, method, sparse_reduce=sparse_reduce,
-                 split_batch=lambda b: ({k: b[k] for k in ("token_ids", "segment_ids", "padding_mask")}, b["label"]),
-                 per_example_loss=lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True),
-                 global_batch_size=args.batch, jit_compile=jit)
+  return build_trainer(
+      lambda: keras_hub.models.BertTextClassifier(make_backbone(args), num_classes=args.classes),
+      method, global_batch_size=args.batch, strategy=strategy,
+      optimizer_fn=lambda: keras.optimizers.AdamW(1e-4), jit_compile=jit,
+      input_shape=(args.batch // strategy.num_replicas_in_sync, args.length),
+      split_batch=lambda b: ({k: b[k] for k in ("token_ids", "segment_ids", "padding_mask")},
+                             b["label"]), sparse_reduce=sparse_reduce)
 
 
 def main():

@@ -1,10 +1,10 @@
-"""Step time of natural, FGSM-RS, PGD-7 and Free training on one CNN, in one process.
+"""Step time of plain, FGSM-RS, PGD-7 and Free training on one CNN, in one process.
 
     .venv/bin/python benchmarks/vision_step_time.py [--batch 128 --jit]
 
 Every method trains Madry's MNIST CNN (28×28×1) on the same batches through
 the same `Trainer`; Free is timed per replay (one optimizer step). Ratios are
-to natural training. Physics: an ascent step needs the input gradient but no
+to plain training. Physics: an ascent step needs the input gradient but no
 weight gradients, about 2/3 of a training step, so PGD-7 ≈ 1 + 7·2/3 ≈ 5.7×,
 FGSM-RS ≈ 1.7×, and a Free replay ≈ 1× (its one backward pass also yields the
 input gradient).
@@ -22,14 +22,14 @@ import tensorflow as tf
 
 from timing import best_step_time, report  # pylint: disable=g-import-not-at-top
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.experiment import sparse_cross_entropy
+from tfadv.experiment import build_trainer
+from tfadv.tasks.base import sparse_cross_entropy
 from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
 from tfadv.models.vision import small_cnn
-from tfadv.trainer import Trainer
 
 EPS = 0.1
 METHODS = {
-    "natural": Plain,
+    "plain": Plain,
     "fgsm_rs": lambda: FGSMTraining(epsilon=EPS),
     "pgd7": lambda: PGDTraining(epsilon=EPS, step_size=EPS / 4, num_steps=7),
     "free_per_replay": lambda: FreeTraining(epsilon=EPS, replays=8),
@@ -59,24 +59,21 @@ def main():
   for name, factory in METHODS.items():
     keras.utils.set_random_seed(0)
     method = factory()
-    model = small_cnn((28, 28, 1), 10)
-    optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=(args.batch, 28, 28, 1))
-    trainer = Trainer(strategy, model, optimizer, method,
-                      split_batch=lambda b: (tf.cast(b["image"], tf.float32) / 255.0, b["label"]),
-                      per_example_loss=sparse_cross_entropy,
-                      global_batch_size=args.batch, jit_compile=args.jit)
+    trainer = build_trainer(
+        lambda: small_cnn((28, 28, 1), 10), method, global_batch_size=args.batch,
+        strategy=strategy, optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
+        input_shape=(args.batch, 28, 28, 1), jit_compile=args.jit,
+        split_batch=lambda b: (tf.cast(b["image"], tf.float32) / 255.0, b["label"]))
     iterator = iter(distributed_dataset(strategy, arrays, args.batch, shuffle=True,
                                         repeats_per_batch=method.batch_replays))
     times[name] = best_step_time(trainer, iterator, args.steps, args.repeats)
-    print(report(name, times[name], times["natural"], TARGETS.get(name)), flush=True)
+    print(report(name, times[name], times["plain"], TARGETS.get(name)), flush=True)
   if args.profile:
-    profile(args, arrays, times["natural"])
+    profile(args, arrays, times["plain"])
 
 
-def profile(args, arrays, natural):
-  """The passes the methods are made of, timed alone (ratio to a natural step)."""
+def profile(args, arrays, plain):
+  """The passes the methods are made of, timed alone (ratio to a plain step)."""
   keras.utils.set_random_seed(0)
   model = small_cnn((28, 28, 1), 10)
   x = tf.constant(arrays["image"][:args.batch], tf.float32) / 255.0
@@ -92,7 +89,7 @@ def profile(args, arrays, natural):
   weights = model.trainable_variables
   passes = {
       "forward": tf.function(lambda: model(x, training=True)),
-      "backward to weights (natural)": tf.function(lambda: grads(weights, False)),
+      "backward to weights (plain)": tf.function(lambda: grads(weights, False)),
       "backward to weights + input (Free)": tf.function(lambda: grads(weights + [x], True)),
       "backward to input only (an ascent)": tf.function(lambda: grads([x], True)),
   }
@@ -104,7 +101,7 @@ def profile(args, arrays, natural):
       result = fn()
     tf.nest.map_structure(lambda t: t.numpy(), result)
     seconds = (time.perf_counter() - start) / args.steps
-    print(f"  {name:38s} {1000 * seconds:8.1f} ms  {seconds / natural:5.2f}x", flush=True)
+    print(f"  {name:38s} {1000 * seconds:8.1f} ms  {seconds / plain:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":
