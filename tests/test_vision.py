@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from builders import IB as B, IC as C, IH as H  # batch, image side, classes
+from builders import image_arrays, image_split as split, tiny_cnn
 from builders import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
 from tfadv import attacks as attacks_lib, compat
 from tfadv.attacks import APGD, InputAttack, apgd_checkpoints, dlr_loss
@@ -20,7 +22,6 @@ from tfadv.models.vision import preact_resnet18, small_cnn, wide_resnet
 
 _real_project = attacks_lib.project
 
-B, H, C = 8, 12, 4
 EPS = 0.1
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -35,21 +36,6 @@ def xla_kernels():
   yield
   if was_on:
     tf.config.experimental.enable_op_determinism()
-
-
-def tiny_cnn(seed=0):
-  keras.utils.set_random_seed(seed)
-  return small_cnn((H, H, 1), C, filters=(4, 8), dense_units=16)
-
-
-def image_arrays(n=2 * B, seed=0):
-  rng = np.random.RandomState(seed)
-  return {"image": rng.randint(0, 256, (n, H, H, 1)).astype(np.uint8),
-          "label": rng.randint(0, C, n).astype(np.int32)}
-
-
-def split(batch):
-  return tf.cast(batch["image"], tf.float32) / 255.0, batch["label"]
 
 
 def make_trainer(strategy, method, jit=False, lr=0.05, attacks=None, seed=0):

@@ -219,3 +219,33 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
     return {**super().get_config(), "step_size": self.step_size,
             "num_steps": self.num_steps, "random_start": self.random_start,
             "form": self.form, "adversarial_weight": self.adversarial_weight}
+
+
+class BufferedEmbeddingOutputMethod(EmbeddingOutputMethod):
+  """An embedding-output method whose δ persists in a per-replica buffer.
+
+  `build` creates `perturbation`: a `tf.Variable` of the per-replica batch's
+  shape (batch × length × hidden), sync-on-read (each replica keeps its own
+  examples' δ), checkpointed with the model (`variables`).
+  """
+
+  buffer_name = "perturbation"
+
+  def __init__(self, epsilon: float = 1.0, **kwargs):
+    super().__init__(epsilon=epsilon, **kwargs)
+    self.perturbation = None
+
+  def build(self, model, input_shape=None):
+    super().build(model)
+    if input_shape is None or len(input_shape) < 2:
+      raise ValueError(f"{type(self).__name__} needs the per-replica input shape "
+                       "(batch, length): its perturbation buffer is batch × length × hidden.")
+    self.perturbation = tf.Variable(
+        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
+        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, name=self.buffer_name)
+
+  @property
+  def variables(self):
+    return super().variables + ([self.perturbation] if self.perturbation is not None
+                                else [])

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
-from tfadv.methods.embedding_output import EmbeddingOutputMethod
+from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
 from tfadv.perturbation import normalize, per_example_norm, project
 
 
@@ -117,7 +117,7 @@ class FreeTraining(Method):
 
 
 @gin.configurable
-class EmbeddingOutputFree(EmbeddingOutputMethod):
+class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
   """Free-m on the embedding outputs: Shafahi et al.'s algorithm for text.
 
   Each minibatch is replayed m times (`replays`; the input pipeline delivers
@@ -140,6 +140,7 @@ class EmbeddingOutputFree(EmbeddingOutputMethod):
   >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
   """
 
+  buffer_name = "free_output_perturbation"
   name = "free_output"
 
   def __init__(self, epsilon: float = 1.0, replays: int = 3,
@@ -149,23 +150,6 @@ class EmbeddingOutputFree(EmbeddingOutputMethod):
       raise ValueError(f"EmbeddingOutputFree.replays={replays}; expected >= 1.")
     self.batch_replays = int(replays)
     self.step_size = float(epsilon if step_size is None else step_size)
-    self.perturbation = None
-
-  def build(self, model, input_shape=None):
-    super().build(model)
-    if input_shape is None or len(input_shape) < 2:
-      raise ValueError("EmbeddingOutputFree needs the per-replica input shape (batch, "
-                       "length): its perturbation buffer is batch × length × hidden.")
-    self.perturbation = tf.Variable(
-        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
-        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        name="free_output_perturbation")
-
-  @property
-  def variables(self):
-    return super().variables + ([self.perturbation] if self.perturbation is not None
-                                else [])
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     mask = self._mask(inputs)

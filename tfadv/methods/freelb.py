@@ -7,12 +7,12 @@ import tensorflow as tf
 
 from tfadv.loss_scaling import keep_if_finite
 from tfadv.methods.base import MethodOutput, add_gradients, replica_mean
-from tfadv.methods.embedding_output import EmbeddingOutputMethod
+from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
 from tfadv.perturbation import normalize, per_example_norm, project
 
 
 @gin.configurable
-class FreeLB(EmbeddingOutputMethod):
+class FreeLB(BufferedEmbeddingOutputMethod):
   """FreeLB-K (Zhu et al. 2020, Algorithm 1): K = `ascent_steps` ascent steps whose weight gradients are averaged.
 
   Per step, as in Algorithm 1 and the authors' code (zhuchen03/FreeLB):
@@ -41,6 +41,7 @@ class FreeLB(EmbeddingOutputMethod):
   >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
   """
 
+  buffer_name = "freelb_perturbation"
   name = "freelb"
 
   def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, ascent_steps: int = 3,
@@ -53,23 +54,6 @@ class FreeLB(EmbeddingOutputMethod):
     self.ascent_steps = int(ascent_steps)
     self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.carry_over = carry_over
-    self.perturbation = None
-
-  def build(self, model, input_shape=None):
-    super().build(model)
-    if input_shape is None or len(input_shape) < 2:
-      raise ValueError("FreeLB needs the per-replica input shape (batch, length): "
-                       "its perturbation buffer is batch × length × hidden.")
-    self.perturbation = tf.Variable(
-        tf.zeros(tuple(input_shape[:2]) + (self.hook.output_dim,), tf.float32),
-        trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        name="freelb_perturbation")
-
-  @property
-  def variables(self):
-    return super().variables + ([self.perturbation] if self.perturbation is not None
-                                else [])
 
   def initial_delta(self, mask):
     """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
