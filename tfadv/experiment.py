@@ -224,7 +224,9 @@ class Experiment:
             print_fn(f"Wrote {finished}")
       if mode in ("evaluate", "export") or (
           mode == "train_and_evaluate" and controller.has_validation):
-        if not controller.restore(best=controller.has_validation):
+        # The best checkpoint on validation, else (a run without one) the newest.
+        restored = controller.has_validation and controller.restore(best=True)
+        if not (restored or controller.restore()):
           raise FileNotFoundError(f"No checkpoint in {model_dir}: train first "
                                   "(--mode=train) or pass the right --model_dir.")
       if controller.has_validation and controller.best:
