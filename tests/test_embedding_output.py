@@ -237,6 +237,29 @@ def test_missing_layer_lists_candidates():
   assert "segment_embedding (Embedding)" in message
 
 
+def test_method_and_attack_read_the_padding_mask_alike():
+  """One helper: the mask, all ones without a key, one error naming the fix."""
+  from tfadv.attacks import EmbeddingOutputAttack  # pylint: disable=g-import-not-at-top
+  model = tiny_bert()
+  arrays = batch_arrays()
+  inputs, labels = split(arrays)
+  method = EmbeddingOutputFGM(epsilon=0.5)
+  method.build(model)
+  mask = method._mask(inputs).numpy()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(mask[..., 0], arrays["padding_mask"].astype(np.float32))
+  unmasked = EmbeddingOutputFGM(epsilon=0.5, padding_mask_key=None)
+  unmasked.build(model)
+  np.testing.assert_array_equal(unmasked._mask(inputs).numpy(), np.ones((B, L, 1)))  # pylint: disable=protected-access
+  renamed = {k if k != "padding_mask" else "mask": v for k, v in inputs.items()}
+  with pytest.raises(ValueError, match="EmbeddingOutputFGM: no input 'padding_mask'.*"
+                     "set `padding_mask_key`"):
+    method._mask(renamed)  # pylint: disable=protected-access
+  attack = EmbeddingOutputAttack(epsilon=0.5, num_steps=1)
+  with pytest.raises(ValueError, match="EmbeddingOutputAttack: no input 'padding_mask'"):
+    attack.adversarial_logits(model, renamed, labels, tf.random.Generator.from_seed(0),
+                              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
 def test_pgd_iterates_stay_in_each_ball_and_off_padding():
   model = tiny_bert()
   arrays = batch_arrays()

@@ -376,11 +376,7 @@ class EmbeddingOutputAttack(Attack):
     if self._hook is None or self._hook.model is not model:
       self._hook = EmbeddingOutputHook(model, self.layer_name)
     hook = self._hook
-    if self.padding_mask_key is None:
-      ids = inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
-      mask = tf.ones(tf.concat([tf.shape(ids)[:2], [1]], 0), tf.float32)
-    else:
-      mask = tf.cast(inputs[self.padding_mask_key], tf.float32)[..., None]
+    mask = perturbation.token_mask(inputs, self.padding_mask_key, type(self).__name__)
     shape = tf.concat([tf.shape(mask)[:2], [hook.output_dim]], 0)
     if self.random_start:
       delta = perturbation.random_start(shape, self.epsilon, "l2", rng, mask=mask)

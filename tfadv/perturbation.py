@@ -29,6 +29,20 @@ def check_norm(owner: str, norm: str) -> None:
     raise ValueError(f"{owner}: norm={norm!r}; expected one of {NORMS}.")
 
 
+def token_mask(inputs, key: Optional[str], owner: str) -> tf.Tensor:
+  """[batch, length, 1] float mask of real tokens: `inputs[key]`, or all ones if key is None.
+
+  `owner` names the method or attack in the error a missing key raises.
+  """
+  if key is None:
+    ids = inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
+    return tf.ones(tf.concat([tf.shape(ids)[:2], [1]], 0), tf.float32)
+  if not isinstance(inputs, dict) or key not in inputs:
+    raise ValueError(f"{owner}: no input {key!r} to mask padding with; set "
+                     "`padding_mask_key` (None: no mask).")
+  return tf.cast(inputs[key], tf.float32)[..., None]
+
+
 def per_example(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
   """A [batch] tensor shaped to broadcast against `like` (batch × ...)."""
   return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))

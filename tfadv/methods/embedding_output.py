@@ -67,13 +67,7 @@ class EmbeddingOutputMethod(Method):
 
   def _mask(self, inputs) -> tf.Tensor:
     """[batch, length, 1] float mask of real tokens."""
-    if self.padding_mask_key is None:
-      ids = inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
-      return tf.ones(tf.concat([tf.shape(ids)[:2], [1]], 0), tf.float32)
-    if not isinstance(inputs, dict) or self.padding_mask_key not in inputs:
-      raise ValueError(f"{type(self).__name__}: no input {self.padding_mask_key!r} "
-                       "to mask padding with; set `padding_mask_key` (None: no mask).")
-    return tf.cast(inputs[self.padding_mask_key], tf.float32)[..., None]
+    return perturbation.token_mask(inputs, self.padding_mask_key, type(self).__name__)
 
   def _zeros(self, mask) -> tf.Tensor:
     return tf.zeros(tf.concat([tf.shape(mask)[:2], [self.hook.output_dim]], 0))
