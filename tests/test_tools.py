@@ -44,3 +44,43 @@ def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():
   for bad in ("fgm", "fgm:", "fgm:a,b", "adv:0.1"):
     with pytest.raises(app.UsageError, match="--select="):
       runs.parse_method_values(bad, "select", methods)
+
+
+def _finished_run(work_dir, name, validation, dev, step=300):
+  path = work_dir / name
+  path.mkdir()
+  (path / "eval_results_dev.json").write_text(json.dumps({
+      "accuracy": dev, "loss": 2.0, "step": step, "split": "dev",
+      "best": {"step": step, "metrics": {"accuracy": validation, "loss": 2.0}}}))
+  (path / "wall_seconds.txt").write_text("10.0\n")
+
+
+def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
+  """ε by mean validation accuracy even where dev disagrees; each run in one list."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from tfadv.tools import methods_table  # pylint: disable=g-import-not-at-top
+  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
+  work.mkdir()
+  (data / "tnews").mkdir(parents=True)
+  for seed, dev in enumerate((0.30, 0.32)):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
+    # ε = 0.3 wins on validation (0.45 vs 0.41) while ε = 1 is better on dev.
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  argv = ["methods_table", f"--work_dir={work}", f"--out_dir={out}", f"--data_dir={data}",
+          "--tasks=tnews", "--methods=plain,fgm", "--seeds=0,1", "--select=fgm:0.3,1",
+          "--section=t"]
+  with flagsaver.flagsaver():
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    methods_table.main([])
+  text = (out / "results.md").read_text()
+  assert "| plain | 31.00 ± 1.41 (n=2) |" in text
+  assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text  # ε = 0.3's dev, not ε = 1's
+  assert "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |" in text
+  assert text.count("| tnews | fgm ε=0.3 (chosen) |") == 2
+  assert text.count("| tnews | fgm ε=1 |") == 2
+  assert text.count("| tnews | plain |") == 2  # the other runs, once each
+  assert "| tnews | fgm | 0 |" not in text
+  assert (out / "results_t.png").exists()

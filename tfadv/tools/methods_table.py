@@ -195,9 +195,10 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
                         for run, record in selection], variant=lambda run: (
                             f"{run.method} ε={run.epsilon:g}"))
     lines.append("")
-  lines += ["Every run of the table:", ""]
-  lines += _run_rows([(run, record, False) for run, record in finished],
-                     variant=lambda run: run.variant)
+  others = [(run, record, False) for run, record in finished if not run.selected]
+  if others:
+    lines += ["Every other run of the table:" if selection else "Every run of the table:", ""]
+    lines += _run_rows(others, variant=lambda run: run.variant)
   section = FLAGS.section or (
       "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table")
   runs.replace_section(path, section, "\n".join(lines))
