@@ -1,6 +1,7 @@
 """Result-table plumbing: doc sections and cached runs."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -84,3 +85,12 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert text.count("| tnews | plain |") == 2  # the other runs, once each
   assert "| tnews | fgm | 0 |" not in text
   assert (out / "results_t.png").exists()
+  # --report starts nothing: a method with a candidate still to run gets no row.
+  shutil.rmtree(work / "tnews_fgm_eps1_seed1")
+  proc = subprocess.run(argv + ["--report"], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not (work / "tnews_fgm_eps1_seed1").exists()
+  text = (out / "results.md").read_text()
+  assert "| plain | 31.00 ± 1.41 (n=2) |" in text and "| fgm |" not in text
+  assert "Not run yet (1 runs" in text and "TNEWS fgm (1)." in text
+  assert text.count("| tnews | fgm ε=0.3 |") == 2  # listed, not chosen

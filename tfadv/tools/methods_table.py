@@ -23,6 +23,10 @@ accuracy (the smaller on a tie) is that task's row; dev is only reported,
 never used to choose. The section lists every candidate's validation and dev
 numbers.
 
+`--report` starts no run: it writes the section from the runs already
+finished (a method's ε is chosen once all its candidates have run) and lists
+the runs still to come, for a table split across sessions.
+
 `--preset=runs/pretrain_mlm_zh/preset` fine-tunes every run from a keras-hub
 preset (e.g. the one `configs/pretrain_mlm_zh.gin` writes) and writes its
 own section and plot (`results_text_pretrained.png`); `--jobs=2` runs two
@@ -60,6 +64,8 @@ flags.DEFINE_multi_string("task_gin_param", [], "task:binding, a binding for one
 flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
                     "every run fine-tunes from.")
 flags.DEFINE_integer("jobs", 1, "Runs at a time.")
+flags.DEFINE_bool("report", False, "Start no run: write the section from the runs "
+                  "already finished and list the ones still to run.")
 flags.DEFINE_string("section", None, "The section of results.md (and the plot's name) "
                     "this table writes; default by --preset.")
 flags.DEFINE_string("title", None, "The section's title.")
@@ -142,7 +148,7 @@ def plot(groups, path):
 
 
 def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_seconds,
-                   path):
+                   path, missing=()):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
   title = "## Text: FewCLUE TNEWS and IFLYTEK (plain, FGM, GP)"
@@ -199,6 +205,14 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   if others:
     lines += ["Every other run of the table:" if selection else "Every run of the table:", ""]
     lines += _run_rows(others, variant=lambda run: run.variant)
+  if missing:
+    counts = {}
+    for run in missing:
+      counts[(run.task, run.method)] = counts.get((run.task, run.method), 0) + 1
+    lines += ["", f"Not run yet ({len(missing)} runs; the same command without "
+              "`--report` runs them, resuming any that stopped): " + ", ".join(
+                  f"{TASK_TITLES.get(task, task)} {method} ({n})"
+                  for (task, method), n in counts.items()) + "."]
   section = FLAGS.section or (
       "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table")
   runs.replace_section(path, section, "\n".join(lines))
@@ -253,11 +267,16 @@ def validation_accuracy(record) -> float:
   return record["best"]["metrics"]["accuracy"]
 
 
-def choose(finished):
-  """{(task, method): ε} of the selected methods, by mean validation accuracy."""
+def choose(finished, missing=()):
+  """{(task, method): ε} of the selected methods, by mean validation accuracy.
+
+  A method is chosen for a task only once every ε candidate has run with
+  every seed (`missing` holds the runs still to come).
+  """
+  pending = {(run.task, run.method) for run in missing if run.selected}
   candidates = {}
   for run, record in finished:
-    if run.selected:
+    if run.selected and (run.task, run.method) not in pending:
       candidates.setdefault((run.task, run.method), {}).setdefault(
           run.epsilon, []).append(validation_accuracy(record))
   return {key: runs.choose_best(by_eps) for key, by_eps in candidates.items()}
@@ -274,6 +293,8 @@ def run_all(planned):
 
   def one(numbered):
     i, run = numbered
+    if FLAGS.report:
+      return run.finished("dev")
     core = free_cores.get() if pinned else None
     run.cpus = None if core is None else [core]
     try:
@@ -296,21 +317,23 @@ def main(argv):
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
   planned = planned_runs()
-  finished = list(zip(planned, run_all(planned)))
-  chosen = choose(finished)
+  records = run_all(planned)
+  finished = [(run, record) for run, record in zip(planned, records) if record is not None]
+  missing = [run for run, record in zip(planned, records) if record is None]
+  chosen = choose(finished, missing)
   for (task, method), epsilon in sorted(chosen.items()):
     print(f"{task} {method}: ε = {epsilon:g} chosen on validation.", flush=True)
   groups, selection = {}, []
   for run, record in finished:
     if run.selected:
       selection.append((run, record))
-      if run.epsilon != chosen[(run.task, run.method)]:
-        continue
+      if run.epsilon != chosen.get((run.task, run.method)):
+        continue  # another candidate, or no choice yet (candidates still to run)
     groups.setdefault((run.task, run.variant), []).append(record)
   total = sum(record["wall_seconds"] for _, record in finished)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_markdown(groups, finished, selection, chosen, total, time.time() - start,
-                 os.path.join(FLAGS.out_dir, "results.md"))
+                 os.path.join(FLAGS.out_dir, "results.md"), missing)
   plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
   print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
         f"({total / 60:.1f} min of runs).")

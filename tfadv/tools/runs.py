@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from absl import app
 
@@ -44,22 +44,35 @@ class Run:
     before those records existed have only the training record
     `eval_results.json`; it is read when its split matches or is unnamed.
     """
+    record = self.finished(split)
+    if record is not None:
+      return record
+    os.makedirs(self.model_dir, exist_ok=True)
+    start = time.time()
+    # Appended: a resumed run keeps the log of its earlier part.
+    with open(os.path.join(self.model_dir, "log.txt"), "a") as log:
+      proc = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                            check=False)
+    if proc.returncode != 0:
+      raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
+                         f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
+    with open(os.path.join(self.model_dir, "wall_seconds.txt"), "w") as f:
+      f.write(f"{time.time() - start:.1f}\n")
+    record = self.finished(split)
+    if record is None:
+      raise RuntimeError(f"Run {self.name} exited without an evaluation of {split!r} "
+                         f"in {self.model_dir}.")
+    return record
+
+  def finished(self, split: str) -> Optional[dict]:
+    """The run's finished evaluation of `split` (with its wall time), or None
+    while the run has not finished; starts nothing."""
     path = os.path.join(self.model_dir, f"eval_results_{split}.json")
-    if not os.path.exists(path) and os.path.exists(
-        os.path.join(self.model_dir, "wall_seconds.txt")):
-      path = os.path.join(self.model_dir, "eval_results.json")
     wall_path = os.path.join(self.model_dir, "wall_seconds.txt")
+    if not os.path.exists(path) and os.path.exists(wall_path):
+      path = os.path.join(self.model_dir, "eval_results.json")
     if not (os.path.exists(path) and os.path.exists(wall_path)):
-      os.makedirs(self.model_dir, exist_ok=True)
-      start = time.time()
-      with open(os.path.join(self.model_dir, "log.txt"), "w") as log:
-        proc = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                              check=False)
-      if proc.returncode != 0:
-        raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
-                           f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
-      with open(wall_path, "w") as f:
-        f.write(f"{time.time() - start:.1f}\n")
+      return None
     with open(path) as f:
       record = json.load(f)
     if record.setdefault("split", split) != split:
