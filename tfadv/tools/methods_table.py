@@ -158,7 +158,10 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   title = f"## {FLAGS.title}" if FLAGS.title else title
   lines = [title, "",
            "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
-           "```", runs.command_line("tfadv.tools.methods_table"), "```", "",
+           "```", runs.command_line("tfadv.tools.methods_table").replace(" --report", ""),
+           "```", "",
+           *(["Written with `--report` from the runs finished so far (none started).", ""]
+             if FLAGS.report else []),
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
            f"of wall time summed over {len(finished)} runs, "
