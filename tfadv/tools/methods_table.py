@@ -131,12 +131,14 @@ def plot(groups, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   tasks = list(dict.fromkeys(task for task, _ in groups))
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+  every_variant = list(dict.fromkeys(v for _, v in groups))  # one colour a method
   for ax, task in zip(axes[0], tasks):
     variants = [v for t, v in groups if t == task]
     for i, variant in enumerate(variants):
       accs = [100 * r["accuracy"] for r in groups[(task, variant)]]
       mean, std = runs.mean_std(accs)
-      ax.bar(i, mean, yerr=std, capsize=4, color=f"C{i}", alpha=0.7)
+      ax.bar(i, mean, yerr=std, capsize=4, alpha=0.7,
+             color=f"C{every_variant.index(variant) % 10}")
       ax.scatter([i] * len(accs), accs, color="k", s=12, zorder=3)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_title(f"FewCLUE {TASK_TITLES.get(task, task)} dev")
