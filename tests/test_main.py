@@ -131,14 +131,12 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
   import glob  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv import main as main_lib  # pylint: disable=g-import-not-at-top
+  from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
   chosen = {"tnews": {"fgm": 1.0, "gp": 0.1, "gp_matrix": 1.0, "fgm_output": 0.3,
                       "pgd_output": 0.1, "free_output": 0.1, "freelb": 0.3},
             "iflytek": {"fgm": 1.0, "gp": 1.0, "gp_matrix": 1.0, "fgm_output": 0.3,
                         "free_output": 0.1}}[task]
-  binding = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon",
-             "gp_matrix": "EmbeddingGradientPenalty.epsilon",
-             "fgm_output": "EmbeddingOutputFGM.epsilon", "pgd_output": "EmbeddingOutputPGD.epsilon",
-             "free_output": "EmbeddingOutputFree.epsilon", "freelb": "FreeLB.epsilon"}
+  binding = runs.EPSILON_BINDING  # the bindings the methods table sets
   files = sorted(glob.glob(f"configs/{task}_*.gin"))
   assert len(files) == 8
   for path in files:

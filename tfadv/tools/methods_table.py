@@ -70,15 +70,9 @@ flags.DEFINE_string("section", None, "The section of results.md (and the plot's 
                     "this table writes; default by --preset.")
 flags.DEFINE_string("title", None, "The section's title.")
 
-# The ε binding of each method; the step sizes of the iterative methods scale
-# with ε (the ratios of their configs).
-EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon",
-                   "gp_matrix": "EmbeddingGradientPenalty.epsilon",
-                   "fgm_output": "EmbeddingOutputFGM.epsilon",
-                   "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon",
-                   "free_output": "EmbeddingOutputFree.epsilon"}
-STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
-                "freelb": ("FreeLB.step_size", 0.4)}
+# The ε binding of each method and the step sizes that scale with it (runs.py,
+# where the config tests read them too).
+EPSILON_BINDING, STEP_BINDING = runs.EPSILON_BINDING, runs.STEP_BINDING
 TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 
 

@@ -19,6 +19,17 @@ from typing import List, Optional, Sequence
 from absl import app
 
 
+# The ε binding of each method; the step sizes of the iterative methods scale
+# with ε (the ratios of their configs).
+EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalty.epsilon",
+                   "gp_matrix": "EmbeddingGradientPenalty.epsilon",
+                   "fgm_output": "EmbeddingOutputFGM.epsilon",
+                   "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon",
+                   "free_output": "EmbeddingOutputFree.epsilon"}
+STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
+                "freelb": ("FreeLB.step_size", 0.4)}
+
+
 class Run:
   """One training-and-evaluation run of a gin config in its own process."""
 
