@@ -127,7 +127,8 @@ def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path)
 @pytest.mark.parametrize("task", ["tnews", "iflytek"])
 def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
   """Every CLUE config parses, says its command and expected result, and binds
-  the ε chosen on validation for the result it quotes (the table's choices)."""
+  the ε chosen on validation for the result it quotes (the table's choices),
+  with the step size the table ran at that ε."""
   import glob  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv import main as main_lib  # pylint: disable=g-import-not-at-top
@@ -136,16 +137,20 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
                       "pgd_output": 0.1, "free_output": 0.1, "freelb": 0.3},
             "iflytek": {"fgm": 1.0, "gp": 1.0, "gp_matrix": 1.0, "fgm_output": 0.3,
                         "pgd_output": 0.1, "free_output": 0.1, "freelb": 0.3}}[task]
-  binding = runs.EPSILON_BINDING  # the bindings the methods table sets
   files = sorted(glob.glob(f"configs/{task}_*.gin"))
   assert len(files) == 8
   for path in files:
     method = path[len(f"configs/{task}_"):-len(".gin")]
-    header = open(path).read().split("include")[0]
+    with open(path) as f:
+      header = f.read().split("include")[0]
     assert f"# Run: python -m tfadv.main --gin_file={path}" in header, path
     assert "# Expected: " in header, path
     gin.clear_config()
     main_lib.parse_config([path], [])
-    if method != "plain":
-      assert gin.query_parameter(binding[method]) == chosen[method], path
+    if method != "plain":  # the bindings the methods table sets
+      epsilon = chosen[method]
+      assert gin.query_parameter(runs.EPSILON_BINDING[method]) == epsilon, path
+      if method in runs.STEP_BINDING:
+        step, ratio = runs.STEP_BINDING[method]
+        assert gin.query_parameter(step) == pytest.approx(ratio * epsilon), path
   gin.clear_config()

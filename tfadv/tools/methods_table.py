@@ -70,9 +70,6 @@ flags.DEFINE_string("section", None, "The section of results.md (and the plot's 
                     "this table writes; default by --preset.")
 flags.DEFINE_string("title", None, "The section's title.")
 
-# The ε binding of each method and the step sizes that scale with it (runs.py,
-# where the config tests read them too).
-EPSILON_BINDING, STEP_BINDING = runs.EPSILON_BINDING, runs.STEP_BINDING
 TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 
 
@@ -86,9 +83,9 @@ class NlpRun(runs.Run):
     params = [f"Experiment.seed = {self.seed}",
               f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
     if epsilon is not None:
-      params.append(f"{EPSILON_BINDING[method]} = {epsilon}")
-      if method in STEP_BINDING:
-        binding, ratio = STEP_BINDING[method]
+      params.append(f"{runs.EPSILON_BINDING[method]} = {epsilon}")
+      if method in runs.STEP_BINDING:
+        binding, ratio = runs.STEP_BINDING[method]
         params.append(f"{binding} = {ratio * epsilon:g}")
     if FLAGS.preset:
       params.append(f"TextClassificationTask.preset = '{FLAGS.preset}'")
@@ -116,7 +113,7 @@ def task_bindings(task: str):
 
 
 def parse_epsilons(spec: str, flag: str):
-  return runs.parse_method_values(spec, flag, sorted(EPSILON_BINDING))
+  return runs.parse_method_values(spec, flag, sorted(runs.EPSILON_BINDING))
 
 
 def plot(groups, path):
