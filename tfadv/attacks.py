@@ -196,12 +196,15 @@ class APGD(Attack):
   """Auto-PGD (Croce & Hein 2020), an evaluation attack with no step size to tune.
 
   Follows the authors' code (fra31/auto-attack, `APGDAttack`): a random
-  start x + ε·t/‖t‖∞ (t ~ U(−1, 1)), step η = 2ε (ℓ∞; ε for ℓ2), momentum
+  start x + ε·t/‖t‖∞ (t ~ U(−1, 1); ℓ2: x + ε·t/‖t‖₂, t Gaussian), step
+  η = 2ε (both norms, as `attack_single_run` sets `step_size = 2 * eps`), momentum
   0.75 (none on the first step), per-example checkpoints that halve η and
   restart from the best point when the loss stalls (`apgd_checkpoints`), and
-  per-example bookkeeping: an example counts as broken if *any* iterate is
-  misclassified. Returned per example: a misclassified iterate if one was
-  found, else the iterate of highest loss. Losses: "ce" (cross-entropy) or
+  per-example bookkeeping: an example counts as broken if the clean input
+  or *any* iterate is misclassified (AutoAttack seeds its robust flags from
+  clean accuracy, so a misclassified example is never robust). Returned per
+  example: the clean input if it is misclassified, else a misclassified
+  iterate if one was found, else the iterate of highest loss. Losses: "ce" (cross-entropy) or
   "dlr" (difference of logits ratio, `dlr_loss`).
 
   Everything runs in-graph (one `tf.while_loop` over the iterations), so it
@@ -249,7 +252,7 @@ class APGD(Attack):
       loss = APGD_LOSSES[self.loss](labels, logits)
       total = tf.reduce_sum(loss)
     correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32))
-    return loss, correct, tape.gradient(total, x)
+    return loss, correct, scaled_gradient(tape, total, x)
 
   def _project(self, x_adv, x):
     return project(x_adv, x, self.epsilon, self.norm, self.clip_min, self.clip_max)
@@ -267,16 +270,21 @@ class APGD(Attack):
   def _one_run(self, model, x, labels, rng):
     """(image per example, broken per example) of one APGD run."""
     batchwise = lambda v: per_example(v, x)
+    clean_logits = model(x, training=False)
+    clean_wrong = tf.not_equal(tf.argmax(clean_logits, -1, output_type=tf.int32),
+                               tf.cast(labels, tf.int32))
     x0 = self._start(x, rng)
     loss, correct, grad = self._evaluate(model, x0, labels)
-    step = tf.fill(tf.shape(loss), (2.0 if self.norm == "linf" else 1.0) * self.epsilon)
+    step = tf.fill(tf.shape(loss), 2.0 * self.epsilon)
     checks = apgd_checkpoints(self.num_steps)
     is_check = tf.constant([i in checks for i in range(self.num_steps)])
     window = tf.constant([float(checks.get(i, 1)) for i in range(self.num_steps)])
     state = dict(
         i=tf.constant(0), x_adv=x0, x_old=x0, grad=grad, step=step,
         x_best=x0, grad_best=grad, loss_best=loss, loss_prev=tf.zeros_like(loss),
-        x_broken=x0, broken=tf.logical_not(correct), increases=tf.zeros_like(loss),
+        x_broken=tf.where(batchwise(clean_wrong), x, x0),
+        broken=tf.logical_or(clean_wrong, tf.logical_not(correct)),
+        increases=tf.zeros_like(loss),
         loss_best_last_check=loss, reduced_last_check=tf.ones_like(loss, tf.bool))
 
     def body(s):

@@ -73,6 +73,15 @@ def apply_method(method: Method, model: keras.Model,
   return out, tf.linalg.global_norm(reduced) / scale
 
 
+def _correct(labels, logits):
+  """Per example: is the arg-max class the label?"""
+  return tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels)
+
+
+def _weighted_count(flags, weights):
+  return tf.reduce_sum(tf.cast(flags, tf.float32) * weights)
+
+
 def _dense(gradient):
   return tf.convert_to_tensor(gradient) if isinstance(gradient, tf.IndexedSlices) else gradient
 
@@ -95,7 +104,10 @@ class Trainer:
     eval_attacks: `{name: attack}` (`tfadv.attacks.InputAttack`, `APGD`):
       evaluation also reports `accuracy_<name>` on each attack's adversarial
       inputs and, with two or more attacks, `accuracy_worst_case`: the
-      examples that no attack breaks (per example, the worst case).
+      examples that no attack breaks (per example, the worst case). An
+      example counts as robust only if it is also classified correctly
+      clean. Under `mixed_float16` the attacks' gradients are taken of the
+      loss times the optimizer's loss scale (`tfadv.loss_scaling`).
       The attacks' random starts restart from `eval_seed` at every
       evaluation, so evaluating the same weights twice gives the same numbers.
     count_correct: `(labels, logits, example_weights) -> (hits, count)`;
@@ -171,16 +183,25 @@ class Trainer:
     hits, count = self.count_correct(labels, logits, weights)
     sums = {"loss": tf.reduce_sum(per_example * weights), "correct": hits,
             "counted": count, "examples": tf.reduce_sum(weights)}
-    robust = None
-    for name, attack in self.eval_attacks.items():
-      adv_logits = tf.cast(attack.adversarial_logits(
-          self.model, inputs, labels, self._eval_rng, self.per_example_loss), tf.float32)
-      sums[f"correct_{name}"], _ = self.count_correct(labels, adv_logits, weights)
-      held = tf.equal(tf.argmax(adv_logits, -1, output_type=labels.dtype), labels)
-      robust = held if robust is None else tf.logical_and(robust, held)
+    if not self.eval_attacks:
+      return sums
+    # Robust implies clean-correct, per example (AutoAttack seeds its robust
+    # flags from clean accuracy): a misclassified example never counts as
+    # robust, whatever the attack's iterates do.
+    robust = _correct(labels, logits)
+    worst = robust
+    # Attacks differentiate the loss times the optimizer's loss scale
+    # (float16: unscaled gradients of confident examples underflow to zero).
+    with loss_scaling_by(self.optimizer):
+      for name, attack in self.eval_attacks.items():
+        adv_logits = tf.cast(attack.adversarial_logits(
+            self.model, inputs, labels, self._eval_rng, self.per_example_loss), tf.float32)
+        held = tf.logical_and(robust, _correct(labels, adv_logits))
+        sums[f"correct_{name}"] = _weighted_count(held, weights)
+        worst = tf.logical_and(worst, held)
     if len(self.eval_attacks) > 1:
       # Per example, the worst case over the attacks: correct under all of them.
-      sums[f"correct_{WORST_CASE}"] = tf.reduce_sum(tf.cast(robust, tf.float32) * weights)
+      sums[f"correct_{WORST_CASE}"] = _weighted_count(worst, weights)
     return sums
 
   def _reduce(self, per_replica, op):

@@ -1,0 +1,294 @@
+"""Evaluation attacks against independent references: APGD against a line-by-line
+port of Croce & Hein's `attack_single_run`, robust accuracy that implies clean
+accuracy, and attack gradients under float16 loss scaling."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv.attacks import APGD, InputAttack, apgd_checkpoints
+from tfadv.data.pipeline import distributed_dataset
+from tfadv.experiment import build_trainer
+from tfadv.methods import Plain
+
+# --- a tanh network whose input gradient is written out by hand --------------
+
+
+def _mlp(d=12, hidden=16, classes=4, seed=0):
+  rng = np.random.RandomState(seed)
+  w1, b1 = rng.randn(d, hidden) * 0.8, rng.randn(hidden) * 0.3
+  w2, b2 = rng.randn(hidden, classes) * 1.2, rng.randn(classes) * 0.3
+  inputs = keras.Input((d,))
+  first, second = keras.layers.Dense(hidden, activation="tanh"), keras.layers.Dense(classes)
+  model = keras.Model(inputs, second(first(inputs)))
+  first.set_weights([w1.astype(np.float32), b1.astype(np.float32)])
+  second.set_weights([w2.astype(np.float32), b2.astype(np.float32)])
+  return model, (w1, b1, w2, b2)
+
+
+def _ce_and_gradient(params, x, y):
+  """Per-example cross-entropy, ∂/∂x by the chain rule, and the logits (float64)."""
+  w1, b1, w2, b2 = params
+  h = np.tanh(x @ w1 + b1)
+  z = h @ w2 + b2
+  z = z - z.max(1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+  loss = -np.log(p[np.arange(len(y)), y])
+  dz = p.copy()
+  dz[np.arange(len(y)), y] -= 1.0
+  dx = ((dz @ w2.T) * (1.0 - h ** 2)) @ w1.T
+  return loss, dx, z
+
+
+def apgd_port(params, x, y, t, eps, n_iter, norm, rho=0.75):
+  """fra31/auto-attack `APGDAttack.attack_single_run` (ℓ∞/ℓ2, CE, one EOT
+  sample), line by line in NumPy, from the same random draw t. Also returns
+  the first misclassified iterate (tfadv returns that one; the reference
+  keeps the last, and either is a valid adversarial example) and how often
+  the step was halved and the iterate reset to a better best point."""
+  n = len(x)
+  col = lambda v: v[:, None]
+  if norm == "linf":
+    x_adv = x + eps * t / np.abs(t).max(1, keepdims=True)
+  else:
+    x_adv = x + eps * t / np.sqrt((t ** 2).sum(1, keepdims=True))
+  x_adv = np.clip(x_adv, 0.0, 1.0)
+
+  def l2_project(v):
+    d = v - x
+    norms = np.sqrt((d ** 2).sum(1, keepdims=True))
+    return np.clip(x + d / (norms + 1e-12) * np.minimum(eps, norms), 0.0, 1.0)
+
+  x_best, x_first_adv = x_adv.copy(), x_adv.copy()
+  loss_steps = np.zeros([n_iter, n])
+  loss, grad, z = _ce_and_gradient(params, x_adv, y)
+  acc = z.argmax(1) == y
+  loss_best, grad_best = loss.copy(), grad.copy()
+  step = 2.0 * eps * np.ones(n)
+  x_adv_old = x_adv.copy()
+  n_iter_2, n_iter_min, size_decr = (max(int(0.22 * n_iter), 1), max(int(0.06 * n_iter), 1),
+                                     max(int(0.03 * n_iter), 1))
+  k, counter3 = n_iter_2, 0
+  loss_best_last_check, reduced_last_check = loss_best.copy(), np.ones(n)
+  halvings = resets = 0
+  for i in range(n_iter):
+    grad2 = x_adv - x_adv_old
+    x_adv_old = x_adv.copy()
+    a = 0.75 if i > 0 else 1.0
+    if norm == "linf":
+      x1 = x_adv + col(step) * np.sign(grad)
+      x1 = np.clip(np.minimum(np.maximum(x1, x - eps), x + eps), 0.0, 1.0)
+      x1 = np.clip(np.minimum(np.maximum(x_adv + (x1 - x_adv) * a + grad2 * (1 - a),
+                                         x - eps), x + eps), 0.0, 1.0)
+    else:
+      g_norm = np.sqrt((grad ** 2).sum(1, keepdims=True))
+      x1 = l2_project(x_adv + col(step) * grad / (g_norm + 1e-12))
+      x1 = l2_project(x_adv + (x1 - x_adv) * a + grad2 * (1 - a))
+    x_adv = x1
+    loss, grad, z = _ce_and_gradient(params, x_adv, y)
+    pred = z.argmax(1) == y
+    first = np.logical_and(acc, ~pred)
+    x_first_adv[first] = x_adv[first]
+    acc = np.logical_and(acc, pred)
+    loss_steps[i] = loss
+    ind = loss > loss_best
+    x_best[ind], grad_best[ind], loss_best[ind] = x_adv[ind], grad[ind], loss[ind]
+    counter3 += 1
+    if counter3 == k:
+      t_count = np.zeros(n)
+      for c in range(k):  # index −1 reads the last (unwritten, zero) row, as in torch
+        t_count += loss_steps[i - c] > loss_steps[i - c - 1]
+      oscillation = (t_count <= k * rho).astype(np.float64)
+      no_improvement = (1.0 - reduced_last_check) * (loss_best_last_check >= loss_best)
+      oscillation = np.maximum(oscillation, no_improvement)
+      reduced_last_check, loss_best_last_check = oscillation.copy(), loss_best.copy()
+      fl = oscillation > 0
+      step[fl] /= 2.0
+      halvings += int(fl.sum())
+      resets += int(np.any(x_adv[fl] != x_best[fl], axis=1).sum())
+      x_adv[fl], grad[fl] = x_best[fl], grad_best[fl]
+      k = max(k - size_decr, n_iter_min)
+      counter3 = 0
+  return x_best, acc, loss_best, x_first_adv, halvings, resets
+
+
+def _case(norm, n=64, d=12):
+  model, params = _mlp(d)
+  rng = np.random.RandomState(1)
+  x = rng.uniform(0.05, 0.95, (n, d)).astype(np.float32)
+  clean = _ce_and_gradient(params, x.astype(np.float64), np.zeros(n, int))[2].argmax(1)
+  y = clean.copy()
+  y[:4] = (clean[:4] + 1) % 4  # four examples misclassified clean
+  eps = 0.05 if norm == "linf" else 0.15
+  # Short runs: checks come every 1-2 iterations (hundreds of halvings), and
+  # float32 (tfadv) and float64 (the port) agree to the last iterate; over
+  # longer ℓ2 runs near-ties between losses make the two drift apart.
+  n_iter = 10 if norm == "linf" else 7
+  return model, params, x, y.astype(np.int32), eps, n_iter
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_matches_a_line_by_line_port_of_the_reference(norm):
+  model, params, x, y, eps, n_iter = _case(norm)
+  # The same draw the attack makes first from a generator of the same seed.
+  draw = tf.random.Generator.from_seed(3)
+  t = (draw.uniform(x.shape, -1.0, 1.0) if norm == "linf" else draw.normal(x.shape)).numpy()
+  x_best, acc, _, x_first_adv, halvings, resets = apgd_port(
+      params, x.astype(np.float64), y, t.astype(np.float64), eps, n_iter, norm)
+  # The reference's robust flags start from clean accuracy (`perturb`).
+  clean_correct = _ce_and_gradient(params, x.astype(np.float64), y)[2].argmax(1) == y
+  robust = np.logical_and(acc, clean_correct)
+  assert halvings > 10 and resets > 3  # the checks and restarts are exercised
+  assert 0.2 < robust.mean() < 0.8
+
+  x_adv = APGD(epsilon=eps, num_steps=n_iter, norm=norm)(
+      model, tf.constant(x), tf.constant(y), rng=tf.random.Generator.from_seed(3)).numpy()
+  want = np.where(robust[:, None], x_best, x_first_adv)
+  want[~clean_correct] = x[~clean_correct]  # misclassified clean: the clean input
+  np.testing.assert_allclose(x_adv, want, atol=2e-5)
+  held = model(x_adv).numpy().argmax(1) == y
+  np.testing.assert_array_equal(held, robust)
+
+
+def test_apgd_step_size_schedule_is_the_references():
+  # ℓ2 and ℓ∞ both start at step 2ε, checked on one step of a linear model
+  # (no momentum on the first step, no check before iteration ⌊0.22·N⌋).
+  x = tf.constant([[0.5, 0.5, 0.5, 0.5]])
+  inputs = keras.Input((4,))
+  layer = keras.layers.Dense(3)
+  model = keras.Model(inputs, layer(inputs))
+  layer.set_weights([np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], np.float32),
+                     np.array([5.0, 0.0, 0.0], np.float32)])
+  for norm in ("linf", "l2"):
+    eps = 0.1
+    draw = tf.random.Generator.from_seed(0)
+    t = (draw.uniform(x.shape, -1.0, 1.0) if norm == "linf" else draw.normal(x.shape)).numpy()
+    x_adv = APGD(epsilon=eps, num_steps=1, norm=norm)(
+        model, x, tf.constant([0]), rng=tf.random.Generator.from_seed(0)).numpy()
+    start = x.numpy() + eps * t / (np.abs(t).max() if norm == "linf" else np.linalg.norm(t))
+    # CE's input gradient here is (p − e_y)·Wᵀ: down on pixel 0, up on 1 and 2, 0 on 3.
+    z = start @ layer.get_weights()[0] + layer.get_weights()[1]
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    g = (p - np.eye(3)[0]) @ layer.get_weights()[0].T
+    if norm == "linf":
+      moved = np.clip(start + 2 * eps * np.sign(g), x.numpy() - eps, x.numpy() + eps)
+    else:
+      moved = start + 2 * eps * g / np.linalg.norm(g)
+      d = moved - x.numpy()
+      moved = x.numpy() + d * min(1.0, eps / np.linalg.norm(d))
+    loss = lambda v: -np.log(np.exp(v - v.max())[0, 0] / np.exp(v - v.max()).sum())
+    z_moved = moved @ layer.get_weights()[0] + layer.get_weights()[1]
+    want = moved if loss(z_moved) > loss(z) else start
+    np.testing.assert_allclose(x_adv, want, atol=1e-6, err_msg=norm)
+
+
+def test_apgd_checkpoints_are_the_references_counter():
+  # The reference's counter, written out: k = n_iter_2, checked when counter3 == k.
+  for n_iter in (5, 30, 100):
+    k, counter, want = max(int(0.22 * n_iter), 1), 0, {}
+    for i in range(n_iter):
+      counter += 1
+      if counter == k:
+        want[i] = k
+        k, counter = max(k - max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)), 0
+    assert apgd_checkpoints(n_iter) == want
+
+
+# --- robust implies clean-correct -------------------------------------------------
+
+
+def _identity_model():
+  inputs = keras.Input((2,))
+  layer = keras.layers.Dense(2)
+  model = keras.Model(inputs, layer(inputs))
+  layer.set_weights([np.eye(2, dtype=np.float32), np.zeros(2, np.float32)])
+  return model
+
+
+def test_apgd_never_counts_a_clean_misclassified_example_as_robust():
+  # logits = x; example 0 is misclassified clean (0.49 < 0.51) but most of its
+  # ε-ball is classified correctly: the random start and the iterate may land
+  # there. It must still count as broken, and its image be the clean input.
+  model = _identity_model()
+  x = tf.constant([[0.49, 0.51], [0.9, 0.1]])
+  y = tf.constant([0, 0])
+  for seed in range(5):
+    x_adv = APGD(epsilon=0.3, num_steps=1)(model, x, y,
+                                           rng=tf.random.Generator.from_seed(seed)).numpy()
+    np.testing.assert_array_equal(x_adv[0], x.numpy()[0])  # the clean, misclassified input
+    assert model(x_adv).numpy().argmax(1)[0] != 0
+
+
+class _Repairing:
+  """An attack that moves every example to the correct class's corner."""
+
+  def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
+    return model(tf.one_hot(labels, 2), training=False)
+
+
+class _Identity:
+  def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
+    return model(inputs, training=False)
+
+
+def test_robust_accuracy_ands_with_clean_correctness_per_example():
+  images = np.array([[0.2, 0.8], [0.8, 0.2], [0.9, 0.1], [0.1, 0.9]], np.float32)
+  labels = np.array([0, 0, 1, 1], np.int32)  # examples 1 and 3 right clean
+  strategy = tf.distribute.get_strategy()
+  trainer = build_trainer(_identity_model, Plain(), global_batch_size=4,
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                          split_batch=lambda b: (b["image"], b["label"]),
+                          eval_attacks={"repair": _Repairing(), "none": _Identity()})
+  ds = distributed_dataset(strategy, {"image": images, "label": labels}, 4, shuffle=False)
+  metrics = trainer.evaluate(iter(ds), 1)
+  assert metrics["accuracy"] == 0.5
+  # The repairing attack leaves all four correctly classified, but only the
+  # two clean-correct ones count as robust.
+  assert metrics["accuracy_repair"] == 0.5
+  assert metrics["accuracy_none"] == 0.5
+  assert metrics["accuracy_worst_case"] == 0.5
+
+
+# --- float16 evaluation -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluation_attacks_take_loss_scaled_gradients_under_float16():
+  # logits = 30·x: example (0.9, 0.2) of class 0 has p(other) ≈ e^−21 ≈ 8e−10,
+  # below float16's smallest subnormal (6e−8), so its unscaled input gradient
+  # is exactly zero and FGSM would not move. With the loss scale (2^15) pixel 1
+  # rises by ε = 0.8 (pixel 0's gradient is 0: p(true) rounds to 1) and the
+  # example breaks (0.9 < 1.0).
+  def model_fn():
+    inputs = keras.Input((2,))
+    layer = keras.layers.Dense(2)
+    model = keras.Model(inputs, layer(inputs))
+    layer.set_weights([30.0 * np.eye(2, dtype=np.float32), np.zeros(2, np.float32)])
+    return model
+
+  images = np.array([[0.9, 0.2]] * 4, np.float32)
+  labels = np.zeros(4, np.int32)
+  fgsm = InputAttack(epsilon=0.8, num_steps=1)
+  try:
+    strategy = tf.distribute.get_strategy()
+    trainer = build_trainer(model_fn, Plain(), global_batch_size=4,
+                            optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                            mixed_precision="mixed_float16",
+                            split_batch=lambda b: (b["image"], b["label"]),
+                            eval_attacks={"fgsm": fgsm})
+    model = trainer.model
+    # The unscaled float16 gradient underflows: exactly zero.
+    x = tf.constant(images)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      logits = tf.cast(model(x), tf.float32)
+      loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True))
+    assert np.all(tape.gradient(loss, x).numpy() == 0.0)
+    ds = distributed_dataset(strategy, {"image": images, "label": labels}, 4, shuffle=False)
+    metrics = trainer.evaluate(iter(ds), 1)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert metrics["accuracy"] == 1.0
+  assert metrics["accuracy_fgsm"] == 0.0
