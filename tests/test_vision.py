@@ -408,6 +408,33 @@ def test_coupled_l2_equals_sgd_on_the_loss_plus_madrys_term():
     sgd_momentum(total_steps=10, weight_decay_mode="coupled")
 
 
+@pytest.mark.slow
+def test_coupled_l2_in_keras_fit_on_two_replicas_equals_one_device(mirrored):
+  # Keras's own fit all-reduces the gradients inside the optimizer: the L2
+  # term must be added once after that, not on every replica before it.
+  from tfadv.optimization import SGDWithL2  # pylint: disable=g-import-not-at-top
+  x, y = split(image_arrays(B))
+  keras.utils.set_random_seed(0)
+  start = [v.numpy() for v in tiny_cnn(0).trainable_variables]
+
+  def fit(strategy):
+    with strategy.scope():
+      model = tiny_cnn(0)
+      for v, value in zip(model.trainable_variables, start):
+        v.assign(value)
+      model.compile(optimizer=SGDWithL2(learning_rate=0.5, momentum=0.9, l2=0.05),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    return [v.numpy() for v in model.trainable_variables]
+
+  one, two = fit(tf.distribute.get_strategy()), fit(mirrored)
+  moved = 0
+  for got, want, first in zip(two, one, start):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    moved += not np.allclose(want, first)
+  assert moved >= 2
+
+
 def test_attack_passes_draw_their_own_dropout_masks_and_leave_bn_statistics():
   # Conv-BN-Dropout: Dropout on the input, so each pass's mask is visible in
   # what the recording layer after it sees (this test runs eagerly).

@@ -67,6 +67,8 @@ class SGDWithL2(keras.optimizers.SGD):
   decoupled `weight_decay`, the term passes through momentum, so with
   momentum 0.9 it acts about 10× stronger at the same number. Variables
   whose name contains one of `exclude` (biases, BatchNorm γ/β) get no term.
+  The term is added in `update_step`, after gradients are all-reduced, so it
+  is counted once under any strategy, in tfadv's trainer and in Keras's `fit`.
 
   Example:
   >>> opt = SGDWithL2(learning_rate=0.1, momentum=0.9, l2=2e-4)
@@ -80,13 +82,14 @@ class SGDWithL2(keras.optimizers.SGD):
   def _decays(self, variable) -> bool:
     return not any(word in variable.name for word in self.exclude)
 
-  def apply(self, grads, trainable_variables=None):
-    variables = (trainable_variables if trainable_variables is not None
-                 else self._trainable_variables)
-    grads = [g if g is None or not self._decays(v) else
-             keras.ops.convert_to_tensor(g) + keras.ops.cast(self.l2, g.dtype) * v
-             for g, v in zip(grads, variables)]
-    return super().apply(grads, trainable_variables)
+  def update_step(self, gradient, variable, learning_rate):
+    # Per variable, after any cross-replica reduction of the gradients (in
+    # Keras's own `fit` under MirroredStrategy the optimizer all-reduces
+    # them before this), so N replicas add the term once, not N times.
+    if self._decays(variable):
+      gradient = (keras.ops.convert_to_tensor(gradient)
+                  + keras.ops.cast(self.l2, gradient.dtype) * variable)
+    return super().update_step(gradient, variable, learning_rate)
 
   def get_config(self):
     return {**super().get_config(), "l2": self.l2, "exclude": list(self.exclude)}
