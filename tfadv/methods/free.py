@@ -107,7 +107,7 @@ class FreeTraining(Method):
     # One backward pass, two uses: the weights' update above, δ's ascent here.
     step = self.epsilon * tf.sign(tf.cast(delta_gradient, tf.float32))
     self.perturbation.assign(keep_if_finite(
-        tf.clip_by_value(delta + step, -self.epsilon, self.epsilon), delta))
+        tf.clip_by_value(delta + step, -self.epsilon, self.epsilon), delta, gradients))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients)
 
   def get_config(self):
@@ -159,7 +159,7 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
                                                  weights, delta, mask)
     # One backward pass, two uses: the weights' update above, δ's ascent here.
     moved = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
-    self.perturbation.assign(keep_if_finite(tf.stop_gradient(moved), delta))
+    self.perturbation.assign(keep_if_finite(tf.stop_gradient(moved), delta, gradients))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
         "delta_norm": tf.reduce_mean(per_example_norm(delta))})
 

@@ -91,7 +91,8 @@ class FreeLB(BufferedEmbeddingOutputMethod):
       # The same backward pass moves δ: no extra pass for the ascent.
       delta = keep_if_finite(tf.stop_gradient(project(
           delta + self.step_size * normalize(g * mask), self.epsilon) * mask), delta)
-    self.perturbation.assign(delta)
+    # A skipped step (any weight gradient not finite) leaves the buffer as it was.
+    self.perturbation.assign(keep_if_finite(delta, self.perturbation, total))
     return MethodOutput(loss=first_loss, logits=first_logits, gradients=total,
                         metrics={"adv_loss": replica_mean(loss * self.ascent_steps),
                                  "delta_norm": tf.reduce_mean(per_example_norm(delta))})
