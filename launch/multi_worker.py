@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Starts N tfadv workers on this machine, wired together by TF_CONFIG.
 
     python launch/multi_worker.py --num_workers=2 -- \\

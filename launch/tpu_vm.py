@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Runs a tfadv experiment on a Cloud TPU VM (single host or pod slice) with gcloud.
 
     python launch/tpu_vm.py --name=tfadv-v4 --zone=us-central2-b \\

@@ -80,6 +80,7 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert "| plain | 31.00 ± 1.41 (n=2) |" in text
   assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text  # ε = 0.3's dev, not ε = 1's
   assert "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |" in text
+  assert runs.chosen_epsilons(str(out / "results.md"), "t") == {("tnews", "fgm"): 0.3}
   assert text.count("| tnews | fgm ε=0.3 (chosen) |") == 2
   assert text.count("| tnews | fgm ε=1 |") == 2
   assert text.count("| tnews | plain |") == 2  # the other runs, once each

@@ -181,7 +181,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   if chosen:
     lines += ["", "ε chosen per task on the validation split (mean validation accuracy "
               "of the best checkpoints over the seeds; dev never used to choose):", "",
-              "| task | method | ε | validation accuracy (%) by ε |",
+              runs.CHOSEN_HEADER,
               "|---|---|---|---|"]
     for (task, method), epsilon in sorted(chosen.items()):
       by_eps = {}

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 
@@ -144,6 +144,34 @@ def replace_section(path: str, section: str, text: str,
     content = content.rstrip() + "\n\n" + block + "\n"
   with open(path, "w") as f:
     f.write(content)
+
+
+# The header of the methods table's "ε chosen per task" table: written by
+# `methods_table`, read back by `chosen_epsilons` (the configs' test).
+CHOSEN_HEADER = "| task | method | ε | validation accuracy (%) by ε |"
+
+
+def read_section(path: str, section: str) -> str:
+  """The text between `<!-- section -->` markers of `path` (`replace_section`'s)."""
+  begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+  content = open(path).read()
+  if begin not in content or end not in content:
+    raise ValueError(f"{path} has no section {section!r}.")
+  return content.split(begin, 1)[1].split(end, 1)[0]
+
+
+def chosen_epsilons(path: str, section: str) -> Dict[Tuple[str, str], float]:
+  """{(task, method): ε} as the methods table recorded its choices in `section`."""
+  text = read_section(path, section)
+  if CHOSEN_HEADER not in text:
+    raise ValueError(f"Section {section!r} of {path} records no chosen ε.")
+  chosen = {}
+  for line in text.split(CHOSEN_HEADER, 1)[1].splitlines()[2:]:
+    if not line.startswith("|"):
+      break
+    task, method, epsilon = [cell.strip() for cell in line.strip("|").split("|")][:3]
+    chosen[(task, method)] = float(epsilon)
+  return chosen
 
 
 def command_line(module: str) -> str:
