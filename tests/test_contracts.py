@@ -76,6 +76,25 @@ def test_checkpoint_is_chosen_on_validation_and_dev_is_evaluated_once_on_it(
   reader = tf.train.load_checkpoint(str(tmp_path / "best"))
   assert int(reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE")) == best_step
   assert int(experiment.trainer.global_step.numpy()) == best_step
+  # Recomputed outside the experiment: the best checkpoint's recorded
+  # validation accuracy is its accuracy on the validation split carved from
+  # train, and the reported one its accuracy on dev (not the other way round).
+  task, model = experiment.task, experiment.model
+
+  def accuracy_on(split):
+    arrays = task.arrays(split)
+    inputs, labels = task.split_batch(arrays)
+    logits = np.concatenate([
+        model({k: v[i:i + 64] for k, v in inputs.items()}, training=False).numpy()
+        for i in range(0, len(labels), 64)])
+    return float(np.mean(np.argmax(logits, -1) == labels)), len(labels)
+
+  validation, n_validation = accuracy_on("validation")
+  dev, n_dev = accuracy_on("eval")
+  assert n_validation != n_dev
+  assert record["best"]["metrics"]["accuracy"] == pytest.approx(validation, abs=1e-6)
+  assert record["accuracy"] == pytest.approx(dev, abs=1e-6)
+  assert abs(validation - dev) > 1e-3  # the two splits are told apart
 
 
 # --- the Task contract --------------------------------------------------------------
