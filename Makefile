@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test test-fast benchmark clean pretrain
+.PHONY: install demo test test-fast benchmark clean pretrain mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: install
 # Unit tests only (no training runs, subprocesses or multi-worker): < 2 minutes.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Mutation testing of attacks.py, perturbation.py and loss_scaling.py, each
+# with the tests that cover it: writes docs/mutation.md (about an hour).
+mutation: install
+	$(PY) -m pip install -q 'mutmut==2.5.1'
+	$(PY) tests/mutation.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -277,6 +277,42 @@ def test_pgd_iterates_stay_in_each_ball_and_off_padding():
   np.testing.assert_allclose(np.sqrt((delta ** 2).sum(axis=(1, 2))), 0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("random_start", [False, True])
+def test_embedding_attack_equals_hand_computed_pgd_in_inference_mode(random_start):
+  from tfadv.attacks import EmbeddingOutputAttack  # pylint: disable=g-import-not-at-top
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  eps, alpha, steps = 0.3, 0.2, 3
+  attack = EmbeddingOutputAttack(epsilon=eps, step_size=alpha, num_steps=steps,
+                                 random_start=random_start)
+  per_example = lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True)
+  got = attack.adversarial_logits(model, inputs, labels, tf.random.Generator.from_seed(4),
+                                  per_example).numpy()
+  # By hand: δ ← Π_ε(δ + α·g_i/‖g_i‖₂) on real tokens, g of the summed loss.
+  if random_start:  # uniform in each example's ball over its real tokens, drawn
+    # as documented (`perturbation.random_start`): a masked Gaussian direction,
+    # radius ε·u^(1/d), from a generator of the attack's seed.
+    draw = tf.random.Generator.from_seed(4)
+    direction = draw.normal([B, L, 3]).numpy() * mask[..., None]
+    direction /= np.sqrt((direction ** 2).sum(axis=(1, 2), keepdims=True)) + 1e-12
+    u = draw.uniform([B, 1, 1]).numpy()
+    dims = mask.sum(1)[:, None, None] * 3
+    delta = eps * direction * u ** (1.0 / dims)
+  else:
+    delta = np.zeros([B, L, 3], np.float32)
+  sum_loss = lambda y, z, w: tf.reduce_sum(per_example(y, z))
+  for _ in range(steps):
+    _, _, g = _hand_pass(model, embedding, head, inputs, labels, delta, sum_loss)
+    delta = delta + alpha * _unit(g, mask)
+    norms = np.sqrt((delta ** 2).sum(axis=(1, 2), keepdims=True))
+    delta = delta * np.minimum(1.0, eps / (norms + 1e-12)) * mask[..., None]
+  want = head(embedding(inputs["token_ids"]) + delta).numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(want, model(inputs).numpy(), atol=1e-3)  # it moved the logits
+
+
 def _trainer(strategy, method, jit=False, global_batch=B, learning_rate=1e-2):
   return builders.trainer(tiny_bert, method, split, global_batch, strategy=strategy,
                           optimizer_fn=lambda: keras.optimizers.Adam(learning_rate),
