@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from absl import app
@@ -95,3 +96,39 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert "| plain | 31.00 ± 1.41 (n=2) |" in text and "| fgm |" not in text
   assert "Not run yet (1 runs" in text and "TNEWS fgm (1)." in text
   assert text.count("| tnews | fgm ε=0.3 |") == 2  # listed, not chosen
+
+
+def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):
+  from tfadv.tools import demo  # pylint: disable=g-import-not-at-top
+  models = demo.plan(str(tmp_path), 0.01, ["0", "1"])
+  assert list(models) == ["output FGM, ε = 0.01", "plain"]
+  assert [run.name for run in models["plain"]] == ["plain_seed0", "plain_seed1"]
+  assert "Experiment.seed = 1" in models["plain"][1].params
+  assert "EmbeddingOutputFGM.epsilon = 0.01" in models["output FGM, ε = 0.01"][0].params
+  # Finished runs (fabricated): read back, nothing started.
+  values = {"fgm_output_eps0.01_seed0": (0.80, 0.81, 0.66), "fgm_output_eps0.01_seed1": (0.79, 0.80, 0.64),
+            "plain_seed0": (0.80, 0.80, 0.61), "plain_seed1": (0.81, 0.79, 0.60)}
+  for name, (validation, test, attacked) in values.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "eval_results_test.json").write_text(json.dumps({
+        "accuracy": test, "accuracy_pgd5": attacked, "split": "test", "step": 500,
+        "best": {"step": 500, "metrics": {"accuracy": validation}}}))
+    (tmp_path / name / "wall_seconds.txt").write_text("100\n")
+  proc = subprocess.run([sys.executable, "-m", "tfadv.tools.demo", f"--work_dir={tmp_path}"],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "started" not in proc.stdout
+  assert "| output FGM, ε = 0.01 | 79.50% (80.00, 79.00) | 80.50% (81.00, 80.00) | " \
+         "65.00% (66.00, 64.00) |" in proc.stdout
+  assert "| plain | 80.50% (80.00, 81.00) | 79.50% (80.00, 79.00) | 60.50% (61.00, 60.00) |" \
+      in proc.stdout
+  # Progress: every 100th step line (step, loss, ETA) and each validation, by run name.
+  printed = []
+  show = demo.progress_printer(models["plain"][0], threading.Lock(), printed.append)
+  for step in (50, 100):
+    show(f"step {step}/500 | loss 0.6 | accuracy 0.7 | lr 1e-3 | 90.0 examples/sec | ETA 1m")
+  show("validation at step 250 | loss 0.5 | accuracy 0.8 | best 0.8 at step 250 (new)")
+  show("I1130 some log line")
+  assert printed == ["[plain_seed0] step 100/500 | loss 0.6 | ETA 1m",
+                     "[plain_seed0] validation at step 250 | loss 0.5 | accuracy 0.8 | best 0.8 "
+                     "at step 250 (new)"]

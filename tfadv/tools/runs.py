@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 
@@ -46,7 +46,7 @@ class Run:
              f"--model_dir={self.model_dir}"]
             + [f"--gin_param={p}" for p in self.params])
 
-  def result(self, split: str) -> dict:
+  def result(self, split: str, on_line: Optional[Callable[[str], None]] = None) -> dict:
     """The run's evaluation of `split`; trains and evaluates unless a finished
     result is already on disk.
 
@@ -54,6 +54,7 @@ class Run:
     which a later `--mode=evaluate` on another file cannot overwrite. Runs made
     before those records existed have only the training record
     `eval_results.json`; it is read when its split matches or is unnamed.
+    `on_line` receives each line the run prints, as it prints it.
     """
     record = self.finished(split)
     if record is not None:
@@ -62,8 +63,13 @@ class Run:
     start = time.time()
     # Appended: a resumed run keeps the log of its earlier part.
     with open(os.path.join(self.model_dir, "log.txt"), "a") as log:
-      proc = subprocess.run(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                            check=False)
+      proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+      for line in proc.stdout:
+        log.write(line)
+        if on_line is not None:
+          on_line(line.rstrip("\n"))
+      proc.wait()
     if proc.returncode != 0:
       raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
                          f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
