@@ -292,3 +292,37 @@ def test_evaluation_attacks_take_loss_scaled_gradients_under_float16():
     keras.mixed_precision.set_global_policy("float32")
   assert metrics["accuracy"] == 1.0
   assert metrics["accuracy_fgsm"] == 0.0
+
+
+# --- input attacks: the projection's defaults and the random start ------------------
+
+
+def test_project_defaults_to_the_unit_pixel_range():
+  from tfadv.attacks import project  # pylint: disable=g-import-not-at-top
+  x = tf.constant([[0.05, 0.5, 0.95]])
+  x_adv = tf.constant([[-0.5, 0.9, 1.5]])
+  np.testing.assert_allclose(project(x_adv, x, 0.1, "linf").numpy(), [[0.0, 0.6, 1.0]])
+  # ℓ2: onto the ball of radius 0.1 around x, then into [0, 1].
+  d = np.array([-0.55, 0.4, 0.55])
+  want = np.clip(x.numpy() + d * 0.1 / np.linalg.norm(d), 0.0, 1.0)
+  np.testing.assert_allclose(project(x_adv, x, 0.1, "l2").numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_is_the_documented_draw_around_x(norm):
+  # A zero step leaves the start: x + U(−ε, ε) (ℓ∞), or x + ε·U(0, 1)·z/‖z‖₂
+  # with z Gaussian (ℓ2, Madry's start), clipped to [0, 1], from the
+  # generator's first draws.
+  x = tf.constant(np.random.RandomState(0).uniform(0.2, 0.8, (4, 6)).astype(np.float32))
+  y = tf.zeros([4], tf.int32)
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+  attack = InputAttack(epsilon=0.1, step_size=0.0, num_steps=1, norm=norm, random_start=True)
+  got = attack(model, x, y, rng=tf.random.Generator.from_seed(7)).numpy()
+  draw = tf.random.Generator.from_seed(7)
+  if norm == "linf":
+    delta = draw.uniform(x.shape, -0.1, 0.1).numpy()
+  else:
+    z = draw.normal(x.shape).numpy()
+    u = draw.uniform([4, 1]).numpy()
+    delta = 0.1 * u * z / np.linalg.norm(z, axis=1, keepdims=True)
+  np.testing.assert_allclose(got, np.clip(x.numpy() + delta, 0, 1), rtol=1e-5, atol=1e-7)

@@ -223,3 +223,29 @@ def test_experiment_trains_in_mixed_float16(fewclue_dir, tmp_path):
   experiment = results["experiment"]
   assert isinstance(experiment.optimizer, keras.optimizers.LossScaleOptimizer)
   assert np.isfinite(results["train"]["loss"]) and results["train"]["loss"] < 3.0
+
+
+def test_keep_if_finite_agrees_over_replicas(mirrored):
+  # Replica 1's weight gradient overflows: the optimizer (which sees the sum)
+  # skips the step, so both replicas keep their old buffers; their own new
+  # buffers are finite. Without gradients only the replica's own buffer counts.
+  from tfadv.loss_scaling import keep_if_finite  # pylint: disable=g-import-not-at-top
+
+  def step():
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    gradient = tf.where(tf.equal(replica, 1), np.inf, 1.0) * tf.ones([3])
+    new, old = tf.fill([2], 5.0), tf.fill([2], 7.0)
+    sparse = tf.IndexedSlices(tf.ones([1, 3]), tf.constant([0]), tf.constant([4, 3]))
+    return (keep_if_finite(new, old, [gradient, None, sparse]),
+            keep_if_finite(new, old, [tf.ones([3])]),
+            keep_if_finite(tf.where(tf.equal(replica, 1), np.nan, 5.0) * tf.ones([2]), old))
+
+  skipped, kept, own = mirrored.run(tf.function(step))
+  for replica in range(2):
+    np.testing.assert_array_equal(mirrored.experimental_local_results(skipped)[replica], [7, 7])
+    np.testing.assert_array_equal(mirrored.experimental_local_results(kept)[replica], [5, 5])
+  np.testing.assert_array_equal(mirrored.experimental_local_results(own)[0], [5, 5])
+  np.testing.assert_array_equal(mirrored.experimental_local_results(own)[1], [7, 7])
+  # An overflow in an IndexedSlices gradient (an embedding table's) counts too.
+  sparse = tf.IndexedSlices(tf.constant([[np.inf]]), tf.constant([0]), tf.constant([2, 1]))
+  np.testing.assert_array_equal(keep_if_finite(tf.ones([1]), tf.zeros([1]), [sparse]), [0.0])

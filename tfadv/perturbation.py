@@ -24,11 +24,6 @@ NORMS = ("l2", "linf")
 TINY = 1e-12
 
 
-def check_norm(owner: str, norm: str) -> None:
-  if norm not in NORMS:
-    raise ValueError(f"{owner}: norm={norm!r}; expected one of {NORMS}.")
-
-
 def token_mask(inputs, key: Optional[str], owner: str) -> tf.Tensor:
   """[batch, length, 1] float mask of real tokens: `inputs[key]`, or all ones if key is None.
 
