@@ -152,7 +152,7 @@ def _main(*flags, cwd=builders.REPO):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["preset", "clue", "fashion_mnist", "bad_bytes",
-                                  "unknown_label"])
+                                  "unknown_label", "through_clamp"])
 def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path, fewclue_dir):
   model_dir = tmp_path / "run"
   if case in ("bad_bytes", "unknown_label"):
@@ -168,6 +168,10 @@ def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path, fewc
              f"--gin_param=ClueDataset.data_dir = '{tmp_path}/tnews'"]
     fix = (f"{tmp_path}/tnews/{name}:{line}: " +
            ("the line is not UTF-8" if case == "bad_bytes" else "label '999' is not among"))
+  elif case == "through_clamp":  # a setting that was replaced
+    flags = ["--gin_file=configs/fashion_mnist_free8.gin",
+             "--gin_param=FreeTraining.through_clamp = True"]
+    fix = "bind clamp_rule = 'reference'"
   elif case == "preset":
     missing = tmp_path / "runs" / "pretrain_mlm_zh" / "preset"
     flags = ["--gin_file=configs/tnews_fgm.gin",

@@ -147,7 +147,7 @@ def _free_reference_step(model, x, y, before):
 
 def test_free_buffer_persists_across_steps_and_follows_the_sign_rule():
   arrays = image_arrays(B)  # one batch: every step sees the same images
-  method = FreeTraining(epsilon=EPS, replays=1)
+  method = FreeTraining(epsilon=EPS, replays=1, clamp_rule="reference")
   trainer = make_trainer(tf.distribute.get_strategy(), method, lr=0.0)
   order = next(iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=True, seed=5)))
   x, y = split(order)
@@ -172,7 +172,7 @@ def test_free_leaves_clamped_pixels_of_the_buffer_where_they_are():
   arrays = image_arrays(B)
   arrays["image"][:, :, : H // 2] = 0
   arrays["image"][:, :, H // 2:] = np.clip(arrays["image"][:, :, H // 2:], 40, 215)
-  method = FreeTraining(epsilon=EPS, replays=1)
+  method = FreeTraining(epsilon=EPS, replays=1, clamp_rule="reference")
   trainer = make_trainer(tf.distribute.get_strategy(), method, lr=0.0)
   method.perturbation.assign(np.full(method.perturbation.shape, -EPS / 2, np.float32))
   order = next(iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=True, seed=5)))
@@ -184,8 +184,8 @@ def test_free_leaves_clamped_pixels_of_the_buffer_where_they_are():
   interior = after[:, :, H // 2:]
   assert np.isin(interior, [np.float32(-EPS), np.float32(EPS / 2)]).mean() > 0.9  # moved by ±ε
   np.testing.assert_allclose(after, expected, atol=1e-7)
-  # through_clamp=False (tfadv's earlier rule): the clamped entries move too.
-  earlier = FreeTraining(epsilon=EPS, replays=1, through_clamp=False)
+  # "straight_through" (tfadv's earlier rule): the clamped entries move too.
+  earlier = FreeTraining(epsilon=EPS, replays=1, clamp_rule="straight_through")
   trainer = make_trainer(tf.distribute.get_strategy(), earlier, lr=0.0)
   earlier.perturbation.assign(np.full(earlier.perturbation.shape, -EPS / 2, np.float32))
   x_adv = tf.clip_by_value(x - EPS / 2, 0, 1)
@@ -198,9 +198,106 @@ def test_free_leaves_clamped_pixels_of_the_buffer_where_they_are():
   assert np.any(earlier.perturbation.numpy()[:, :, : H // 2] != np.float32(-EPS / 2))
 
 
+def _linear_images():
+  """A linear model on 2×2 images and a batch with black and white pixels."""
+  inputs = keras.Input((2, 2, 1))
+  layer = keras.layers.Dense(3)
+  model = keras.Model(inputs, layer(keras.layers.Flatten()(inputs)))
+  weights = np.array([[1.0, -1, 0.5], [-2, 1, 0], [0.5, 0.5, -1], [1, -1, 2]], np.float32)
+  layer.set_weights([weights, np.zeros(3, np.float32)])
+  images = np.array([[[0.0, 1.0], [0.5, 0.02]], [[0.0, 0.0], [1.0, 0.97]]], np.float32)
+  return model, weights, images[..., None], np.array([0, 2], np.int32)
+
+
+def _project_reference(weights, x, y, delta, eps, replays):
+  """Free-m under "project", by hand: box = [max(−ε, −x), min(ε, 1 − x)];
+  δ ← Π_box(δ); g = ∂CE/∂x at x + δ (softmax − one-hot times Wᵀ);
+  δ ← Π_box(δ + ε·sign(g)). Returns the δ after each replay."""
+  low, high = np.maximum(-eps, -x), np.minimum(eps, 1 - x)
+  out = []
+  for _ in range(replays):
+    delta = np.clip(delta, low, high)
+    z = (x + delta).reshape(len(x), -1) @ weights
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    g = (p @ weights.T).reshape(x.shape)
+    delta = np.clip(delta + eps * np.sign(g), low, high)
+    out.append(delta)
+  return out
+
+
+def test_free_project_rule_keeps_delta_feasible_and_moves_every_entry():
+  model, weights, images, labels = _linear_images()
+  eps = 0.1
+  method = FreeTraining(epsilon=eps, replays=3)  # the default rule: "project"
+  assert method.clamp_rule == "project"
+  trainer = build_trainer(lambda: model, method, global_batch_size=2,
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                          split_batch=lambda b: (b["image"], b["label"]), input_shape=(2, 2, 2, 1))
+  # A stored δ that is out of range for this batch (as a previous batch leaves it).
+  start = np.array([[[-0.1, 0.1], [0.05, -0.1]], [[0.1, -0.1], [0.1, 0.1]]], np.float32)[..., None]
+  method.perturbation.assign(start)
+
+  def replays(batch_images, steps):
+    ds = distributed_dataset(trainer.strategy, {"image": batch_images, "label": labels}, 2,
+                             shuffle=False, num_steps=steps, repeats_per_batch=steps)
+    deltas, stuck = [], []
+    iterator = iter(ds)
+    for _ in range(steps):
+      stuck.append(trainer.train(iterator, 1)["stuck"])
+      deltas.append(method.perturbation.numpy())
+    return deltas, stuck
+
+  got, stuck = replays(images, 3)
+  want = _project_reference(weights, images, labels, start, eps, 3)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-7)
+    assert np.all(images + g >= 0) and np.all(images + g <= 1)
+    assert np.all(np.abs(g) <= eps + 1e-7)
+  assert stuck == [0.0, 0.0, 0.0]  # no entry's gradient is zeroed
+  # A new batch: the carried δ is projected onto the new images' box first.
+  new_images = images[::-1].copy()
+  got, _ = replays(new_images, 1)
+  want = _project_reference(weights, new_images, labels, want[-1], eps, 1)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-7)
+  assert np.all(new_images + got[0] >= 0) and np.all(new_images + got[0] <= 1)
+
+
+def test_stuck_share_is_zero_for_project_and_positive_for_the_reference_rule():
+  # A black background with δ at −ε/2 there: under the reference rule x + δ is
+  # clamped, the gradient is zero, those entries are stuck; "project" moves δ
+  # back into the box before the pass, so none is.
+  arrays = image_arrays(B)
+  arrays["image"][:, :, : H // 2] = 0
+  arrays["image"][:, :, H // 2:] = np.clip(arrays["image"][:, :, H // 2:], 40, 215)
+  shares = {}
+  for rule in ("project", "reference", "straight_through"):
+    method = FreeTraining(epsilon=EPS, replays=1, clamp_rule=rule)
+    # A linear model: every pixel has a non-zero gradient (max-pooling and
+    # ReLU would zero some under any rule).
+    trainer = build_trainer(
+        lambda: keras.Sequential([keras.Input((H, H, 1)), keras.layers.Flatten(),
+                                  keras.layers.Dense(C)]),
+        method, global_batch_size=B, optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+        split_batch=split, input_shape=(B, H, H, 1))
+    method.perturbation.assign(np.full(method.perturbation.shape, -EPS / 2, np.float32))
+    shares[rule] = train(trainer, arrays, 1)["stuck"]
+  assert shares["project"] == 0.0 and shares["straight_through"] == 0.0
+  assert shares["reference"] >= 0.5  # the black half of every image
+
+
+def test_free_through_clamp_names_its_replacement():
+  from tfadv.errors import SettingError  # pylint: disable=g-import-not-at-top
+  for value, rule in ((True, "'reference'"), (False, "'straight_through'")):
+    with pytest.raises(SettingError, match=f"FreeTraining.clamp_rule: bind clamp_rule = {rule}"):
+      FreeTraining(through_clamp=value)
+
+
 def test_free_with_one_replay_and_zero_buffer_is_plain_training_then_fgsm():
   arrays = image_arrays(B)
-  free = make_trainer(tf.distribute.get_strategy(), FreeTraining(epsilon=EPS, replays=1))
+  free = make_trainer(tf.distribute.get_strategy(),
+                      FreeTraining(epsilon=EPS, replays=1, clamp_rule="reference"))
   plain = make_trainer(tf.distribute.get_strategy(), Plain())
   train(free, arrays, 1)
   train(plain, arrays, 1)

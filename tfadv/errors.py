@@ -12,3 +12,8 @@ class MissingInputError(FileNotFoundError):
 class InputDataError(ValueError):
   """An input file the run reads is broken (bytes, JSON, fields, labels);
   the message names `file:line` and the fix."""
+
+
+class SettingError(ValueError):
+  """A setting (a gin binding) that no longer exists or cannot work; the
+  message names the binding to use instead."""

@@ -91,8 +91,9 @@ def main(argv):
   except preemption.Preempted as e:
     print(f"tfadv: {e}", flush=True)
     sys.exit(preemption.EXIT_CODE)
-  except (errors.MissingInputError, errors.InputDataError) as e:
-    print(f"tfadv: {e}", file=sys.stderr, flush=True)
+  except (errors.MissingInputError, errors.InputDataError, errors.SettingError) as e:
+    # One line: gin appends "In call to configurable ..." on lines of its own.
+    print(f"tfadv: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     sys.exit(2)
   if "eval" in results:
     name = results["accuracy_name"]

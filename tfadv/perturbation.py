@@ -92,3 +92,13 @@ def random_start(shape, epsilon: float, norm: str, rng: tf.random.Generator,
     dims = tf.reduce_sum(tf.cast(mask, dtype) * tf.ones(shape, dtype),
                          axis=list(range(1, direction.shape.rank)), keepdims=True)
   return epsilon * direction * tf.pow(u, 1.0 / tf.maximum(dims, 1.0))
+
+
+def stuck_share(gradient, mask=None):
+  """The share of δ's entries (real tokens only, with `mask`) whose ascent
+  gradient is exactly zero: entries that cannot move this step."""
+  zero = tf.cast(tf.equal(gradient, 0.0), tf.float32)
+  if mask is None:
+    return tf.reduce_mean(zero)
+  mask = tf.cast(mask, tf.float32) * tf.ones_like(zero)
+  return tf.reduce_sum(zero * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)

@@ -5,21 +5,41 @@
 example, padding masked), the same algorithm on text.
 
 Each minibatch is replayed m times in a row (the input pipeline does that,
-from `batch_replays`). Every replay is one forward/backward pass on
-clip(x + δ, 0, 1) whose gradients serve twice: the weight gradients are the
+from `batch_replays`). Every replay is one forward/backward pass on the
+perturbed batch whose gradients serve twice: the weight gradients are the
 update, and the gradient with respect to δ moves the perturbation,
-δ ← clip(δ + ε·sign(∇_δ L), -ε, ε). As in Shafahi et al.'s code
-(ashafahi/free_adv_train: `tf.gradients` of the loss with respect to the
-perturbation variable, through `tf.clip_by_value`), ∇_δ passes through the
-pixel clamp: where x + δ lies outside [0, 1] its gradient is zero, sign(0) = 0,
-and that entry of δ stays where it is (Fashion-MNIST's black background).
-`through_clamp=False` takes the gradient at the clamped image instead
-(tfadv's earlier behaviour, which moves those entries too); on Fashion-MNIST
-it gave markedly more robust models (docs/results.md). δ lives in a `tf.Variable` and is carried
-over to the next minibatch, so the attack keeps improving across batches.
-A replay costs one plain step; the run takes as many weight updates as
-natural training and hence sees 1/m of its epochs ("epochs divided by m":
-`Experiment.train_epochs` does the division).
+δ ← δ + ε·sign(∇_δ L), kept in [−ε, ε]. δ lives in a `tf.Variable` and is
+carried over to the next minibatch, so the attack keeps improving across
+batches. A replay costs one plain step; the run takes as many weight
+updates as natural training and hence sees 1/m of its epochs ("epochs
+divided by m": `Experiment.train_epochs` does the division).
+
+On images, how δ meets the pixel range is `FreeTraining.clamp_rule`:
+
+- `"project"` (default): at every replay δ is first projected onto the
+  feasible box [max(−ε, lo − x), min(ε, hi − x)] of the *current* batch's
+  x, the pass runs on x + δ (inside [lo, hi], so no clamp and no zeroed
+  gradient), and δ ascends and is projected onto the box again. Later
+  public implementations keep the stored δ feasible the same way:
+  locuslab/fast_adversarial (`delta.data = clamp(delta, lower_limit - X,
+  upper_limit - X)` in `CIFAR10/train_free.py`; on MNIST
+  `delta = max(min(1 - X, delta), -X)`), tml-epfl/understanding-fast-adv-
+  training (`δ ← clamp(X + δ, 0, 1) − X`). Unlike locuslab's code, the first
+  replay of a new batch is projected too.
+- `"reference"`: Shafahi et al.'s code (ashafahi/free_adv_train:
+  `tf.gradients` of the loss with respect to the perturbation variable,
+  through `tf.clip_by_value`): the pass runs on clip(x + δ, lo, hi) and ∇_δ
+  passes through the clamp, so wherever x + δ lies outside [lo, hi] its
+  gradient is zero, sign(0) = 0, and that entry of δ never moves again. On
+  data with saturated pixels (Fashion-MNIST's black background) those
+  entries are absorbing: robust accuracy 34.8% against PGD-7's 67.4%
+  (docs/results.md). The authors only ran CIFAR-10 and ImageNet.
+- `"straight_through"`: the pass runs on clip(x + δ, lo, hi) and the gradient
+  at the clamped image is passed to δ unchanged (tfadv's earlier rule,
+  Free-8 67.8% on Fashion-MNIST).
+
+The scalar `stuck` (TensorBoard, progress line) is the share of δ's entries
+whose ascent gradient is exactly zero: the entries that cannot move.
 
 Under a distribution strategy the buffer is a sync-on-read variable: every
 replica holds its own δ for its own slice of the batch. A checkpoint stores
@@ -33,10 +53,14 @@ buffer's shape (the per-replica batch) never changes.
 import gin
 import tensorflow as tf
 
+from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
-from tfadv.perturbation import normalize, per_example_norm, project
+from tfadv.perturbation import normalize, per_example_norm, project, stuck_share
+
+
+CLAMP_RULES = ("project", "reference", "straight_through")
 
 
 @gin.configurable
@@ -47,12 +71,13 @@ class FreeTraining(Method):
     epsilon: ℓ∞ radius; also the ascent step of δ, as in the paper.
     replays: m, the times each minibatch is replayed.
     clip_min, clip_max: pixel range of x + δ.
-    through_clamp: δ's gradient passes through the clamp (the reference
-      code; default), or is taken at the clamped image (False).
+    clamp_rule: "project" (default), "reference" or "straight_through"
+      (module docstring). `through_clamp` is gone: True was "reference",
+      False "straight_through".
 
   Special case: with m = 1 and a zero buffer, the first step's update is
   plain training's, and the buffer after it is the FGSM perturbation
-  ε·sign(∇ₓL(x)).
+  ε·sign(∇ₓL(x)) (projected onto the box under "project").
 
   Example:
   >>> method = FreeTraining(epsilon=0.1, replays=8)
@@ -64,14 +89,22 @@ class FreeTraining(Method):
 
   def __init__(self, epsilon: float = 0.1, replays: int = 8,
                clip_min: float = 0.0, clip_max: float = 1.0,
-               through_clamp: bool = True):
+               clamp_rule: str = "project", through_clamp=None):
+    if through_clamp is not None:
+      raise SettingError(
+          f"FreeTraining.through_clamp was replaced by FreeTraining.clamp_rule: "
+          f"bind clamp_rule = '{'reference' if through_clamp else 'straight_through'}' "
+          "for this run's behaviour, or drop the binding for the default 'project'.")
     if replays < 1:
       raise ValueError(f"FreeTraining.replays={replays}; expected >= 1.")
+    if clamp_rule not in CLAMP_RULES:
+      raise SettingError(f"FreeTraining.clamp_rule={clamp_rule!r}; expected one of "
+                         f"{CLAMP_RULES}.")
     self.epsilon = float(epsilon)
     self.batch_replays = int(replays)
     self.clip_min = clip_min
     self.clip_max = clip_max
-    self.through_clamp = through_clamp
+    self.clamp_rule = clamp_rule
     self.perturbation = None
 
   def build(self, model, input_shape=None):
@@ -89,31 +122,47 @@ class FreeTraining(Method):
   def variables(self):
     return [self.perturbation] if self.perturbation is not None else []
 
+  def _box(self, images):
+    """The feasible box of δ for these images: [max(−ε, lo − x), min(ε, hi − x)]."""
+    images = tf.cast(images, tf.float32)
+    return (tf.maximum(-self.epsilon, self.clip_min - images),
+            tf.minimum(self.epsilon, self.clip_max - images))
+
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     images = tf.convert_to_tensor(inputs)
     delta = tf.convert_to_tensor(self.perturbation)
+    if self.clamp_rule == "project":
+      low, high = self._box(images)
+      delta = tf.clip_by_value(delta, low, high)  # feasible for this batch
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
       tape.watch(delta)
-      # The clamp is inside the tape: ∇_δ is zero where x + δ is clamped.
-      x_adv = tf.clip_by_value(images + tf.cast(delta, images.dtype),
-                               self.clip_min, self.clip_max)
-      if not self.through_clamp:  # the gradient at the clamped image, passed to δ
-        moved = tf.cast(delta, images.dtype)
-        x_adv = tf.stop_gradient(x_adv) + moved - tf.stop_gradient(moved)
+      moved = tf.cast(delta, images.dtype)
+      if self.clamp_rule == "project":
+        x_adv = images + moved  # inside [lo, hi] already: nothing clamped
+      else:
+        # The clamp is inside the tape: ∇_δ is zero where x + δ is clamped.
+        x_adv = tf.clip_by_value(images + moved, self.clip_min, self.clip_max)
+        if self.clamp_rule == "straight_through":  # the gradient at the clamped image
+          x_adv = tf.stop_gradient(x_adv) + moved - tf.stop_gradient(moved)
       logits = model(x_adv, training=True)
       loss = loss_fn(labels, logits, weights)
     *gradients, delta_gradient = scaled_gradient(tape, loss, variables + [delta])
+    delta_gradient = tf.cast(delta_gradient, tf.float32)
     # One backward pass, two uses: the weights' update above, δ's ascent here.
-    step = self.epsilon * tf.sign(tf.cast(delta_gradient, tf.float32))
-    self.perturbation.assign(keep_if_finite(
-        tf.clip_by_value(delta + step, -self.epsilon, self.epsilon), delta, gradients))
-    return MethodOutput(loss=loss, logits=logits, gradients=gradients)
+    moved = delta + self.epsilon * tf.sign(delta_gradient)
+    if self.clamp_rule == "project":
+      moved = tf.clip_by_value(moved, low, high)
+    else:
+      moved = tf.clip_by_value(moved, -self.epsilon, self.epsilon)
+    self.perturbation.assign(keep_if_finite(moved, delta, gradients))
+    return MethodOutput(loss=loss, logits=logits, gradients=gradients,
+                        metrics={"stuck": stuck_share(delta_gradient)})
 
   def get_config(self):
     return {"epsilon": self.epsilon, "replays": self.batch_replays,
             "clip_min": self.clip_min, "clip_max": self.clip_max,
-            "through_clamp": self.through_clamp}
+            "clamp_rule": self.clamp_rule}
 
 
 @gin.configurable
@@ -161,7 +210,8 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
     moved = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
     self.perturbation.assign(keep_if_finite(tf.stop_gradient(moved), delta, gradients))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
-        "delta_norm": tf.reduce_mean(per_example_norm(delta))})
+        "delta_norm": tf.reduce_mean(per_example_norm(delta)),
+        "stuck": stuck_share(g, mask)})
 
   def get_config(self):
     return {**super().get_config(), "replays": self.batch_replays,

@@ -8,7 +8,7 @@ import tensorflow as tf
 from tfadv.loss_scaling import keep_if_finite
 from tfadv.methods.base import MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
-from tfadv.perturbation import normalize, per_example_norm, project
+from tfadv.perturbation import normalize, per_example_norm, project, stuck_share
 
 
 @gin.configurable
@@ -93,9 +93,12 @@ class FreeLB(BufferedEmbeddingOutputMethod):
           delta + self.step_size * normalize(g * mask), self.epsilon) * mask), delta)
     # A skipped step (any weight gradient not finite) leaves the buffer as it was.
     self.perturbation.assign(keep_if_finite(delta, self.perturbation, total))
+    metrics = {"adv_loss": replica_mean(loss * self.ascent_steps),
+               "delta_norm": tf.reduce_mean(per_example_norm(delta))}
+    if self.carry_over:  # a persistent buffer: how much of it cannot move
+      metrics["stuck"] = stuck_share(g, mask)
     return MethodOutput(loss=first_loss, logits=first_logits, gradients=total,
-                        metrics={"adv_loss": replica_mean(loss * self.ascent_steps),
-                                 "delta_norm": tf.reduce_mean(per_example_norm(delta))})
+                        metrics=metrics)
 
   def get_config(self):
     return {**super().get_config(), "step_size": self.step_size,
