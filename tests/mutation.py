@@ -68,10 +68,15 @@ def run_file(key: str, python: str) -> dict:
   runner = " ".join([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
                     + [f"'{t}'" if " " in t else t for t in tests])
   start = time.time()
-  subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
-                  f"--runner={runner}", "--tests-dir=tests", "--no-progress",
-                  f"--disable-mutation-types={DISABLED}"],
-                 cwd=work, env=env, capture_output=True, text=True, check=False)
+  # mutmut's progress goes to a log (never read the cache while it runs: a
+  # second reader of it stalled mutmut's worker here).
+  log_path = os.path.join(tempfile.gettempdir(), f"tfadv-mutation-{key}.log")
+  print(f"{source}: mutating in {work}, progress in {log_path}", flush=True)
+  with open(log_path, "w") as log:
+    subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
+                    f"--runner={runner}", "--tests-dir=tests",
+                    f"--disable-mutation-types={DISABLED}"],
+                   cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
   seconds = time.time() - start
   rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
       "SELECT id, status FROM Mutant").fetchall()
