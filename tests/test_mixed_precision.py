@@ -32,13 +32,17 @@ IMAGE_METHODS = {
 LR = 0.5
 
 
+def _float32_weights(build):
+  """The float32 initial weights every model of a test starts from; the
+  policy is float32 again after the test."""
+  keras.mixed_precision.set_global_policy("float32")
+  yield [v.numpy() for v in build().trainable_variables]
+  keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture
 def start():
-  """The float32 initial weights every model of a test starts from."""
-  keras.mixed_precision.set_global_policy("float32")
-  weights = [v.numpy() for v in tiny_bert().trainable_variables]
-  yield weights
-  keras.mixed_precision.set_global_policy("float32")
+  yield from _float32_weights(tiny_bert)
 
 
 def _model(policy, weights, build=tiny_bert):
@@ -129,10 +133,7 @@ def smooth_cnn(seed=0):
 
 @pytest.fixture
 def image_start():
-  keras.mixed_precision.set_global_policy("float32")
-  weights = [v.numpy() for v in smooth_cnn().trainable_variables]
-  yield weights
-  keras.mixed_precision.set_global_policy("float32")
+  yield from _float32_weights(smooth_cnn)
 
 
 @pytest.mark.slow
