@@ -89,7 +89,8 @@ def run_file(key: str, python: str) -> dict:
   shutil.rmtree(work, ignore_errors=True)
   statuses = [status for _, status in rows]
   return {"key": key, "source": source, "tests": tests, "seconds": seconds,
-          "total": len(rows), "killed": statuses.count("ok_killed"),
+          "total": len(rows) - statuses.count("untested"),
+          "untested": statuses.count("untested"), "killed": statuses.count("ok_killed"),
           "survived": statuses.count("bad_survived"), "timeout": statuses.count("bad_timeout"),
           "suspicious": statuses.count("ok_suspicious"), "survivors": survivors}
 
@@ -112,7 +113,8 @@ def report(results, out: str) -> None:
   for r in results:
     killed = r["killed"] + r["timeout"]
     rate = 100.0 * killed / max(r["total"], 1)
-    lines.append(f"| `{r['source']}` | {r['total']} | {r['killed']} | "
+    untested = f" (+{r['untested']} not run: stopped)" if r.get("untested") else ""
+    lines.append(f"| `{r['source']}` | {r['total']}{untested} | {r['killed']} | "
                  f"{r['survived'] + r['suspicious']} | {r['timeout']} | {rate:.1f}% | "
                  f"{r['seconds'] / 60:.0f} min |")
   for r in results:
