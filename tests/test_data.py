@@ -229,3 +229,20 @@ def test_idx_and_review_readers_on_broken_files(tmp_path):
   assert read_review_file(str(tmp_path / "pos.txt")) == (["很好", "不错 啊"], 1)
   (tmp_path / "empty.txt").write_bytes(b"")
   assert read_review_file(str(tmp_path / "empty.txt")) == ([], 0)
+
+
+def test_pretraining_corpus_skips_broken_lines_and_names_an_empty_file(tmp_path):
+  from tfadv.data.corpus import PretrainingCorpus  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "unlabeled.json").write_bytes(
+      b'{"sentence": "\xe5\xa5\xbd"}\n\xff\xfe\n{"sentence": "cut\n' + b'{"sentence": 3}\n'
+      + b'{"sentence": "\xe5\x9d\x8f"}\n')
+  (tmp_path / "a" / "train.json").write_bytes(GOOD)
+  corpus = PretrainingCorpus(str(tmp_path), unlabeled_files=["a/unlabeled.json"],
+                             train_files=["a/train.json"], num_eval=1)
+  held_out, train = corpus.examples("eval")[0], corpus.examples("train")[0]
+  assert sorted(held_out + train) == ["坏", "好", "好"]  # the three readable sentences
+  (tmp_path / "a" / "unlabeled.json").write_bytes(b"\xff\n")
+  with pytest.raises(clue.InputDataError, match="unlabeled.json: no usable record"):
+    PretrainingCorpus(str(tmp_path), unlabeled_files=["a/unlabeled.json"],
+                      train_files=["a/train.json"], num_eval=1).examples("train")
