@@ -188,15 +188,15 @@ class Trainer:
     # Robust implies clean-correct, per example (AutoAttack seeds its robust
     # flags from clean accuracy): a misclassified example never counts as
     # robust, whatever the attack's iterates do.
-    robust = _correct(labels, logits)
-    worst = robust
+    clean_correct = _correct(labels, logits)
+    worst = clean_correct
     # Attacks differentiate the loss times the optimizer's loss scale
     # (float16: unscaled gradients of confident examples underflow to zero).
     with loss_scaling_by(self.optimizer):
       for name, attack in self.eval_attacks.items():
         adv_logits = tf.cast(attack.adversarial_logits(
             self.model, inputs, labels, self._eval_rng, self.per_example_loss), tf.float32)
-        held = tf.logical_and(robust, _correct(labels, adv_logits))
+        held = tf.logical_and(clean_correct, _correct(labels, adv_logits))
         sums[f"correct_{name}"] = _weighted_count(held, weights)
         worst = tf.logical_and(worst, held)
     if len(self.eval_attacks) > 1:
