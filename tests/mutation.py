@@ -64,6 +64,11 @@ def run_file(key: str, python: str) -> dict:
   source, tests = TARGETS[key]
   work = tempfile.mkdtemp(prefix=f"tfadv-mutation-{key}-")
   scratch_copy(work)
+  # mutmut's cache is kept between runs: a rerun after new tests retests the
+  # survivors only (killed mutants stay killed while the source is unchanged).
+  kept = os.path.join(REPO, ".mutation-cache", f"{key}.sqlite")
+  if os.path.exists(kept):
+    shutil.copy2(kept, os.path.join(work, ".mutmut-cache"))
   env = dict(os.environ, PYTHONPATH=work, TF_CPP_MIN_LOG_LEVEL="3")
   runner = " ".join([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
                     + [f"'{t}'" if " " in t else t for t in tests])
@@ -86,6 +91,8 @@ def run_file(key: str, python: str) -> dict:
       diff = subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
                             capture_output=True, text=True, check=False).stdout
       survivors.append((mutant, status, diff))
+  os.makedirs(os.path.dirname(kept), exist_ok=True)
+  shutil.copy2(os.path.join(work, ".mutmut-cache"), kept)
   shutil.rmtree(work, ignore_errors=True)
   statuses = [status for _, status in rows]
   return {"key": key, "source": source, "tests": tests, "seconds": seconds,
