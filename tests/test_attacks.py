@@ -326,3 +326,55 @@ def test_random_start_is_the_documented_draw_around_x(norm):
     u = draw.uniform([4, 1]).numpy()
     delta = 0.1 * u * z / np.linalg.norm(z, axis=1, keepdims=True)
   np.testing.assert_allclose(got, np.clip(x.numpy() + delta, 0, 1), rtol=1e-5, atol=1e-7)
+
+
+# --- input attacks: inference mode, restarts, arguments -----------------------------
+
+
+def _dropout_identity(bias=(0.0, 0.1)):
+  """logits = Dropout(0.999)(x) + bias: in inference the input decides the
+  class; in training mode almost every input entry is dropped and class 1 wins."""
+  inputs = keras.Input((2,))
+  layer = keras.layers.Dense(2)
+  model = keras.Model(inputs, layer(keras.layers.Dropout(0.999, seed=1)(inputs)))
+  layer.set_weights([np.eye(2, dtype=np.float32), np.array(bias, np.float32)])
+  return model
+
+
+def test_attacks_score_and_choose_their_images_in_inference_mode():
+  model = _dropout_identity()
+  x = tf.constant([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # 3 examples, 2 classes
+  y = tf.constant([0, 0, 1])
+  # adversarial_logits: the model in inference mode on the attack's images.
+  attack = InputAttack(epsilon=0.0, num_steps=1)
+  logits = attack.adversarial_logits(model, x, y, None, None).numpy()
+  np.testing.assert_allclose(logits, model(x, training=False).numpy())
+  # Restarts keep, per example, the first run that breaks it, judged in
+  # inference mode: run 1 breaks example 0 only, run 2 example 1 only.
+  runs = iter([tf.constant([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+               tf.constant([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])])
+
+  class Scripted(InputAttack):
+    def _one_run(self, *args):
+      return next(runs)
+
+  x_adv = Scripted(epsilon=1.0, restarts=2, random_start=True)(
+      model, x, y, rng=tf.random.Generator.from_seed(0)).numpy()
+  np.testing.assert_array_equal(x_adv, [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+
+
+def test_input_attack_defaults_and_argument_checks():
+  assert InputAttack().get_config() == {
+      "epsilon": 0.1, "step_size": 0.1, "num_steps": 1, "norm": "linf",
+      "random_start": False, "restarts": 1, "clip_min": 0.0, "clip_max": 1.0,
+      "training": False}
+  for bad in (dict(num_steps=0), dict(restarts=0), dict(norm="l1")):
+    with pytest.raises(ValueError, match="InputAttack"):
+      InputAttack(**bad)
+  model = _identity_model()
+  x, y = tf.constant([[0.6, 0.4]]), tf.constant([0])
+  # Random starts and restarts draw from the caller's generator: none, an error.
+  for needs_rng in (dict(random_start=True), dict(restarts=2)):
+    with pytest.raises(ValueError, match="rng"):
+      InputAttack(epsilon=0.1, **needs_rng)(model, x, y)
+  InputAttack(epsilon=0.1)(model, x, y)  # FGSM from x needs none
