@@ -57,6 +57,15 @@ EQUIVALENT = {
     ("tfadv/attacks.py",
      "broken = tf.not_equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+    ("tfadv/attacks.py",
+     "correct = tf.equal(tf.argmax(logits, +1, output_type=tf.int32), tf.cast(labels, tf.int32))"):
+        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+    ("tfadv/attacks.py",
+     "t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) - 1e-12)"): _GUARD,
+    ("tfadv/attacks.py",
+     "t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) + 2e-12)"): _GUARD,
+    ("tfadv/attacks.py", "t = t / (per_example_norm(t) - 1e-12)"): _GUARD,
+    ("tfadv/attacks.py", "t = t / (per_example_norm(t) + 2e-12)"): _GUARD,
     ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] - 1e-12)"): _GUARD,
     ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
     ("tfadv/perturbation.py", "TINY = 2e-12"): _GUARD,

@@ -378,3 +378,22 @@ def test_input_attack_defaults_and_argument_checks():
     with pytest.raises(ValueError, match="rng"):
       InputAttack(epsilon=0.1, **needs_rng)(model, x, y)
   InputAttack(epsilon=0.1)(model, x, y)  # FGSM from x needs none
+
+
+def test_apgd_runs_in_inference_mode_and_checks_its_arguments():
+  # Dropout in the model must not act: APGD on it equals APGD on the same
+  # weights without the dropout layer.
+  x = tf.constant([[0.55, 0.45], [0.7, 0.3], [0.35, 0.65]])
+  y = tf.constant([0, 0, 1])
+  with_dropout = APGD(epsilon=0.1, num_steps=5)(
+      _dropout_identity(bias=(0.0, 0.0)), x, y, rng=tf.random.Generator.from_seed(0)).numpy()
+  without = APGD(epsilon=0.1, num_steps=5)(
+      _identity_model(), x, y, rng=tf.random.Generator.from_seed(0)).numpy()
+  np.testing.assert_allclose(with_dropout, without, atol=1e-7)
+  assert APGD().get_config() == {"epsilon": 0.1, "num_steps": 100, "loss": "ce", "norm": "linf",
+                                 "restarts": 1, "rho": 0.75, "clip_min": 0.0, "clip_max": 1.0}
+  for bad in (dict(num_steps=0), dict(restarts=0), dict(norm="l1"), dict(loss="cw")):
+    with pytest.raises(ValueError, match="APGD"):
+      APGD(**bad)
+  with pytest.raises(ValueError, match="rng"):
+    APGD()(_identity_model(), x, y)
