@@ -39,6 +39,25 @@ TARGETS = {
         "tests/test_attacks.py", "tests/test_mixed_precision.py",
         "-k", "agrees or (float16 and (gp or skipped or overflow or free or fgsm or evaluation))"]),
 }
+_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py"]
+# Configured, not run by default (`--files=...`): the methods and the
+# model-selection code. Their tests train tiny models, so a file takes hours.
+TARGETS.update({
+    "fgm": ("tfadv/methods/fgm.py", _TEXT + ["-m", "not slow"]),
+    "gradient_penalty": ("tfadv/methods/gradient_penalty.py", _TEXT + ["-m", "not slow"]),
+    "embedding_matrix": ("tfadv/methods/embedding_matrix.py", _TEXT + ["-m", "not slow"]),
+    "embedding_output": ("tfadv/methods/embedding_output.py", _TEXT + ["-m", "not slow"]),
+    "freelb": ("tfadv/methods/freelb.py", _TEXT + ["-m", "not slow"]),
+    "free": ("tfadv/methods/free.py", ["tests/test_vision.py", "tests/test_embedding_output.py",
+                                       "-m", "not slow", "-k", "free or stuck"]),
+    "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", "-m", "not slow"]),
+    "controller": ("tfadv/controller.py", [
+        "tests/test_contracts.py", "tests/test_training.py",
+        "-k", "checkpoint_is_chosen or kill_and_resume or loss_falls"]),
+    "experiment": ("tfadv/experiment.py", [
+        "tests/test_contracts.py", "tests/test_training.py",
+        "-k", "checkpoint_is_chosen or kill_and_resume or new_task"]),
+})
 CORE = ("attacks", "perturbation", "loss_scaling")
 # Not mutated: string and f-string literals (error messages and gin names; a
 # string that selects behaviour, `norm == "linf"`, is still mutated through
