@@ -397,3 +397,95 @@ def test_apgd_runs_in_inference_mode_and_checks_its_arguments():
       APGD(**bad)
   with pytest.raises(ValueError, match="rng"):
     APGD()(_identity_model(), x, y)
+
+
+# --- APGD's step-size checks and restarts, on scripted losses -------------------------
+
+
+def reference_halvings(losses, n_iter, rho=0.75):
+  """How often `attack_single_run` halves one example's step, given the loss at
+  the start (losses[0]) and after each iteration: the reference's checkpoint
+  rules written out (oscillation: increases over the last k iterations ≤ k·ρ,
+  an unwritten row reading as 0; or no improvement of the best loss since a
+  check that did not halve)."""
+  loss_steps = np.zeros(n_iter)
+  best = losses[0]
+  k, counter, halvings = max(int(0.22 * n_iter), 1), 0, 0
+  best_last_check, reduced_last_check = best, 1.0
+  for i in range(n_iter):
+    loss_steps[i] = losses[i + 1]
+    best = max(best, losses[i + 1])
+    counter += 1
+    if counter == k:
+      increases = sum(loss_steps[i - c] > loss_steps[i - c - 1] for c in range(k))
+      oscillation = float(increases <= k * rho)
+      halve = max(oscillation, (1 - reduced_last_check) * float(best_last_check >= best))
+      reduced_last_check, best_last_check = halve, best
+      halvings += int(halve)
+      k, counter = max(k - max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)), 0
+  return halvings
+
+
+class _ScriptedLosses:
+  """A 'model' whose cross-entropy on class 0 at its n-th call is scripted:
+  logits (a, 0) with log(1 + e^−a) = the scripted loss; the logits do not
+  depend on x (zero input gradient)."""
+
+  def __init__(self, losses):  # losses: calls × batch
+    a = -np.log(np.expm1(np.asarray(losses, np.float64)))
+    self.table = tf.constant(np.stack([a, np.zeros_like(a)], -1), tf.float32)
+    self.calls = tf.Variable(0)
+
+  def __call__(self, x, training=False):
+    logits = tf.gather(self.table, self.calls) + 0.0 * tf.reduce_sum(x, 1, keepdims=True)
+    self.calls.assign_add(1)
+    return logits
+
+
+def test_apgd_step_checks_follow_the_reference_on_scripted_losses():
+  # Sequences (start, then 19 iterations) on which the reference's rules and
+  # each near miss (≥ for >, < for ≤ in the oscillation count, > for ≥ in the
+  # no-progress test) disagree; ties included.
+  sequences = np.array([
+      [1, 4, 2, 1, 4, 4, 4, 4, 2, 4, 2, 3, 1, 4, 3, 1, 1, 1, 3, 2],
+      [3, 4, 4, 3, 1, 2, 2, 2, 2, 1, 2, 1, 4, 1, 4, 2, 3, 4, 4, 1],
+      [3, 4, 1, 2, 4, 2, 4, 4, 3, 4, 1, 2, 2, 2, 4, 1, 4, 3, 1, 4]], np.float64)
+  n_iter, eps = 19, 0.1
+  # Call 0 is the clean input; call 1 the start; call i + 2 iteration i.
+  table = np.concatenate([np.ones((1, 3)), sequences.T], 0)
+  attack = APGD(epsilon=eps, num_steps=n_iter)
+  x = tf.fill([3, 4], 0.5)
+  _, _, step = attack._one_run(_ScriptedLosses(table), x, tf.zeros([3], tf.int32),  # pylint: disable=protected-access
+                               tf.random.Generator.from_seed(0))
+  want = [2 * eps / 2 ** reference_halvings(s, n_iter) for s in sequences]
+  np.testing.assert_allclose(step.numpy(), want, rtol=1e-6)
+  assert len(set(want)) > 1
+
+
+def test_apgd_restarts_keep_each_examples_first_breaking_run():
+  # Three runs drawn from one generator in turn: restarts=3 must give, per
+  # example, the image of the first run that broke it, else the last run's.
+  model, _, x, y, _, _ = _case("linf")
+  eps, steps = 0.3, 1  # short runs: the random start decides which examples break
+  rng = tf.random.Generator.from_seed(5)
+  images, broken = [], []
+  for _ in range(3):
+    images.append(APGD(epsilon=eps, num_steps=steps)(
+        model, tf.constant(x), tf.constant(y), rng=rng).numpy())
+    broken.append(model(images[-1]).numpy().argmax(1) != y)
+  # Each of the first two runs breaks examples the other does not.
+  assert np.any(broken[1] & ~broken[0]) and np.any(broken[0] & ~broken[1])
+  want = np.where(broken[0][:, None], images[0],
+                  np.where(broken[1][:, None], images[1], images[2]))
+  got = APGD(epsilon=eps, num_steps=steps, restarts=3)(
+      model, tf.constant(x), tf.constant(y), rng=tf.random.Generator.from_seed(5)).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_embedding_attack_defaults():
+  from tfadv.attacks import EmbeddingOutputAttack  # pylint: disable=g-import-not-at-top
+  assert EmbeddingOutputAttack().get_config() == {
+      "epsilon": 1.0, "step_size": 0.5, "num_steps": 5, "random_start": True,
+      "layer_name": "token_embedding", "padding_mask_key": "padding_mask"}
+  with pytest.raises(ValueError, match="num_steps"):
+    EmbeddingOutputAttack(num_steps=0)

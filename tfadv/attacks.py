@@ -268,7 +268,7 @@ class APGD(Attack):
     return tf.clip_by_value(x + self.epsilon * t, self.clip_min, self.clip_max)
 
   def _one_run(self, model, x, labels, rng):
-    """(image per example, broken per example) of one APGD run."""
+    """(image, broken, final step size), each per example, of one APGD run."""
     batchwise = lambda v: per_example(v, x)
     clean_logits = model(x, training=False)
     clean_wrong = tf.not_equal(tf.argmax(clean_logits, -1, output_type=tf.int32),
@@ -328,7 +328,7 @@ class APGD(Attack):
 
     state = tf.while_loop(lambda s: s["i"] < self.num_steps, body, [state])[0]
     image = tf.where(batchwise(state["broken"]), state["x_broken"], state["x_best"])
-    return tf.stop_gradient(image), state["broken"]
+    return tf.stop_gradient(image), state["broken"], state["step"]
 
   def __call__(self, model: keras.Model, x: tf.Tensor, labels: tf.Tensor,
                rng: Optional[tf.random.Generator] = None,
@@ -337,9 +337,9 @@ class APGD(Attack):
     del loss_fn
     if rng is None:
       raise ValueError("APGD starts at a random point: pass an rng (tf.random.Generator).")
-    best, broken = self._one_run(model, x, labels, rng)
+    best, broken, _ = self._one_run(model, x, labels, rng)
     for _ in range(self.restarts - 1):
-      candidate, now = self._one_run(model, x, labels, rng)
+      candidate, now, _ = self._one_run(model, x, labels, rng)
       best = tf.where(per_example(broken, x), best, candidate)
       broken = tf.logical_or(broken, now)
     return best
