@@ -70,6 +70,10 @@ _NO_TAPE_VARIABLES = ("the tape asks for the input's gradient only; watching the
                       "model's variables as well costs memory, not a different gradient")
 _GUARD = ("the guard against a zero denominator: its size or sign matters only when "
           "the three largest logits tie exactly (or a gradient is exactly zero)")
+_ONES = "dividing by a tensor of ones where the original multiplies by it: the same values"
+_COUNT = ("the floor guards an empty count: a count of real entries is at least the hidden "
+          "size (> 2) as soon as there is one real token, and with none the result is 0 "
+          "either way")
 EQUIVALENT = {
     ("tfadv/attacks.py", "with tf.GradientTape(watch_accessed_variables=True) as tape:"):
         _NO_TAPE_VARIABLES,
@@ -88,6 +92,18 @@ EQUIVALENT = {
     ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] - 1e-12)"): _GUARD,
     ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
     ("tfadv/perturbation.py", "TINY = 2e-12"): _GUARD,
+    ("tfadv/perturbation.py", "return gradient / (per_example_norm(gradient) - TINY)"): _GUARD,
+    ("tfadv/perturbation.py",
+     "return delta * tf.minimum(1.0, epsilon / (per_example_norm(delta) - TINY))"): _GUARD,
+    ("tfadv/perturbation.py", "return tf.ones(tf.concat([tf.shape(ids)[:3], [1]], 0), tf.float32)"):
+        "token ids have rank 2 (batch × length): their shape's first 3 entries are its first 2",
+    ("tfadv/perturbation.py", "dims = tf.reduce_sum(tf.cast(mask, dtype) / tf.ones(shape, dtype),"):
+        _ONES,
+    ("tfadv/perturbation.py", "mask = tf.cast(mask, tf.float32) / tf.ones_like(zero)"): _ONES,
+    ("tfadv/perturbation.py",
+     "return epsilon * direction * tf.pow(u, 1.0 / tf.maximum(dims, 2.0))"): _COUNT,
+    ("tfadv/perturbation.py",
+     "return tf.reduce_sum(zero * mask) / tf.maximum(tf.reduce_sum(mask), 2.0)"): _COUNT,
     ("tfadv/loss_scaling.py",
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "

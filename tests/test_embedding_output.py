@@ -398,3 +398,28 @@ def test_output_methods_compile_with_xla(method_fn, monkeypatch):
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-4)
   for a, b in zip(plain.model.trainable_variables, jitted.model.trainable_variables):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_perturbation_random_starts_and_stuck_share_by_hand():
+  from tfadv import perturbation  # pylint: disable=g-import-not-at-top
+  mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)[..., None]  # 2 examples × 3 tokens
+  shape = [2, 3, 4]
+  # ℓ∞ with a mask: U(−ε, ε) on real tokens, exactly 0 at padding.
+  got = perturbation.random_start(shape, 0.5, "linf", tf.random.Generator.from_seed(1),
+                                  mask=mask).numpy()
+  want = tf.random.Generator.from_seed(1).uniform(shape, -0.5, 0.5).numpy() * mask
+  np.testing.assert_array_equal(got, want)
+  # ℓ2, uniform in the ball's volume without a mask: radius ε·u^(1/d), d = 12.
+  got = perturbation.random_start(shape, 0.5, "l2", tf.random.Generator.from_seed(2)).numpy()
+  draw = tf.random.Generator.from_seed(2)
+  z = draw.normal(shape).numpy()
+  u = draw.uniform([2, 1, 1]).numpy()
+  want = 0.5 * z / np.sqrt((z ** 2).sum(axis=(1, 2), keepdims=True)) * u ** (1 / 12)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # The stuck share: zero-gradient entries among the real tokens' entries.
+  gradient = np.ones(shape, np.float32)
+  gradient[0, 0, :3] = 0.0  # 3 stuck entries on a real token
+  gradient[1, 2, :] = 0.0   # padding: never counted
+  share = perturbation.stuck_share(tf.constant(gradient), tf.constant(mask)).numpy()
+  assert share == pytest.approx(3 / 12)  # 12 real entries: 3 tokens × 4
+  assert perturbation.stuck_share(tf.constant(gradient)).numpy() == pytest.approx(7 / 24)
