@@ -423,3 +423,24 @@ def test_perturbation_random_starts_and_stuck_share_by_hand():
   share = perturbation.stuck_share(tf.constant(gradient), tf.constant(mask)).numpy()
   assert share == pytest.approx(3 / 12)  # 12 real entries: 3 tokens × 4
   assert perturbation.stuck_share(tf.constant(gradient)).numpy() == pytest.approx(7 / 24)
+
+
+def test_embedding_attack_runs_in_inference_mode_and_follows_the_model_it_is_given():
+  from tfadv.attacks import EmbeddingOutputAttack  # pylint: disable=g-import-not-at-top
+  model, embedding, head = tiny_masked_model()
+  ids = next(t for t in model.inputs if t.name.startswith("token_ids"))
+  # The same layers with a heavy dropout between them: in inference mode, the
+  # same function.
+  with_dropout = keras.Model(model.input, head(keras.layers.Dropout(0.9, seed=3)(embedding(ids))))
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  per_example = lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True)
+  attack = EmbeddingOutputAttack(epsilon=0.3, num_steps=2, random_start=False)
+  plain_logits = attack.adversarial_logits(model, inputs, labels, None, per_example).numpy()
+  # One attack object, a second model: its own hook, not the first model's.
+  dropout_logits = attack.adversarial_logits(with_dropout, inputs, labels, None,
+                                             per_example).numpy()
+  np.testing.assert_allclose(dropout_logits, plain_logits, rtol=1e-5, atol=1e-6)
+  assert attack._hook.model is with_dropout  # pylint: disable=protected-access
+  assert not np.allclose(plain_logits, model(inputs).numpy(), atol=1e-3)
+  assert EmbeddingOutputAttack(epsilon=2.0, num_steps=4).step_size == 1.25  # 2.5·ε/K
