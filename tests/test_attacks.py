@@ -489,3 +489,38 @@ def test_embedding_attack_defaults():
       "layer_name": "token_embedding", "padding_mask_key": "padding_mask"}
   with pytest.raises(ValueError, match="num_steps"):
     EmbeddingOutputAttack(num_steps=0)
+
+
+class _TiedLosses:
+  """64 classes, label 0 always on top: logits 1 + 1e-10·Σx for class 0 and
+  1 − d for the others, with log(1 + 63·e^−d) the scripted loss of the call.
+  The 1e-10·Σx term is below float32's resolution at 1, so the loss is
+  exactly the scripted one wherever x is, while the input gradient is not
+  zero (−(1 − p₀)·1e-10 per pixel): the iterates move and losses tie exactly."""
+
+  def __init__(self, losses):  # losses: calls × batch
+    d = np.log(63.0 / np.expm1(np.asarray(losses, np.float64)))
+    self.table = tf.constant(d, tf.float32)
+    self.calls = tf.Variable(0)
+
+  def __call__(self, x, training=False):
+    d = tf.gather(self.table, self.calls)[:, None]
+    first = 1.0 + 1e-10 * tf.reduce_sum(x, 1, keepdims=True)
+    self.calls.assign_add(1)
+    return tf.concat([first, tf.ones([tf.shape(x)[0], 63]) - d], 1)
+
+
+def test_apgd_keeps_the_first_of_tied_best_losses_as_the_reference_does():
+  # The start and the first iterate tie at the highest loss of the run; the
+  # reference keeps a new best only if strictly higher (`y1 > loss_best`), so
+  # the best point, returned for an unbroken example, is the start.
+  n_iter, eps = 6, 0.1
+  losses = np.array([3.0, 3.0, 1.0, 2.0, 1.0, 2.0, 1.0])  # start, then 6 iterations
+  table = np.concatenate([[1.0], losses])[:, None]  # call 0: the clean input
+  x = tf.fill([1, 4], 0.5)
+  got = APGD(epsilon=eps, num_steps=n_iter)(_TiedLosses(table), x, tf.zeros([1], tf.int32),
+                                             rng=tf.random.Generator.from_seed(0)).numpy()
+  t = tf.random.Generator.from_seed(0).uniform([1, 4], -1.0, 1.0).numpy()
+  start = np.clip(0.5 + eps * t / np.abs(t).max(), 0, 1)
+  np.testing.assert_allclose(got, start, atol=1e-7)
+  assert not np.allclose(start, 0.5 - eps)  # the first iterate (x − ε) is elsewhere
