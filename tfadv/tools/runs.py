@@ -137,10 +137,15 @@ def mean_std(values):
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _markers(section: str) -> Tuple[str, str]:
+  """The `<!-- section -->` and `<!-- /section -->` lines around a section."""
+  return f"<!-- {section} -->", f"<!-- /{section} -->"
+
+
 def replace_section(path: str, section: str, text: str,
                     title: str = "# Results") -> None:
   """Writes `text` between `<!-- section -->` markers of `path`, keeping the rest."""
-  begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+  begin, end = _markers(section)
   block = f"{begin}\n{text.rstrip()}\n{end}"
   content = open(path).read() if os.path.exists(path) else f"{title}\n"
   pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
@@ -159,7 +164,7 @@ CHOSEN_HEADER = "| task | method | ε | validation accuracy (%) by ε |"
 
 def read_section(path: str, section: str) -> str:
   """The text between `<!-- section -->` markers of `path` (`replace_section`'s)."""
-  begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+  begin, end = _markers(section)
   content = open(path).read()
   if begin not in content or end not in content:
     raise ValueError(f"{path} has no section {section!r}.")
