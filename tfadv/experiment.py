@@ -31,15 +31,19 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
                   optimizer_fn: Optional[Callable[[], keras.optimizers.Optimizer]] = None,
                   input_shape=None, mixed_precision: Optional[str] = None,  # None: as set
                   jit_compile: bool = False, eval_attacks: Optional[dict] = None,
+                  eval_jit_compile: Optional[bool] = None,
                   split_batch: Optional[Callable] = None,
                   per_example_loss: Optional[Callable] = None,
-                  sparse_reduce: bool = False) -> Trainer:
+                  sparse_reduce: bool = False,
+                  num_examples: Optional[int] = None) -> Trainer:
   """Model, optimizer and method built under `strategy`'s scope, in a `Trainer`.
 
   The one place a trainer is assembled: `Experiment`, the tests and the
   benchmarks all call it. `task` supplies the batch split, loss, accuracy
   and input shape (each overridable by the keyword of the same name);
   without a task, `split_batch` is required and the loss is cross-entropy.
+  A method with per-example state (`uses_example_ids`) is built with
+  `num_examples` (default: the task's training split size).
 
   Example:
   >>> trainer = build_trainer(lambda: keras_hub.models.BertTextClassifier(
@@ -55,6 +59,8 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
     per_example_loss = per_example_loss or task.per_example_loss
     if input_shape is None:
       input_shape = task.input_shape(per_replica_batch)
+    if num_examples is None and method.uses_example_ids:
+      num_examples = task.num_examples("train")
   if split_batch is None:
     raise ValueError("build_trainer: pass task= or split_batch=.")
   if mixed_precision is not None:  # None: the current global policy
@@ -65,11 +71,18 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
     if mixed_precision == "mixed_float16":
       optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    method.build(model, input_shape=input_shape)
+    if method.uses_example_ids:
+      if num_examples is None:
+        raise ValueError(f"build_trainer: {type(method).__name__} keeps per-example "
+                         "state; pass task= or num_examples=.")
+      method.build(model, input_shape=input_shape, num_examples=num_examples)
+    else:
+      method.build(model, input_shape=input_shape)
   return Trainer(
       strategy, model, optimizer, method, split_batch=split_batch,
       per_example_loss=per_example_loss or sparse_cross_entropy,
       global_batch_size=global_batch_size, jit_compile=jit_compile,
+      eval_jit_compile=eval_jit_compile,
       eval_attacks=eval_attacks, sparse_reduce=sparse_reduce,
       count_correct=task.count_correct if task is not None else count_correct,
       accuracy_name=task.accuracy_name if task is not None else "accuracy")
@@ -92,6 +105,8 @@ class Experiment:
     deterministic: enable TensorFlow's deterministic ops (bit-exact resume);
       with jit_compile, XLA's kernels are used as they are.
     jit_compile: compile each per-replica step with XLA.
+    eval_jit_compile: compile the evaluation step with XLA (None: as
+      `jit_compile`; `Trainer`).
     steps_per_loop: steps per in-graph loop and progress line.
     checkpoint_every: checkpoint interval in steps.
     eval_every: evaluation interval in steps (0: at the end only).
@@ -115,6 +130,7 @@ class Experiment:
                train_steps: int = 1000, global_batch_size: int = 32,
                eval_batch_size: Optional[int] = None, seed: int = 0,
                deterministic: bool = True, jit_compile: bool = False,
+               eval_jit_compile: Optional[bool] = None,
                steps_per_loop: int = 50, checkpoint_every: int = 500,
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
@@ -132,6 +148,7 @@ class Experiment:
     self.seed = seed
     self.deterministic = deterministic
     self.jit_compile = jit_compile
+    self.eval_jit_compile = eval_jit_compile
     # A batch's replays belong in one in-graph loop.
     replays = self.method.batch_replays
     self.steps_per_loop = -(-steps_per_loop // replays) * replays
@@ -164,6 +181,7 @@ class Experiment:
         task=self.task, strategy=strategy,
         optimizer_fn=lambda: self.optimizer_fn(total_steps=self.train_steps),
         mixed_precision=self.mixed_precision or "float32", jit_compile=self.jit_compile,
+        eval_jit_compile=self.eval_jit_compile,
         eval_attacks=self.eval_attacks)
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
@@ -304,7 +322,8 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
   evaluating another file (`--mode=evaluate` with `ClueDataset.eval_file`)
   adds a record beside the others. Training (`train_and_evaluate`) also
   writes `eval_results.json`, the run's own record, which nothing else
-  overwrites.
+  overwrites; it also keeps the last training loop's metrics as
+  `train_<name>` (e.g. `train_stuck`, Free's and ATTA's stuck share).
   """
   split = task.eval_split
   record = {"step": step, "split": split,
@@ -312,6 +331,9 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
   for key in ("train_seconds", "best"):
     if key in results:
       record[key] = results[key]
+  for key, value in results.get("train", {}).items():
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+      record[f"train_{key}"] = float(value)
   paths = [eval_record_path(model_dir, split)]
   if "train" in results:
     paths.append(os.path.join(model_dir, "eval_results.json"))

@@ -112,6 +112,11 @@ def adversarial(model: keras.Model, method: Method,
   if not model.built or not model.trainable_variables:
     raise ValueError("tfadv.keras.adversarial: build the model first (call it "
                      "on a batch or give its Input shapes).")
+  if method.uses_example_ids:
+    raise ValueError(f"tfadv.keras.adversarial: {type(method).__name__} keeps one "
+                     "perturbation per training example and needs each batch's "
+                     "example indices, which model.fit does not pass: train it with "
+                     "`python -m tfadv.main` or `tfadv.experiment.build_trainer`.")
   input_shape = None
   if batch_size is not None and sequence_length is not None:
     input_shape = (batch_size, sequence_length)

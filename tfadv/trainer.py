@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv import compat
-from tfadv.data.pipeline import WEIGHTS
+from tfadv.data.pipeline import EXAMPLE_INDEX, WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
 from tfadv.tasks.base import count_correct
@@ -34,7 +34,8 @@ def _host_flag() -> tf.Variable:
 
 def apply_method(method: Method, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
-                 inputs, labels, weights, sparse_reduce: bool = False):
+                 inputs, labels, weights, sparse_reduce: bool = False,
+                 example_ids=None):
   """One optimizer update of `model` by `method` from one replica's batch.
 
   The method returns per-replica gradients; they are all-reduced here, once
@@ -54,12 +55,22 @@ def apply_method(method: Method, model: keras.Model,
   on one host (docs/results.md, "Multi-replica cost"), and kept for
   measurement only.
 
+  `example_ids` (the batch's training-split rows) go to a method that
+  declares `uses_example_ids`, and only to it.
+
   Returns the method's output and the global norm of the (unscaled) reduced
   gradients.
   """
   compat.skip_optimizer_all_reduce(optimizer)
+  extra = {}
+  if method.uses_example_ids:
+    if example_ids is None:
+      raise ValueError(f"{type(method).__name__} keeps per-example state and needs "
+                       "each batch's example indices (`example_index`, produced by "
+                       "tfadv.data.pipeline.distributed_dataset).")
+    extra["example_ids"] = example_ids
   with loss_scaling_by(optimizer):
-    out = method.compute_gradients(model, loss_fn, inputs, labels, weights)
+    out = method.compute_gradients(model, loss_fn, inputs, labels, weights, **extra)
     scale = loss_scale()
   variables = model.trainable_variables
   present = [i for i, g in enumerate(out.gradients) if g is not None]
@@ -101,6 +112,10 @@ class Trainer:
     jit_compile: compile each per-replica step with XLA. Used as given on
       one device and TPU; under Mirrored/MultiWorker strategies the step's
       cross-replica reductions run outside XLA, so it is turned off there.
+    eval_jit_compile: compile the evaluation step (with its attacks) with
+      XLA; None: as `jit_compile`. On CPU, XLA-compiled APGD evaluation is
+      several times slower than uncompiled (docs/results.md), so a table
+      that times compiled training may evaluate uncompiled.
     eval_attacks: `{name: attack}` (`tfadv.attacks.InputAttack`, `APGD`):
       evaluation also reports `accuracy_<name>` on each attack's adversarial
       inputs and, with two or more attacks, `accuracy_worst_case`: the
@@ -122,6 +137,7 @@ class Trainer:
                optimizer: keras.optimizers.Optimizer, method: Method,
                split_batch: Callable, per_example_loss: Callable,
                global_batch_size: int, jit_compile: bool = False,
+               eval_jit_compile: Optional[bool] = None,
                eval_attacks: Optional[Dict] = None, eval_seed: int = 1234,
                count_correct: Callable = count_correct,
                accuracy_name: str = "accuracy", sparse_reduce: bool = False):
@@ -141,6 +157,8 @@ class Trainer:
       logging.info("jit_compile is off under %s: its all-reduce runs outside "
                    "XLA.", type(strategy).__name__)
       jit_compile = False
+    eval_jit_compile = jit_compile if eval_jit_compile is None else (
+        eval_jit_compile and not multi_replica_host)
     self.jit_compile = jit_compile
     compat.skip_optimizer_all_reduce(optimizer)
     self.eval_attacks = dict(eval_attacks or {})
@@ -153,7 +171,7 @@ class Trainer:
     # checks it before every step, agreed over all workers.
     self.stop_requested = _host_flag()
     replica_train = tf.function(self._replica_train_step, jit_compile=jit_compile)
-    replica_eval = tf.function(self._replica_eval_step, jit_compile=jit_compile)
+    replica_eval = tf.function(self._replica_eval_step, jit_compile=eval_jit_compile)
     self._replica_train = replica_train
     self._replica_eval = replica_eval
     self._train_loop = tf.function(self._train_loop_fn)
@@ -168,7 +186,8 @@ class Trainer:
     weights = batch[WEIGHTS]
     out, grad_norm = apply_method(self.method, self.model, self.optimizer,
                                   self._loss_fn, inputs, labels, weights,
-                                  sparse_reduce=self.sparse_reduce)
+                                  sparse_reduce=self.sparse_reduce,
+                                  example_ids=batch.get(EXAMPLE_INDEX))
     hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)

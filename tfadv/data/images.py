@@ -109,7 +109,12 @@ class ImageDataset(ArrayDataset):
     self.num_train = num_train
     self.num_eval = num_eval
 
-  eval_split = "test"  # the test split (IDX t10k, TFDS "test")
+  @property
+  def eval_split(self) -> str:
+    """"test" (IDX t10k, TFDS "test"); "test_first<N>" with `num_eval`, so an
+    evaluation of a subset is recorded beside the whole test set's, never
+    over it (`eval_results_test_first2000.json`)."""
+    return "test" if not self.num_eval else f"test_first{self.num_eval}"
 
   def label_names(self) -> List[str]:
     if self.name not in LABEL_NAMES:

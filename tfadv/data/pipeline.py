@@ -9,6 +9,11 @@ uninterrupted run would have seen; no iterator state is checkpointed.
 Each replica receives rows [g * b, (g + 1) * b) of every global batch, where g
 is its global replica index and b the per-replica batch, so N replicas see the
 same global batches as one device, on any number of workers.
+
+Every batch also carries `example_index`: for training, the row of the
+training arrays each example came from (what `index_shuffle` chose; methods
+with per-example state, `tfadv.methods.atta`, key it by this); for
+evaluation, the position in the split (0 on padding rows).
 """
 
 from typing import Callable, Dict, Optional
@@ -17,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 WEIGHTS = "example_weight"
+EXAMPLE_INDEX = "example_index"
 
 
 def _per_replica_rows(context: tf.distribute.InputContext, global_batch_size: int):
@@ -55,7 +61,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
 
   Returns:
     A distributed dataset yielding dicts with the keys of `arrays` plus
-    `example_weight`.
+    `example_weight` and `example_index` (int32: the row of `arrays`).
   """
   n = len(next(iter(arrays.values())))
   if global_batch_size % strategy.num_replicas_in_sync:
@@ -92,6 +98,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
       if augment_fn is not None and shuffle:
         batch = augment_fn(batch, tf.stack([tf.cast(seed, tf.int64), position[0]]))
       batch[WEIGHTS] = weight
+      batch[EXAMPLE_INDEX] = tf.cast(index, tf.int32)
       return batch
 
     ds = (steps.flat_map(positions_of)

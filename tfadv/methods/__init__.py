@@ -6,8 +6,10 @@ By where the perturbation lives:
   (`gradient_penalty`), helpers in `embedding_matrix`;
 - each example's embedding output: `EmbeddingOutputFGM`, `EmbeddingOutputPGD`
   (`embedding_output`), `FreeLB` (`freelb`), `EmbeddingOutputFree` (`free`);
-- the input images: `PGDTraining`, `FGSMTraining` (`pgd`), `FreeTraining` (`free`).
+- the input images: `PGDTraining`, `FGSMTraining` (`pgd`), `FreeTraining` (`free`),
+  `ATTATraining` (`atta`, one remembered perturbation per training example).
 """
+from tfadv.methods.atta import ATTATraining
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.embedding_output import EmbeddingOutputFGM, EmbeddingOutputPGD
 from tfadv.methods.fgm import EmbeddingFGM

@@ -14,6 +14,12 @@ A method that needs a global quantity inside the step (FGM's embedding
 gradient norm, say) all-reduces it itself through
 `tf.distribute.get_replica_context()`.
 
+Per-example state: a method with `uses_example_ids = True` gets, in `build`,
+`num_examples` (the size of the training split) and, in `compute_gradients`,
+`example_ids`: the training-split row of each example in the batch (int32),
+which the step-indexed input pipeline computes anyway (`example_index`,
+`tfadv.data.pipeline`). Other methods see neither.
+
 Loss scaling (`mixed_float16`): every backward pass of a method
 differentiates the scaled loss (`tfadv.loss_scaling.scaled_gradient`), so the weight
 gradients a method returns are scaled, and the `LossScaleOptimizer` unscales
@@ -61,11 +67,13 @@ class Method:
   the per-replica shape of a batch's inputs (when they are one tensor).
   Variables a method lists in `variables` are checkpointed with the model.
   `batch_replays` > 1 asks the input pipeline to deliver each batch that
-  many times in a row (Free adversarial training).
+  many times in a row (Free adversarial training). `uses_example_ids` asks
+  for the batch's example indices (module docstring).
   """
 
   name = "method"
   batch_replays = 1
+  uses_example_ids = False
 
   def build(self, model: keras.Model, input_shape=None) -> None:
     del model, input_shape

@@ -25,6 +25,9 @@ Optional (defaults here):
   eval_split             name of the "eval" split in records ("dev", "test");
   accuracy_name          the progress line's and records' accuracy key;
   input_shape(batch)     per-replica input shape, for methods with buffers;
+  num_examples(split)    examples in a split (the size of a method's
+                         per-example memory: the pipeline's `example_index`
+                         of a training batch is a row of `arrays("train")`);
   per_example_loss       (labels, logits) -> per-example loss (cross-entropy);
   count_correct          (labels, logits, weights) -> (correct, total);
   augment_batch          (batch, seed) -> batch, or None for no augmentation;
@@ -112,6 +115,11 @@ class Task(abc.ABC):
     """One replica's input shape (for methods with per-example buffers), or None."""
     del per_replica_batch
     return None
+
+  def num_examples(self, split: str) -> int:
+    """The number of examples of `split`: rows of `arrays(split)`."""
+    arrays = self.arrays(split)
+    return len(arrays[next(iter(arrays))])
 
   def per_example_loss(self, labels, logits):
     return sparse_cross_entropy(labels, logits)

@@ -33,10 +33,8 @@ own section and plot (`results_text_pretrained.png`); `--jobs=2` runs two
 runs at a time, each pinned to its own CPU core when there are enough.
 """
 
-import concurrent.futures
 import os
 import platform
-import queue
 import time
 
 from absl import app, flags
@@ -280,30 +278,17 @@ def choose(finished, missing=()):
 
 def run_all(planned):
   """Results of `planned` (in order), `--jobs` at a time, each job on its own core."""
-  cores = sorted(os.sched_getaffinity(0))
-  pinned = FLAGS.jobs > 1 and len(cores) >= FLAGS.jobs
-  free_cores = queue.Queue()
-  for core in cores[:FLAGS.jobs] if pinned else []:
-    # One core per job: parallel runs do not fight over each other's threads.
-    free_cores.put(core)
-
-  def one(numbered):
+  def one(numbered, cpus):
     i, run = numbered
     if FLAGS.report:
       return run.finished("dev")
-    core = free_cores.get() if pinned else None
-    run.cpus = None if core is None else [core]
-    try:
-      record = run.result("dev")
-    finally:
-      if core is not None:
-        free_cores.put(core)
+    run.cpus = cpus
+    record = run.result("dev")
     print(f"[{i}/{len(planned)}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
           f"({record['wall_seconds']:.0f} s)", flush=True)
     return record
 
-  with concurrent.futures.ThreadPoolExecutor(max(FLAGS.jobs, 1)) as pool:
-    return list(pool.map(one, enumerate(planned, 1)))
+  return runs.run_pinned(one, list(enumerate(planned, 1)), FLAGS.jobs)
 
 
 def main(argv):

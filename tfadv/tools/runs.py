@@ -6,8 +6,10 @@ run writes plus the wall time the tool measured; a run whose model dir
 already has both is read back, not repeated, so a killed table resumes.
 """
 
+import concurrent.futures
 import json
 import os
+import queue
 import re
 import shlex
 import statistics
@@ -31,20 +33,29 @@ STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
 
 
 class Run:
-  """One training-and-evaluation run of a gin config in its own process."""
+  """One run of a gin config in its own process: training and evaluation, or
+  (`mode="evaluate"`) a further evaluation of a trained model dir."""
 
-  def __init__(self, name: str, gin_file: str, params: Sequence[str], work_dir: str):
+  def __init__(self, name: str, gin_file: str, params: Sequence[str], work_dir: str,
+               mode: str = "train_and_evaluate"):
     self.name = name
     self.gin_file = gin_file
     self.params = list(params)
     self.model_dir = os.path.join(work_dir, name)
+    self.mode = mode
     self.cpus = None  # CPU cores to pin the run to (taskset), or all
 
   def command(self) -> List[str]:
     pin = ["taskset", "-c", ",".join(map(str, self.cpus))] if self.cpus else []
+    mode = [] if self.mode == "train_and_evaluate" else [f"--mode={self.mode}"]
     return pin + ([sys.executable, "-m", "tfadv.main", f"--gin_file={self.gin_file}",
-             f"--model_dir={self.model_dir}"]
+             f"--model_dir={self.model_dir}"] + mode
             + [f"--gin_param={p}" for p in self.params])
+
+  def _wall_path(self, split: str) -> str:
+    # A training run's wall time; a later evaluation's has its own file.
+    name = "wall_seconds.txt" if self.mode != "evaluate" else f"wall_seconds_{split}.txt"
+    return os.path.join(self.model_dir, name)
 
   def result(self, split: str, on_line: Optional[Callable[[str], None]] = None) -> dict:
     """The run's evaluation of `split`; trains and evaluates unless a finished
@@ -73,7 +84,7 @@ class Run:
     if proc.returncode != 0:
       raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
                          f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
-    with open(os.path.join(self.model_dir, "wall_seconds.txt"), "w") as f:
+    with open(self._wall_path(split), "w") as f:
       f.write(f"{time.time() - start:.1f}\n")
     record = self.finished(split)
     if record is None:
@@ -85,8 +96,8 @@ class Run:
     """The run's finished evaluation of `split` (with its wall time), or None
     while the run has not finished; starts nothing."""
     path = os.path.join(self.model_dir, f"eval_results_{split}.json")
-    wall_path = os.path.join(self.model_dir, "wall_seconds.txt")
-    if not os.path.exists(path) and os.path.exists(wall_path):
+    wall_path = self._wall_path(split)
+    if not os.path.exists(path) and os.path.exists(wall_path) and self.mode != "evaluate":
       path = os.path.join(self.model_dir, "eval_results.json")
     if not (os.path.exists(path) and os.path.exists(wall_path)):
       return None
@@ -98,6 +109,29 @@ class Run:
     with open(wall_path) as f:
       record["wall_seconds"] = float(f.read())
     return record
+
+
+def run_pinned(function: Callable, items: Sequence, jobs: int) -> list:
+  """[function(item, cpus) for item in items], `jobs` at a time, each job
+  pinned to its own core (`cpus` a one-core list; None with one job or too
+  few cores), in order."""
+  cores = sorted(os.sched_getaffinity(0))
+  pinned = jobs > 1 and len(cores) >= jobs
+  free_cores = queue.Queue()
+  for core in cores[:jobs] if pinned else []:
+    # One core per job: parallel runs do not fight over each other's threads.
+    free_cores.put(core)
+
+  def one(item):
+    core = free_cores.get() if pinned else None
+    try:
+      return function(item, None if core is None else [core])
+    finally:
+      if core is not None:
+        free_cores.put(core)
+
+  with concurrent.futures.ThreadPoolExecutor(max(jobs, 1)) as pool:
+    return list(pool.map(one, items))
 
 
 def parse_method_values(spec: str, flag: str, methods: Sequence[str]):
