@@ -23,6 +23,7 @@ machines resumes from the repository alone; a record whose bindings differ
 from the planned run's is run again.
 """
 
+import fcntl
 import json
 import os
 import platform
@@ -108,9 +109,16 @@ def _load_records():
   return {}
 
 
-def _save_records(saved):
-  if FLAGS.records:
-    os.makedirs(os.path.dirname(FLAGS.records) or ".", exist_ok=True)
+def _save_record(name, record):
+  """Adds one run's record to `--records` (merged with what other table
+  processes wrote meanwhile: the file is locked while it is rewritten)."""
+  if not FLAGS.records:
+    return
+  os.makedirs(os.path.dirname(FLAGS.records) or ".", exist_ok=True)
+  with open(FLAGS.records + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    saved = _load_records()
+    saved[name] = record
     with open(FLAGS.records + ".tmp", "w") as f:
       json.dump(saved, f, indent=1, sort_keys=True)
     os.replace(FLAGS.records + ".tmp", FLAGS.records)
@@ -145,8 +153,7 @@ def run_all(planned):
       record["restart_clean"] = extra["accuracy"]
       record["restart_wall_seconds"] = extra["wall_seconds"]
     with lock:
-      saved[train.name] = record
-      _save_records(saved)
+      _save_record(train.name, record)
       print(f"{row} seed {seed}: clean {100 * record['accuracy']:.2f}% robust "
             f"{100 * record[ROBUST]:.2f}% training {record['train_seconds'] / 60:.1f} min"
             + (f" PGD-50×10 {100 * record[RESTARTS]:.2f}%" if RESTARTS in record else ""),
