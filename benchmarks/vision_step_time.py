@@ -1,4 +1,4 @@
-"""Step time of plain, FGSM-RS, PGD-7 and Free training on one CNN, in one process.
+"""Step time of plain, FGSM-RS, PGD-7, Free and ATTA-1 training on one CNN, in one process.
 
     .venv/bin/python benchmarks/vision_step_time.py [--batch 128 --jit]
 
@@ -7,7 +7,8 @@ the same `Trainer`; Free is timed per replay (one optimizer step). Ratios are
 to plain training. Physics: an ascent step needs the input gradient but no
 weight gradients, about 2/3 of a training step, so PGD-7 ≈ 1 + 7·2/3 ≈ 5.7×,
 FGSM-RS ≈ 1.7×, and a Free replay ≈ 1× (its one backward pass also yields the
-input gradient).
+input gradient). ATTA-1 is FGSM-RS's two passes plus a gather and a scatter
+of the batch's rows of its per-example memory (here 8 batches of examples).
 """
 
 import argparse
@@ -24,7 +25,7 @@ from timing import best_step_time, report  # pylint: disable=g-import-not-at-top
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.experiment import build_trainer
 from tfadv.tasks.base import sparse_cross_entropy
-from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
+from tfadv.methods import ATTATraining, FGSMTraining, FreeTraining, PGDTraining, Plain
 from tfadv.models.vision import small_cnn
 
 EPS = 0.1
@@ -33,8 +34,9 @@ METHODS = {
     "fgsm_rs": lambda: FGSMTraining(epsilon=EPS),
     "pgd7": lambda: PGDTraining(epsilon=EPS, step_size=EPS / 4, num_steps=7),
     "free_per_replay": lambda: FreeTraining(epsilon=EPS, replays=8),
+    "atta1": lambda: ATTATraining(epsilon=EPS, step_size=EPS / 4, num_steps=1),
 }
-TARGETS = {"fgsm_rs": 1.75, "pgd7": 6.0, "free_per_replay": 1.05}
+TARGETS = {"fgsm_rs": 1.75, "pgd7": 6.0, "free_per_replay": 1.05, "atta1": 1.8}
 
 
 def main():
@@ -62,7 +64,7 @@ def main():
     trainer = build_trainer(
         lambda: small_cnn((28, 28, 1), 10), method, global_batch_size=args.batch,
         strategy=strategy, optimizer_fn=lambda: keras.optimizers.Adam(1e-3),
-        input_shape=(args.batch, 28, 28, 1), jit_compile=args.jit,
+        input_shape=(args.batch, 28, 28, 1), jit_compile=args.jit, num_examples=n,
         split_batch=lambda b: (tf.cast(b["image"], tf.float32) / 255.0, b["label"]))
     iterator = iter(distributed_dataset(strategy, arrays, args.batch, shuffle=True,
                                         repeats_per_batch=method.batch_replays))

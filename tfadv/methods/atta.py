@@ -42,13 +42,15 @@ Deviations from the reference, stated:
 - The reference never resets the memory on MNIST (`epochs-reset` 10¹⁰);
   neither does tfadv.
 
-Memory and distribution: the memory is a sync-on-read variable, one copy
-per replica; each replica gathers its own examples' rows, and every replica
-writes the rows of the whole global batch (all-gathered), so all copies stay
-identical, no row is lost or written twice, and a checkpoint (replica 0's
-copy) restores every replica exactly. When an example appears twice in one
-global batch (a batch that spans an epoch boundary), the later occurrence's
-δ is written for both, so the write is deterministic. Size: Fashion-MNIST
+Memory and distribution: the memory is a mirrored variable (one copy per
+replica, aggregation ONLY_FIRST_REPLICA). Each replica gathers its own
+examples' rows from its copy; the rows written are all-gathered over the
+replicas, so every replica holds the same update of the whole global batch
+and the one applied to every copy is complete: no row is lost or written
+twice, and a checkpoint restores every replica exactly. When an example
+appears twice in one global batch (a batch that spans an epoch boundary),
+the later occurrence's δ is written for both, so the write is deterministic.
+Size: Fashion-MNIST
 60,000 × 784 float32 = 188 MB per copy; CIFAR-10 50,000 × 3,072 = 614 MB;
 ImageNet (1.28 M × 224 × 224 × 3 = 770 GB) is out of reach. A memory over
 `max_memory_bytes` (default: half the host's available memory, all copies
@@ -162,7 +164,7 @@ class ATTATraining(Method):
 
     self.memory = tf.Variable(
         initial, trainable=False, dtype=tf.float32,
-        synchronization=tf.VariableSynchronization.ON_READ,
+        synchronization=tf.VariableSynchronization.ON_WRITE,
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         name="atta_memory")
 

@@ -184,7 +184,7 @@ def targets(by_row):
       continue
     acc = runs.mean_std(r[ROBUST] for r in by_row[row])[0]
     ratio = runs.mean_std(r["train_seconds"] for r in by_row[row])[0] / pgd_time
-    gap = 100 * (pgd_acc - acc)
+    gap = round(100 * (pgd_acc - acc), 6) + 0.0  # no "-0.00"
     met = gap <= 1.0 and ratio <= limit
     lines.append(
         f"- {row}: worst-case robust {100 * acc:.2f}% vs PGD-7's {100 * pgd_acc:.2f}% "

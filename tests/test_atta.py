@@ -1,0 +1,294 @@
+"""ATTA's per-example memory and the pipeline's example indices it is keyed by."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from builders import IB as B, IH as H, REPO, image_arrays, image_split, tiny_cnn
+from builders import tiny_fashion_bindings, write_tiny_fashion_idx
+from tfadv import compat
+from tfadv.data.pipeline import EXAMPLE_INDEX, distributed_dataset
+from tfadv.errors import SettingError
+from tfadv.experiment import build_trainer
+from tfadv.methods import ATTATraining
+
+EPS, ALPHA = 0.1, 0.04
+
+
+# --- the pipeline's example indices ------------------------------------------
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_example_index_is_the_training_row_each_example_came_from(replicas, mirrored):
+  strategy = mirrored if replicas == 2 else tf.distribute.get_strategy()
+  n = 10
+  arrays = {"row": np.arange(n, dtype=np.int32) * 7, "label": np.zeros(n, np.int32)}
+  ds = distributed_dataset(strategy, arrays, 4, shuffle=True, seed=3)
+  seen = []
+  iterator = iter(ds)
+  for _ in range(5):  # 20 positions: two epochs, batches across their boundary
+    batch = next(iterator)
+    for local in strategy.experimental_local_results(batch):
+      np.testing.assert_array_equal(local[EXAMPLE_INDEX].numpy() * 7, local["row"].numpy())
+      seen.extend(local[EXAMPLE_INDEX].numpy().tolist())
+  # Each epoch is a permutation of the rows.
+  assert sorted(seen[:n]) == sorted(seen[n:]) == list(range(n))
+
+
+# --- a step against a hand computation --------------------------------------
+
+def _linear(weights):
+  inputs = keras.Input((2, 2, 1))
+  layer = keras.layers.Dense(3)
+  model = keras.Model(inputs, layer(keras.layers.Flatten()(inputs)))
+  layer.set_weights([weights, np.zeros(3, np.float32)])
+  return model
+
+
+WEIGHTS = np.array([[1.0, -1, 0.5], [-2, 1, 0], [0.5, 0.5, -1], [1, -1, 2]], np.float32)
+# Six 2×2 images with black (0) and white (1) pixels, so the box binds.
+IMAGES = np.array([[[0.0, 1.0], [0.5, 0.02]], [[0.0, 0.0], [1.0, 0.97]],
+                   [[0.3, 0.6], [0.0, 1.0]], [[1.0, 1.0], [0.05, 0.5]],
+                   [[0.2, 0.0], [0.9, 0.4]], [[0.7, 0.1], [1.0, 0.0]]], np.float32)[..., None]
+LABELS = np.array([0, 2, 1, 1, 0, 2], np.int32)
+
+
+def _hand_atta(memory, weights, bias, ids, steps, lr, batch):
+  """ATTA by hand: for each step's ids, δ = Π_box(M[ids]), `steps` times
+  δ ← Π_box(δ + α·sign(∂CE/∂x)), then SGD on CE at x + δ, M[ids] ← δ
+  (a repeated id keeps its last occurrence's δ). Linear softmax model."""
+  memory, weights, bias = memory.copy(), weights.copy(), bias.copy()
+  for step_ids in ids:
+    x, y = IMAGES[step_ids], LABELS[step_ids]
+    low, high = np.maximum(-EPS, -x), np.minimum(EPS, 1 - x)
+    delta = np.clip(memory[step_ids], low, high)
+
+    def softmax_minus_onehot(d):
+      z = (x + d).reshape(len(x), -1) @ weights + bias
+      p = np.exp(z - z.max(1, keepdims=True))
+      p /= p.sum(1, keepdims=True)
+      p[np.arange(len(y)), y] -= 1.0
+      return p
+
+    for _ in range(steps):
+      g = (softmax_minus_onehot(delta) @ weights.T).reshape(x.shape)
+      delta = np.clip(delta + ALPHA * np.sign(g), low, high)
+    p = softmax_minus_onehot(delta)
+    flat = (x + delta).reshape(len(x), -1)
+    weights = weights - lr * flat.T @ p / batch
+    bias = bias - lr * p.sum(0) / batch
+    for i, row in enumerate(step_ids):
+      memory[row] = delta[i]
+  return memory, weights
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_atta_matches_a_hand_computed_reference_over_epochs(steps):
+  method = ATTATraining(epsilon=EPS, step_size=ALPHA, num_steps=steps)
+  trainer = build_trainer(lambda: _linear(WEIGHTS), method, global_batch_size=4,
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.5),
+                          split_batch=image_split_float, input_shape=(4, 2, 2, 1),
+                          num_examples=len(LABELS))
+  # A remembered δ partly outside this data's box (as after augmentation).
+  start = np.random.RandomState(1).uniform(-0.15, 0.15, (6, 2, 2, 1)).astype(np.float32)
+  method.memory.assign(start)
+  arrays = {"image": IMAGES, "label": LABELS}
+  ds = distributed_dataset(trainer.strategy, arrays, 4, shuffle=True, seed=2)
+  ids = _take(arrays, 4)  # the rows the pipeline hands the 4 steps (tested above)
+  iterator = iter(ds)
+  for _ in range(4):  # 16 positions over 6 examples: some rows written twice
+    trainer.train(iterator, 1)
+  want_memory, want_weights = _hand_atta(start, WEIGHTS, np.zeros(3, np.float32), ids,
+                                         steps, 0.5, 4)
+  np.testing.assert_allclose(method.memory.numpy(), want_memory, atol=1e-6)
+  np.testing.assert_allclose(trainer.model.layers[-1].kernel.numpy(), want_weights,
+                             rtol=1e-5, atol=1e-6)
+  memory = method.memory.numpy()
+  assert np.all(IMAGES + memory >= -1e-7) and np.all(IMAGES + memory <= 1 + 1e-7)
+  assert np.all(np.abs(memory) <= EPS + 1e-7)
+
+
+def _take(arrays, batch):
+  ds = distributed_dataset(tf.distribute.get_strategy(), arrays, batch, shuffle=True, seed=2)
+  iterator = iter(ds)
+  return [next(iterator)[EXAMPLE_INDEX].numpy() for _ in range(4)]
+
+
+def image_split_float(batch):
+  return batch["image"], batch["label"]
+
+
+def test_atta_writes_exactly_the_batch_rows_and_the_last_of_a_repeated_id():
+  method = ATTATraining(epsilon=EPS, step_size=ALPHA, num_steps=1)
+  model = _linear(WEIGHTS)
+  method.build(model, input_shape=(4, 2, 2, 1), num_examples=6)
+  before = method.memory.numpy()
+  ids = tf.constant([4, 1, 4, 0], tf.int32)
+  images = tf.constant(IMAGES[[3, 1, 5, 0]])  # row 4 seen with two different images
+
+  def loss_fn(labels, logits, weights):
+    return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True) * weights) / 4
+
+  method.compute_gradients(model, loss_fn, images, tf.constant(LABELS[[3, 1, 5, 0]]),
+                           tf.ones([4]), example_ids=ids)
+  after = method.memory.numpy()
+  untouched = [2, 3, 5]
+  np.testing.assert_array_equal(after[untouched], before[untouched])  # bit-identical
+  for row in (0, 1, 4):
+    assert not np.array_equal(after[row], before[row])
+  # Row 4's two occurrences: the later one's δ (position 2: image 5, label 2) is
+  # kept, not the earlier one's (image 3, label 1).
+  def one_step(image_row):  # one ascent step from memory row 4 on this image, by hand
+    x, y = IMAGES[image_row], LABELS[image_row]
+    low, high = np.maximum(-EPS, -x), np.minimum(EPS, 1 - x)
+    delta = np.clip(before[4], low, high)
+    z = (x + delta).reshape(1, -1) @ WEIGHTS
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    p[0, y] -= 1.0
+    g = (p @ WEIGHTS.T).reshape(x.shape)
+    return np.clip(delta + ALPHA * np.sign(g), low, high)
+  np.testing.assert_allclose(after[4], one_step(5), atol=1e-7)
+  assert not np.allclose(one_step(5), one_step(3))
+
+
+# --- distribution, XLA, resume --------------------------------------------------
+
+def _atta_trainer(strategy, jit=False, n=3 * B):
+  method = ATTATraining(epsilon=EPS, step_size=0.03, num_steps=2)
+  trainer = build_trainer(lambda: tiny_cnn(0), method, global_batch_size=B,
+                          strategy=strategy, optimizer_fn=lambda: keras.optimizers.SGD(0.05),
+                          split_batch=image_split, jit_compile=jit, num_examples=n,
+                          input_shape=(B // strategy.num_replicas_in_sync, H, H, 1))
+  return trainer, method
+
+
+def _run(trainer, steps, n=3 * B):
+  ds = distributed_dataset(trainer.strategy, image_arrays(n), B, shuffle=True, seed=5)
+  trainer.train(iter(ds), steps)
+
+
+@pytest.mark.slow
+def test_atta_on_two_replicas_equals_one_device(mirrored):
+  results = []
+  for strategy in (tf.distribute.get_strategy(), mirrored):
+    trainer, method = _atta_trainer(strategy)
+    initial = strategy.experimental_local_results(method.memory)[0].numpy()
+    _run(trainer, 7)  # 56 positions over 24 examples: every row written, some twice
+    copies = [c.numpy() for c in strategy.experimental_local_results(method.memory)]
+    for copy in copies[1:]:
+      np.testing.assert_array_equal(copy, copies[0])  # replicas agree on every row
+    assert np.all(np.any(copies[0] != initial, axis=(1, 2, 3)))  # no row lost
+    results.append(([v.numpy() for v in trainer.model.trainable_variables], copies[0]))
+  (one_w, one_m), (two_w, two_m) = results
+  np.testing.assert_allclose(two_m, one_m, atol=1e-6)
+  for a, b in zip(one_w, two_w):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_atta_compiles_with_xla_and_matches_graph_mode():
+  was_on = compat.op_determinism_enabled()
+  compat.disable_op_determinism()  # XLA's MaxPool gradient (as Experiment does)
+  try:
+    results = []
+    for jit in (False, True):
+      trainer, method = _atta_trainer(tf.distribute.get_strategy(), jit=jit)
+      _run(trainer, 5)
+      results.append(([v.numpy() for v in trainer.model.trainable_variables],
+                      method.memory.numpy()))
+  finally:
+    if was_on:
+      tf.config.experimental.enable_op_determinism()
+  (a_w, a_m), (b_w, b_m) = results
+  np.testing.assert_allclose(b_m, a_m, atol=1e-5)
+  for a, b in zip(a_w, b_w):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_atta_is_refused_by_keras_fit_with_the_way_to_train_it():
+  from tfadv.keras import adversarial  # pylint: disable=g-import-not-at-top
+  model = tiny_cnn(0)
+  with pytest.raises(ValueError, match="python -m tfadv.main"):
+    adversarial(model, ATTATraining(), batch_size=B)
+
+
+ATTA = os.path.join(REPO, "configs", "fashion_mnist_atta.gin")
+
+
+def _main(model_dir, idx_dir, *extra):
+  params = tiny_fashion_bindings(idx_dir) + list(extra)
+  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={ATTA}",
+           f"--model_dir={model_dir}", "--mode=train"]
+          + [f"--gin_param={p}" for p in params])
+
+
+def test_a_memory_over_the_limit_stops_with_one_line(tmp_path):
+  idx_dir = write_tiny_fashion_idx(tmp_path / "idx")
+  result = subprocess.run(_main(tmp_path / "m", idx_dir, "ATTATraining.max_memory_bytes = 100000"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  message = [l for l in result.stdout.splitlines() + result.stderr.splitlines()
+             if "ATTATraining's memory" in l]
+  assert len(message) == 1, result.stderr[-2000:]
+  # 96 examples × 784 float32 = 294 KiB; the limit named and the way out.
+  assert "ATTATraining.max_memory_bytes" in message[0] and "96 examples" in message[0]
+  assert not (tmp_path / "m" / "checkpoint").exists()
+
+
+def test_memory_size_is_examples_times_entries_times_four_bytes():
+  method = ATTATraining()
+  assert method.memory_bytes(60000, (28, 28, 1)) == 188_160_000  # Fashion-MNIST, 188 MB
+  assert method.memory_bytes(50000, (32, 32, 3)) == 614_400_000  # CIFAR-10
+  with pytest.raises(SettingError, match="max_memory_bytes"):
+    ATTATraining(max_memory_bytes=10).build(None, input_shape=(2, 28, 28, 1),
+                                            num_examples=60000)
+
+
+def _checkpoint(model_dir):
+  """Weights, optimizer state and ATTA's memory in the newest checkpoint, and its step."""
+  reader = tf.train.load_checkpoint(str(model_dir))
+  shapes = reader.get_variable_to_shape_map()
+  keys = sorted(k for k in shapes if k.startswith(("optimizer/", "method")))
+  memory = [k for k in keys if shapes[k] == [256, 28, 28, 1]]
+  assert len(memory) == 1, keys
+  return {k: reader.get_tensor(k) for k in keys}, reader.get_tensor(
+      "global_step/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+@pytest.mark.slow
+def test_sigterm_and_resume_give_bit_identical_weights_and_memory(tmp_path):
+  idx_dir = write_tiny_fashion_idx(tmp_path / "idx", num_train=256)
+  long = ["Experiment.train_epochs = None", "Experiment.train_steps = 600",
+          "Experiment.steps_per_loop = 600", "Experiment.checkpoint_every = 600"]
+  straight = subprocess.run(_main(tmp_path / "straight", idx_dir, *long), cwd=REPO,
+                            capture_output=True, text=True, timeout=600, check=False)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  command = _main(tmp_path / "stopped", idx_dir, *long)
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if "Training from step 0" in line:
+      break
+  time.sleep(4.0)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 143, output[-2000:]
+  _, step = _checkpoint(tmp_path / "stopped")
+  assert 0 < step < 600, output[-2000:]
+  resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0 and f"Training from step {step} to 600" in resumed.stdout
+  want, want_step = _checkpoint(tmp_path / "straight")
+  got, got_step = _checkpoint(tmp_path / "stopped")
+  assert want_step == got_step == 600 and want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  print(f"ATTA: SIGTERM at step {step} of 600, resumed: weights and memory bit-identical")
