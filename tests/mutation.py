@@ -51,6 +51,8 @@ TARGETS.update({
     "free": ("tfadv/methods/free.py", ["tests/test_vision.py", "tests/test_embedding_output.py",
                                        "-m", "not slow", "-k", "free or stuck"]),
     "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", "-m", "not slow"]),
+    "atta": ("tfadv/methods/atta.py", ["tests/test_atta.py", "-m", "not slow",
+                                       "-k", "not over_the_limit"]),
     "controller": ("tfadv/controller.py", [
         "tests/test_contracts.py", "tests/test_training.py",
         "-k", "checkpoint_is_chosen or kill_and_resume or loss_falls"]),

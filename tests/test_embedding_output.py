@@ -202,6 +202,51 @@ def test_freelb_with_one_replay_and_zero_start_is_plain_training():
     np.testing.assert_allclose(dense(got), dense(want), rtol=1e-6, atol=1e-8)
 
 
+def _dropout_model(seed=0):
+  """tiny_masked_model with dropout 0.5 after the embeddings and the hidden layer."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  x = keras.layers.Embedding(V, 3, name="token_embedding")(ids)
+  x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
+  x = keras.layers.Dropout(0.5)(keras.layers.Dense(5, activation="tanh")(x))
+  return keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(C)(x))
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_freelb_sync_dropout_gives_every_pass_the_first_pass_masks(sync):
+  # δ never moves (δ₀ = 0, α = 0), so with the first pass's masks on all K
+  # passes the K averaged gradients are one pass's: a plain pass drawn from
+  # the same dropout seed state is the reference. Fresh masks per pass
+  # (sync_dropout=False) average three different passes.
+  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
+  model = _dropout_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  fn = loss_fn()
+  method = FreeLB(epsilon=0.3, step_size=0.0, ascent_steps=3, init_magnitude=0.0,
+                  sync_dropout=sync)
+  method.build(model, input_shape=(B, L))
+  seeds = random_state_variables(model)
+  assert seeds  # the dropout layers' seed states
+  start = [s.numpy() for s in seeds]
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  after_freelb = [s.numpy() for s in seeds]
+  for state, value in zip(seeds, start):
+    state.assign(value)
+  with tf.GradientTape() as tape:
+    loss = fn(labels, model(inputs, training=True), tf.ones([B]))
+  want = tape.gradient(loss, model.trainable_variables)
+  after_one_pass = [s.numpy() for s in seeds]
+  same = all(np.allclose(dense(g), dense(w), rtol=1e-5, atol=1e-7)
+             for g, w in zip(out.gradients, want))
+  assert same == sync
+  if sync:  # the next step draws fresh masks: the state moved on by one pass
+    for got, expected in zip(after_freelb, after_one_pass):
+      np.testing.assert_array_equal(got, expected)
+    assert any(not np.array_equal(a, b) for a, b in zip(after_freelb, start))
+
+
 def test_hook_perturbs_keras_hub_token_embedding_output():
   model = tiny_bert()
   arrays = batch_arrays()

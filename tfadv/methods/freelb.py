@@ -8,6 +8,7 @@ import tensorflow as tf
 from tfadv.loss_scaling import keep_if_finite
 from tfadv.methods.base import MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
+from tfadv.models.state import random_state_variables
 from tfadv.perturbation import normalize, per_example_norm, project, stuck_share
 
 
@@ -33,6 +34,15 @@ class FreeLB(BufferedEmbeddingOutputMethod):
   batch's final δ (projected, masked) instead of a fresh draw (Shafahi et
   al.'s "free" carrying, for text); FreeLB proper (default) starts fresh.
 
+  Dropout: `sync_dropout=True` (default) gives all K passes of a step the
+  first pass's dropout masks, as both reference implementations do (the
+  Hugging Face port feeds the first pass's `dp_masks` back; fairseq's
+  `--no-sync-dp` defaults to False): the model's dropout seed states are
+  set back to their value at the step's start before each later pass, so
+  the next step still draws fresh masks. `False` draws fresh masks on every
+  pass (tfadv's behaviour before 2026-11-30, which the validated text table
+  of 2026-11-27 measured).
+
   Reported loss and accuracy are the first pass's, on e + δ₀ (clean only when
   `init_magnitude=0`).
 
@@ -46,7 +56,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
 
   def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, ascent_steps: int = 3,
                init_magnitude: Optional[float] = None, carry_over: bool = False,
-               **kwargs):
+               sync_dropout: bool = True, **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
     if ascent_steps < 1:
       raise ValueError(f"FreeLB.ascent_steps={ascent_steps}; expected >= 1.")
@@ -54,6 +64,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
     self.ascent_steps = int(ascent_steps)
     self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.carry_over = carry_over
+    self.sync_dropout = sync_dropout
 
   def initial_delta(self, mask):
     """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
@@ -81,7 +92,12 @@ class FreeLB(BufferedEmbeddingOutputMethod):
     # δ stays a tensor through the K passes; the buffer is written once, at
     # the end.
     total = None
+    seeds = random_state_variables(model) if self.sync_dropout else []
+    first_seeds = [tf.identity(state) for state in seeds]
     for ascent in range(self.ascent_steps):
+      if ascent > 0:  # the first pass's dropout masks again
+        for state, value in zip(seeds, first_seeds):
+          state.assign(value)
       loss, logits, gradients, g = self._full_pass(
           model, ascent_loss, inputs, labels, weights, delta, mask)
       if ascent == 0:
@@ -103,4 +119,4 @@ class FreeLB(BufferedEmbeddingOutputMethod):
   def get_config(self):
     return {**super().get_config(), "step_size": self.step_size,
             "ascent_steps": self.ascent_steps, "init_magnitude": self.init_magnitude,
-            "carry_over": self.carry_over}
+            "carry_over": self.carry_over, "sync_dropout": self.sync_dropout}
