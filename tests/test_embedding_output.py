@@ -8,6 +8,7 @@ import tensorflow as tf
 import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
+from tfadv.methods import random_direction
 from tfadv.methods import EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB
 from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
@@ -65,6 +66,33 @@ def test_output_fgm_equals_hand_computed_two_pass_update(form):
   _, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
   expected = adv if form == "adversarial" else [c + 0.5 * a for c, a in zip(clean, adv)]
   for got, want in zip(out.gradients, expected):
+    np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
+  assert float(out.metrics["delta_norm"]) == pytest.approx(0.4, rel=1e-5)
+
+
+def test_output_fgm_random_control_has_each_examples_adversarial_norm():
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  fn = loss_fn()
+  method = EmbeddingOutputFGM(epsilon=0.4, direction="random", seed=7)
+  method.build(model)
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  # Reference: the adversarial δ by hand; the control is the documented draw,
+  # N(0, 1) from stateless seed (seed, step 0) over the batch, masked,
+  # scaled per example to the adversarial δ_i's norm.
+  _, clean, g = _hand_pass(model, embedding, head, inputs, labels, np.zeros((B, L, 3)), fn)
+  adversarial = 0.4 * _unit(g, mask)
+  noise = tf.random.stateless_normal((B, L, 3), seed=[7, 0], alg="philox").numpy()
+  norms = np.sqrt((adversarial ** 2).sum(axis=(1, 2), keepdims=True))
+  delta = norms * _unit(noise, mask)
+  assert np.all(delta[~arrays["padding_mask"]] == 0)
+  np.testing.assert_allclose(np.sqrt((delta ** 2).sum(axis=(1, 2))), norms.ravel(), rtol=1e-6)
+  cosines = (delta * adversarial).sum(axis=(1, 2)) / (norms.ravel() ** 2)
+  assert np.all(np.abs(cosines) < 0.9)  # another direction
+  _, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+  for got, want in zip(out.gradients, [c + a for c, a in zip(clean, adv)]):
     np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
   assert float(out.metrics["delta_norm"]) == pytest.approx(0.4, rel=1e-5)
 
@@ -378,6 +406,8 @@ METHODS = [
     lambda: EmbeddingOutputFree(epsilon=0.5, replays=2),
     # Zero start: Algorithm 1's random δ₀ is drawn per replica (and by XLA's
     # own generator kernel), so equality across devices needs δ₀ = 0.
+    # The random control draws statelessly over the global batch: equal too.
+    lambda: EmbeddingOutputFGM(epsilon=0.5, direction="random"),
 ]
 
 
@@ -434,6 +464,8 @@ def test_output_methods_compile_with_xla(method_fn, monkeypatch):
   # draws are replaced by fixed patterns, and the rest is compared exactly.
   monkeypatch.setattr(tf.random.Generator, "normal", _fixed_normal)
   monkeypatch.setattr(tf.random.Generator, "uniform", _fixed_uniform)
+  monkeypatch.setattr(random_direction, "per_example_normal",
+                      lambda shape, seed: _fixed_normal(None, shape))
   arrays = batch_arrays()
   plain = _trainer(tf.distribute.get_strategy(), method_fn())
   jitted = _trainer(tf.distribute.get_strategy(), method_fn(), jit=True)

@@ -8,7 +8,7 @@ import tensorflow as tf
 import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
-from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain
+from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain, random_direction
 from tfadv.methods.embedding_matrix import combine_rows
 
 
@@ -58,6 +58,43 @@ def test_fgm_equals_hand_computed_two_pass_update(form, norm):
   for got, want in zip(out.gradients, expected):
     np.testing.assert_allclose(dense(got), want, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(float(out.metrics["delta_norm"]), np.linalg.norm(delta), rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["l2", "sign"])
+def test_fgm_random_control_has_the_adversarial_norm_in_a_random_direction(norm):
+  model = tiny_bert()
+  arrays = batch_arrays()
+  inputs, labels = split(arrays)
+  weights = tf.ones([B])
+  fn = loss_fn()
+  method = EmbeddingFGM(epsilon=0.3, norm=norm, direction="random", seed=5)
+  method.build(model)
+  out = method.compute_gradients(model, fn, inputs, labels, weights)
+  # Reference: the adversarial Δ by hand, then the documented draw
+  # N(0, 1) from stateless seed (seed, step 0), put on Δ's support with its norm.
+  table = model.backbone.token_embedding.embeddings
+  position = [i for i, v in enumerate(model.trainable_variables) if v is table][0]
+  _, clean = eager_grads(model, inputs, labels, weights, fn)
+  g = clean[position]
+  noise = tf.random.stateless_normal(g.shape, seed=[5, 0], alg="philox").numpy()
+  if norm == "sign":
+    delta = 0.3 * np.sign(np.abs(g)) * np.sign(noise)  # ±ε wherever g ≠ 0
+  else:
+    rows = np.abs(g).sum(1, keepdims=True) > 0  # the batch's tokens
+    delta = 0.3 * noise * rows / np.linalg.norm(noise * rows)
+    adversarial = 0.3 * g / np.linalg.norm(g)
+    assert abs(np.sum(delta * adversarial)) / 0.09 < 0.5  # not the adversarial direction
+  assert set(np.nonzero(np.abs(delta).sum(1))[0]) == set(np.nonzero(np.abs(g).sum(1))[0])
+  original = table.numpy()
+  table.assign(original + delta)
+  _, adv = eager_grads(model, inputs, labels, weights, fn)
+  table.assign(original)
+  for got, want in zip(out.gradients, adv):
+    np.testing.assert_allclose(dense(got), want, rtol=1e-4, atol=1e-6)
+  # Exactly the adversarial Δ's norm (ε for l2; ε·√(entries) for sign).
+  adversarial_norm = 0.3 * (np.sqrt(np.count_nonzero(g)) if norm == "sign" else 1.0)
+  np.testing.assert_allclose(float(out.metrics["delta_norm"]), adversarial_norm, rtol=1e-5)
+  assert int(method.variables[0].numpy()) == 1  # the next step draws anew
 
 
 def test_combine_rows_sums_duplicates_without_dense_table():
@@ -114,6 +151,7 @@ def test_fgm_step_leaves_no_float_drift():
     lambda: EmbeddingFGM(epsilon=0.5),
     lambda: EmbeddingFGM(epsilon=0.5, norm="sign", form="clean_plus_adversarial"),
     lambda: EmbeddingFGM(epsilon=0.5, combine="sorted"),
+    lambda: EmbeddingFGM(epsilon=0.5, direction="random"),
     # Su's penalty is a sum over examples, so it splits over replicas exactly.
     lambda: EmbeddingGradientPenalty(epsilon=0.5, form="per_occurrence")])
 def test_matrix_methods_two_replicas_equal_one_device(method_fn, mirrored):
@@ -134,11 +172,16 @@ def test_matrix_methods_two_replicas_equal_one_device(method_fn, mirrored):
     Plain, lambda: EmbeddingFGM(epsilon=0.5),
     lambda: EmbeddingFGM(epsilon=0.5, form="clean_plus_adversarial"),
     lambda: EmbeddingFGM(epsilon=0.5, combine="sorted"),
+    lambda: EmbeddingFGM(epsilon=0.5, direction="random", norm="sign"),
     lambda: EmbeddingGradientPenalty(epsilon=0.5),
     lambda: EmbeddingGradientPenalty(epsilon=0.5, form="matrix"),
     lambda: EmbeddingGradientPenalty(epsilon=0.5, variant="norm")])
 @pytest.mark.slow
-def test_methods_compile_with_xla(method_fn):
+def test_methods_compile_with_xla(method_fn, monkeypatch):
+  # XLA's Philox kernel draws another stream than TensorFlow's: the random
+  # control's draw is replaced by a fixed pattern, the rest compared exactly.
+  monkeypatch.setattr(random_direction, "normal", lambda shape, seed: tf.reshape(
+      tf.sin(tf.cast(tf.range(tf.reduce_prod(shape)), tf.float32) * 12.9898), shape))
   arrays = batch_arrays()
   make_opt = lambda: keras.optimizers.Adam(1e-2)
   plain = _trainer(tf.distribute.get_strategy(), tiny_bert, method_fn(), make_opt)

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from tfadv import perturbation
 from tfadv.loss_scaling import scaled_gradient
+from tfadv.methods import random_direction
 from tfadv.methods.base import (FORMS, Method, MethodOutput, add_gradients,
                                 replica_mean)
 from tfadv.models.hooks import EmbeddingOutputHook
@@ -111,6 +112,9 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
   g = ∂L/∂e at the clean embeddings e. `form="clean_plus_adversarial"`
   (default, the usual PyTorch FGM) sums the clean and adversarial
   gradients; `"adversarial"` keeps the adversarial gradient only.
+  `direction="random"` is the equal-cost control: δ_i has exactly the
+  adversarial δ_i's norm and a random direction on the real tokens
+  (`tfadv.methods.random_direction`).
 
   Example:
   >>> method = EmbeddingOutputFGM(epsilon=1.0)
@@ -123,12 +127,25 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
   name = "fgm_output"
 
   def __init__(self, epsilon: float = 1.0, form: str = "clean_plus_adversarial",
-               adversarial_weight: float = 1.0, **kwargs):
+               adversarial_weight: float = 1.0, direction: str = "adversarial",
+               **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
     if form not in FORMS:
       raise ValueError(f"EmbeddingOutputFGM.form={form!r}; expected one of {FORMS}.")
+    random_direction.check_direction("EmbeddingOutputFGM", direction)
     self.form = form
     self.adversarial_weight = adversarial_weight
+    self.direction = direction
+    self._step = None
+
+  def build(self, model, input_shape=None):
+    super().build(model, input_shape)
+    if self.direction == "random":
+      self._step = random_direction.step_counter()
+
+  @property
+  def variables(self):
+    return super().variables + ([self._step] if self._step is not None else [])
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     mask = self._mask(inputs)
@@ -141,6 +158,10 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
       loss, logits, clean, g = self._full_pass(model, loss_fn, inputs, labels,
                                                weights, zero, mask)
     delta = tf.stop_gradient(self.epsilon * normalize(g * mask))
+    if self.direction == "random":  # the control: same norm per example, random direction
+      noise = random_direction.per_example_normal(
+          tf.shape(delta), random_direction.next_seed(self.seed, self._step))
+      delta = per_example_norm(delta) * normalize(noise * mask)
     adv_loss, _, adv, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
                                           delta, mask)
     gradients = adv if clean is None else [
@@ -151,7 +172,7 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
 
   def get_config(self):
     return {**super().get_config(), "form": self.form,
-            "adversarial_weight": self.adversarial_weight}
+            "adversarial_weight": self.adversarial_weight, "direction": self.direction}
 
 
 @gin.configurable

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from tfadv.methods import embedding_matrix as embedding
+from tfadv.methods import random_direction
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods.base import FORMS, Method, MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_matrix import TOKEN_EMBEDDING
@@ -52,6 +53,11 @@ class EmbeddingFGM(Method):
     combine: how duplicate gradient rows are summed: "dense" (a
       vocabulary × hidden scatter-add; fast with and without XLA) or
       "sorted" (sort + segment sum over the occurrences; slow under XLA).
+    direction: "adversarial" (FGM) or "random", the equal-cost control: Δ
+      has exactly the adversarial Δ's Frobenius norm (or, with "sign", its
+      entries' magnitude and support) in a random direction on the rows of
+      the batch's tokens (`tfadv.methods.random_direction`); the seed is
+      `seed`.
 
   Example:
   >>> method = EmbeddingFGM(epsilon=0.5)
@@ -65,8 +71,10 @@ class EmbeddingFGM(Method):
 
   def __init__(self, epsilon: float = 1.0, norm: str = "l2",
                form: str = "adversarial", adversarial_weight: float = 1.0,
-               embedding_path: str = TOKEN_EMBEDDING, combine: str = "dense"):
+               embedding_path: str = TOKEN_EMBEDDING, combine: str = "dense",
+               direction: str = "adversarial", seed: int = 0):
     embedding.check_combine("EmbeddingFGM", combine)
+    random_direction.check_direction("EmbeddingFGM", direction)
     if norm not in NORMS:
       raise ValueError(f"EmbeddingFGM.norm={norm!r}; expected one of {NORMS}.")
     if form not in FORMS:
@@ -77,18 +85,41 @@ class EmbeddingFGM(Method):
     self.adversarial_weight = adversarial_weight
     self.embedding_path = embedding_path
     self.combine = combine
+    self.direction = direction
+    self.seed = seed
     self._embedding = None
+    self._step = None
 
   def build(self, model, input_shape=None):
     self._embedding = embedding.find_variable(model, self.embedding_path)
     self._random_state = random_state_variables(model)
+    if self.direction == "random":
+      self._step = random_direction.step_counter()
+
+  @property
+  def variables(self):
+    return [self._step] if self._step is not None else []
 
   def perturbation(self, gradient):
     """Δ for the all-reduced matrix gradient `g` (dense, or rows of it)."""
     if self.norm == "sign":
-      return self.epsilon * tf.sign(gradient)
-    norm = tf.sqrt(tf.reduce_sum(tf.square(gradient)))
-    return self.epsilon * gradient / (norm + 1e-12)
+      delta = self.epsilon * tf.sign(gradient)
+    else:
+      norm = tf.sqrt(tf.reduce_sum(tf.square(gradient)))
+      delta = self.epsilon * gradient / (norm + 1e-12)
+    if self.direction == "adversarial":
+      return delta
+    # The control: a random direction with Δ's norm on Δ's support (the rows
+    # of the batch's tokens; with "sign", the entries where g is non-zero).
+    noise = random_direction.normal(tf.shape(gradient),
+                                    random_direction.next_seed(self.seed, self._step))
+    if self.norm == "sign":
+      return tf.abs(delta) * tf.sign(noise)
+    rows = tf.cast(tf.reduce_any(tf.not_equal(gradient, 0.0), axis=-1, keepdims=True),
+                   noise.dtype)
+    noise *= rows
+    return (tf.sqrt(tf.reduce_sum(tf.square(delta)))
+            * noise / (tf.sqrt(tf.reduce_sum(tf.square(noise))) + 1e-12))
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     table = self._embedding
@@ -143,5 +174,6 @@ class EmbeddingFGM(Method):
   def get_config(self):
     return {"epsilon": self.epsilon, "norm": self.norm, "form": self.form,
             "adversarial_weight": self.adversarial_weight,
-            "embedding_path": self.embedding_path, "combine": self.combine}
+            "embedding_path": self.embedding_path, "combine": self.combine,
+            "direction": self.direction, "seed": self.seed}
 
