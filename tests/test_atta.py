@@ -283,6 +283,10 @@ def test_sigterm_and_resume_give_bit_identical_weights_and_memory(tmp_path):
   assert proc.returncode == 143, output[-2000:]
   _, step = _checkpoint(tmp_path / "stopped")
   assert 0 < step < 600, output[-2000:]
+  seconds = lambda d: float(tf.train.load_checkpoint(str(d)).get_tensor(
+      "train_seconds/.ATTRIBUTES/VARIABLE_VALUE"))
+  before = seconds(tmp_path / "stopped")
+  assert 0 < before
   resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                            timeout=600, check=False)
   assert resumed.returncode == 0 and f"Training from step {step} to 600" in resumed.stdout
@@ -291,4 +295,8 @@ def test_sigterm_and_resume_give_bit_identical_weights_and_memory(tmp_path):
   assert want_step == got_step == 600 and want.keys() == got.keys()
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  print(f"ATTA: SIGTERM at step {step} of 600, resumed: weights and memory bit-identical")
+  # Training time is summed over both processes: about an uninterrupted run's.
+  total, straight_seconds = seconds(tmp_path / "stopped"), seconds(tmp_path / "straight")
+  assert before < total and 0.5 < total / straight_seconds < 2.0, (before, total, straight_seconds)
+  print(f"ATTA: SIGTERM at step {step} of 600, resumed: weights and memory bit-identical; "
+        f"training {before:.1f} s + {total - before:.1f} s vs {straight_seconds:.1f} s straight")

@@ -155,6 +155,10 @@ class Controller:
     iterator = self.train_iterator_fn(step)
     self.print(f"Training from step {step} to {self.train_steps}.")
     start_time, start_step = time.time(), step
+    # The training time of the checkpointed steps, summed over processes: a
+    # run resumed after a kill reports what an uninterrupted run would, less
+    # the work lost after its last checkpoint (done again, counted once).
+    trained_before = float(self.trainer.train_seconds.numpy())
     accuracy = self.trainer.accuracy_name
     with SigtermWatcher(self.trainer.stop_requested) as watcher:
       while step < self.train_steps:
@@ -177,6 +181,7 @@ class Controller:
                    f"{metrics.get('learning_rate', float('nan')):.3g}{extra} | "
                    f"{metrics['examples_per_sec']:.1f} examples/sec | ETA "
                    f"{_format_duration(rate * (self.train_steps - step))}")
+        self.trainer.train_seconds.assign(trained_before + time.time() - start_time)
         if watcher.triggered or bool(self.trainer.stop_requested.numpy()):
           path = self.save()
           self.print(f"Preempted (SIGTERM) at step {step}: saved {path}.")

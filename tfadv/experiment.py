@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Callable, Optional
 
 import gin
@@ -186,6 +185,7 @@ class Experiment:
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,
+                                     train_seconds=self.trainer.train_seconds,
                                      random_state=_numbered(random_state_variables(self.model)),
                                      method=_numbered(self.method.variables))
     self._train_arrays = None
@@ -232,9 +232,9 @@ class Experiment:
                               gin.markdown(gin.operative_config_str()))
         controller.write_hparams(self.hparams())
       if mode in ("train", "train_and_evaluate"):
-        start = time.time()
         results["train"] = controller.train()
-        results["train_seconds"] = time.time() - start
+        # Summed over every process that trained this model dir (resumes too).
+        results["train_seconds"] = float(self.trainer.train_seconds.numpy())
         if controller.is_chief:
           finished = self.task.finish_training(self.model, model_dir)
           if finished:  # e.g. pretraining's keras-hub preset directory

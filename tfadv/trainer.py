@@ -170,6 +170,11 @@ class Trainer:
     # Set from outside the loop (a SIGTERM watcher thread); the in-graph loop
     # checks it before every step, agreed over all workers.
     self.stop_requested = _host_flag()
+    # Seconds spent training, over every process that trained this model
+    # (checkpointed; the controller adds each process's share at each save).
+    with tf.init_scope():
+      self.train_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                       name="train_seconds")
     replica_train = tf.function(self._replica_train_step, jit_compile=jit_compile)
     replica_eval = tf.function(self._replica_eval_step, jit_compile=eval_jit_compile)
     self._replica_train = replica_train
