@@ -159,6 +159,54 @@ def test_atta_writes_exactly_the_batch_rows_and_the_last_of_a_repeated_id():
   assert not np.allclose(one_step(5), one_step(3))
 
 
+def test_an_entry_with_zero_gradient_stays_and_counts_as_stuck():
+  weights = WEIGHTS.copy()
+  weights[2] = 0.0  # pixel (1, 0) does not reach the logits: its gradient is 0
+  model = _linear(weights)
+  method = ATTATraining(epsilon=EPS, step_size=ALPHA, num_steps=1)
+  method.build(model, input_shape=(2, 2, 2, 1), num_examples=6)
+  before = method.memory.numpy()
+  fn = lambda labels, logits, w: tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+      labels, logits, from_logits=True) * w) / 2
+  out = method.compute_gradients(model, fn, tf.constant(IMAGES[[0, 2]]),
+                                 tf.constant(LABELS[[0, 2]]), tf.ones([2]),
+                                 example_ids=tf.constant([0, 2]))
+  after = method.memory.numpy()
+  for row in (0, 2):
+    x = IMAGES[row]
+    start = np.clip(before[row], np.maximum(-EPS, -x), np.minimum(EPS, 1 - x))
+    assert after[row, 1, 0, 0] == start[1, 0, 0]  # did not move
+    # The others moved, or sat at the box's edge the step pushed them against.
+    moved = np.delete(after[row].ravel(), 2) != np.delete(start.ravel(), 2)
+    low = np.delete(np.maximum(-EPS, -x).ravel(), 2)
+    high = np.delete(np.minimum(EPS, 1 - x).ravel(), 2)
+    edge = np.isclose(np.delete(after[row].ravel(), 2), low) | np.isclose(
+        np.delete(after[row].ravel(), 2), high)
+    assert np.all(moved | edge)
+  assert float(out.metrics["stuck"]) == 0.25  # one of four pixels per image
+
+
+def test_attack_and_training_passes_run_in_training_mode():
+  seen = []
+
+  class Recorder(keras.layers.Layer):
+    def call(self, x, training=None):
+      seen.append(training)
+      return x
+
+  inputs = keras.Input((2, 2, 1))
+  model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(Recorder()(inputs))))
+  seen.clear()
+  method = ATTATraining(epsilon=EPS, step_size=ALPHA, num_steps=2)
+  method.build(model, input_shape=(2, 2, 2, 1), num_examples=6)
+  fn = lambda labels, logits, w: tf.reduce_mean(logits) * 0 + tf.reduce_sum(logits[:, 0])
+  method.compute_gradients(model, fn, tf.constant(IMAGES[:2]), tf.constant(LABELS[:2]),
+                           tf.ones([2]), example_ids=tf.constant([0, 1]))
+  # Two attack passes and the training pass, all in training mode (as
+  # PGDTraining's attack: dropout drawn, batch statistics used).
+  assert seen == [True, True, True]
+
+
 # --- distribution, XLA, resume --------------------------------------------------
 
 def _atta_trainer(strategy, jit=False, n=3 * B):
@@ -240,6 +288,7 @@ def test_a_memory_over_the_limit_stops_with_one_line(tmp_path):
   assert len(message) == 1, result.stderr[-2000:]
   # 96 examples × 784 float32 = 294 KiB; the limit named and the way out.
   assert "ATTATraining.max_memory_bytes" in message[0] and "96 examples" in message[0]
+  assert "× 1 replica copies" in message[0]
   assert not (tmp_path / "m" / "checkpoint").exists()
 
 
@@ -247,9 +296,49 @@ def test_memory_size_is_examples_times_entries_times_four_bytes():
   method = ATTATraining()
   assert method.memory_bytes(60000, (28, 28, 1)) == 188_160_000  # Fashion-MNIST, 188 MB
   assert method.memory_bytes(50000, (32, 32, 3)) == 614_400_000  # CIFAR-10
-  with pytest.raises(SettingError, match="max_memory_bytes"):
-    ATTATraining(max_memory_bytes=10).build(None, input_shape=(2, 28, 28, 1),
-                                            num_examples=60000)
+  assert method.memory_bytes(50000, (32, 32, 3), copies=8) == 8 * 614_400_000
+  with pytest.raises(SettingError) as error:
+    ATTATraining(max_memory_bytes=100 * 2**20).build(None, input_shape=(2, 28, 28, 1),
+                                                     num_examples=60000)
+  assert "needs 179 MiB (60,000 examples × 784 float32 × 1 replica copies) but the " \
+         "limit is 100 MiB (ATTATraining.max_memory_bytes" in str(error.value)
+  # Exactly at the limit fits.
+  ATTATraining(max_memory_bytes=4 * 784 * 5).build(None, input_shape=(2, 28, 28, 1),
+                                                   num_examples=5)
+  with pytest.raises(ValueError, match="number of training examples"):
+    ATTATraining().build(None, input_shape=(2, 28, 28, 1))
+
+
+def test_default_limit_is_half_the_available_memory(monkeypatch):
+  from tfadv.methods import atta  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(atta, "available_host_memory", lambda: 2 * 4 * 784 * 10)
+  ATTATraining().build(None, input_shape=(2, 28, 28, 1), num_examples=10)  # half: fits
+  with pytest.raises(SettingError, match="limit is"):
+    ATTATraining().build(None, input_shape=(2, 28, 28, 1), num_examples=11)
+  monkeypatch.setattr(atta, "available_host_memory", lambda: None)  # unknown: no limit
+  ATTATraining().build(None, input_shape=(2, 28, 28, 1), num_examples=11)
+  assert atta.available_host_memory is not None
+  monkeypatch.undo()
+  assert 0 < atta.available_host_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_initial_memory_is_small_seeded_noise_and_checkpointed():
+  method = ATTATraining()
+  assert method.name == "atta" and method.variables == []
+  assert method.get_config() == {  # ATTA-1 at the Fashion-MNIST config's setting
+      "epsilon": 0.1, "step_size": 0.025, "num_steps": 1, "clip_min": 0.0,
+      "clip_max": 1.0, "init_scale": 0.001, "seed": 0}
+  method.build(None, input_shape=(2, 28, 28, 1), num_examples=500)
+  assert method.variables == [method.memory]
+  memory = method.memory.numpy()
+  assert memory.shape == (500, 28, 28, 1)
+  assert abs(memory.mean()) < 1e-4 and 0.00095 < memory.std() < 0.00105
+  again = ATTATraining()
+  again.build(None, input_shape=(2, 28, 28, 1), num_examples=500)
+  np.testing.assert_array_equal(again.memory.numpy(), memory)
+  other = ATTATraining(seed=1)
+  other.build(None, input_shape=(2, 28, 28, 1), num_examples=500)
+  assert not np.array_equal(other.memory.numpy(), memory)
 
 
 def _checkpoint(model_dir):
