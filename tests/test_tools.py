@@ -188,4 +188,5 @@ def test_vision_table_means_targets_and_records_that_survive_the_model_dirs(tmp_
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = (out / "results.md").read_text()
-  assert "Runs so far: 0 of 8" in text and "not yet run: pgd7 seed 0" in text
+  assert "Runs so far: 0 of 8" in text
+  assert "not yet run: seed 0: all 4 rows; seed 1: all 4 rows." in text

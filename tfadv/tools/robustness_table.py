@@ -221,16 +221,21 @@ def write_section(planned, records, elapsed):
   for row, seed, *_ in planned:
     if (row, seed) in records:
       by_row.setdefault(row, []).append(records[(row, seed)])
-  missing = [f"{row} seed {seed}" for row, seed, *_ in planned if (row, seed) not in records]
+  missing = []
+  for seed in FLAGS.seeds:  # "seed 1: all 10 rows" rather than ten names
+    rows = [row for row, s, *_ in planned if s == seed and (row, s) not in records]
+    if rows:
+      missing.append(f"seed {seed}: " + (f"all {len(rows)} rows" if len(rows) == len(
+          FLAGS.rows) else ", ".join(rows)))
   total = sum(r["wall_seconds"] + r.get("restart_wall_seconds", 0.0)
               for r in records.values())
   lines = [
       "## Vision: Fashion-MNIST, natural vs FGSM-RS vs PGD-7 vs Free-m vs ATTA, 3 seeds",
       "", "Produced by (from the repository root; resumable, `--report` rewrites this "
       "section from the finished runs):", "", "```",
-      runs.command_line("tfadv.tools.robustness_table"), "```", "",
+      runs.command_line("tfadv.tools.robustness_table").replace(" --report", ""), "```", "",
       f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-      "each run pinned to one core, two at a time. Setting: Madry's CNN at a quarter "
+      "each run pinned to one core (`--jobs=2`: two at a time). Setting: Madry's CNN at a quarter "
       "width (16, 32 filters, 256 units), 8 epochs of 128 (Free-m: 8/m epochs, m "
       "replays, the same 3,750 optimizer steps), Adam 1e-3 linear decay, ℓ∞ ε = 0.1; "
       "PGD-7 step 0.025, FGSM-RS α = 1.25ε, ATTA-1 α = 0.025. **Training time**: "
@@ -241,7 +246,7 @@ def write_section(planned, records, elapsed):
       f"**PGD-50×10**: step 0.01, 10 random restarts, first {FLAGS.restart_images:,} "
       f"test images. Runs so far: {len(records)} of {len(planned)}, "
       f"{total / 3600:.1f} h of single-core wall time (training and evaluation)"
-      + (f"; not yet run: {', '.join(missing)}." if missing else "."), "",
+      + (f"; not yet run: {'; '.join(missing)}." if missing else "."), "",
       "Mean ± std over the finished seeds (%; training time in minutes):", "",
       "| row | seeds | clean | FGSM | PGD-20 | APGD-CE | APGD-DLR | **robust** "
       "| PGD-50×10 | stuck δ (last loop) | training time (XLA) |",
