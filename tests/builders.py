@@ -6,6 +6,7 @@ Test files import from here, never from each other.
 import gzip
 import os
 import struct
+import sys
 
 import gin
 import keras
@@ -87,6 +88,14 @@ def write_tiny_fashion_idx(directory, num_train=96, num_test=40):
     write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), images)
     write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), labels)
   return str(directory)
+
+
+def main_command(gin_file, model_dir, idx_dir, *extra):
+  """`python -m tfadv.main --mode=train` of `gin_file` on tiny Fashion-MNIST-shaped data."""
+  params = tiny_fashion_bindings(idx_dir) + list(extra)
+  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={gin_file}",
+           f"--model_dir={model_dir}", "--mode=train"]
+          + [f"--gin_param={p}" for p in params])
 
 
 def tiny_fashion_bindings(idx_dir):

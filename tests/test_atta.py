@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import keras
@@ -12,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from builders import IB as B, IH as H, REPO, image_arrays, image_split, tiny_cnn
-from builders import tiny_fashion_bindings, write_tiny_fashion_idx
+from builders import main_command, write_tiny_fashion_idx
 from tfadv import compat
 from tfadv.data.pipeline import EXAMPLE_INDEX, distributed_dataset
 from tfadv.errors import SettingError
@@ -272,10 +271,7 @@ ATTA = os.path.join(REPO, "configs", "fashion_mnist_atta.gin")
 
 
 def _main(model_dir, idx_dir, *extra):
-  params = tiny_fashion_bindings(idx_dir) + list(extra)
-  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={ATTA}",
-           f"--model_dir={model_dir}", "--mode=train"]
-          + [f"--gin_param={p}" for p in params])
+  return main_command(ATTA, model_dir, idx_dir, *extra)
 
 
 def test_a_memory_over_the_limit_stops_with_one_line(tmp_path):

@@ -30,23 +30,29 @@ def eager_grads(model, inputs, labels, weights, fn):
   return loss, [dense(g) for g in tape.gradient(loss, model.trainable_variables)]
 
 
-@pytest.mark.parametrize("form", ["adversarial", "clean_plus_adversarial"])
-@pytest.mark.parametrize("norm", ["l2", "sign"])
-def test_fgm_equals_hand_computed_two_pass_update(form, norm):
+def _fgm_step(method):
+  """One `compute_gradients` of `method` on tiny_bert, and the eager reference's
+  pieces: (model, inputs, labels, weights, loss_fn, output, embedding table,
+  clean gradients, ∂L/∂E)."""
   model = tiny_bert()
-  arrays = batch_arrays()
-  inputs, labels = split(arrays)
+  inputs, labels = split(batch_arrays())
   weights = tf.ones([B])
   fn = loss_fn()
-  method = EmbeddingFGM(epsilon=0.3, norm=norm, form=form, adversarial_weight=0.5)
   method.build(model)
   out = method.compute_gradients(model, fn, inputs, labels, weights)
-
   # Reference: plain eager passes, perturbing the variable itself.
   table = model.backbone.token_embedding.embeddings
   position = [i for i, v in enumerate(model.trainable_variables) if v is table][0]
   _, clean = eager_grads(model, inputs, labels, weights, fn)
-  g = clean[position]
+  return model, inputs, labels, weights, fn, out, table, clean, clean[position]
+
+
+@pytest.mark.parametrize("form", ["adversarial", "clean_plus_adversarial"])
+@pytest.mark.parametrize("norm", ["l2", "sign"])
+def test_fgm_equals_hand_computed_two_pass_update(form, norm):
+  method = EmbeddingFGM(epsilon=0.3, norm=norm, form=form, adversarial_weight=0.5)
+  model, inputs, labels, weights, fn, out, table, clean, g = _fgm_step(method)
+  arrays = batch_arrays()
   delta = 0.3 * np.sign(g) if norm == "sign" else 0.3 * g / np.linalg.norm(g)
   # Only rows of tokens in the batch move.
   assert set(np.nonzero(np.abs(delta).sum(1))[0]) <= set(arrays["token_ids"].ravel())
@@ -62,20 +68,10 @@ def test_fgm_equals_hand_computed_two_pass_update(form, norm):
 
 @pytest.mark.parametrize("norm", ["l2", "sign"])
 def test_fgm_random_control_has_the_adversarial_norm_in_a_random_direction(norm):
-  model = tiny_bert()
-  arrays = batch_arrays()
-  inputs, labels = split(arrays)
-  weights = tf.ones([B])
-  fn = loss_fn()
   method = EmbeddingFGM(epsilon=0.3, norm=norm, direction="random", seed=5)
-  method.build(model)
-  out = method.compute_gradients(model, fn, inputs, labels, weights)
+  model, inputs, labels, weights, fn, out, table, _, g = _fgm_step(method)
   # Reference: the adversarial Δ by hand, then the documented draw
   # N(0, 1) from stateless seed (seed, step 0), put on Δ's support with its norm.
-  table = model.backbone.token_embedding.embeddings
-  position = [i for i, v in enumerate(model.trainable_variables) if v is table][0]
-  _, clean = eager_grads(model, inputs, labels, weights, fn)
-  g = clean[position]
   noise = tf.random.stateless_normal(g.shape, seed=[5, 0], alg="philox").numpy()
   if norm == "sign":
     delta = 0.3 * np.sign(np.abs(g)) * np.sign(noise)  # ±ε wherever g ≠ 0

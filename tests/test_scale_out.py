@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from builders import REPO, tiny_fashion_bindings, write_tiny_fashion_idx
+from builders import REPO, main_command as builders_main_command, write_tiny_fashion_idx
 from builders import batch_arrays, split as text_split, tiny_bert
 from builders import image_arrays, image_split, tiny_cnn
 from tfadv.data.pipeline import distributed_dataset
@@ -32,10 +32,7 @@ def idx_dir(tmp_path_factory):
 
 
 def main_command(model_dir, idx_dir, *extra):
-  params = tiny_fashion_bindings(idx_dir) + list(extra)
-  return ([sys.executable, "-m", "tfadv.main", f"--gin_file={PLAIN}",
-           f"--model_dir={model_dir}", "--mode=train"]
-          + [f"--gin_param={p}" for p in params])
+  return builders_main_command(PLAIN, model_dir, idx_dir, *extra)
 
 
 def model_weights(model_dir):
