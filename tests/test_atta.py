@@ -274,6 +274,7 @@ def _main(model_dir, idx_dir, *extra):
   return main_command(ATTA, model_dir, idx_dir, *extra)
 
 
+@pytest.mark.slow  # a subprocess; the message itself is checked in the fast lane below
 def test_a_memory_over_the_limit_stops_with_one_line(tmp_path):
   idx_dir = write_tiny_fashion_idx(tmp_path / "idx")
   result = subprocess.run(_main(tmp_path / "m", idx_dir, "ATTATraining.max_memory_bytes = 100000"),
