@@ -50,8 +50,8 @@ and the one applied to every copy is complete: no row is lost or written
 twice, and a checkpoint restores every replica exactly. When an example
 appears twice in one global batch (a batch that spans an epoch boundary),
 the later occurrence's δ is written for both, so the write is deterministic.
-Size: Fashion-MNIST
-60,000 × 784 float32 = 188 MB per copy; CIFAR-10 50,000 × 3,072 = 614 MB;
+
+Size: Fashion-MNIST 60,000 × 784 float32 = 188 MB per copy; CIFAR-10 50,000 × 3,072 = 614 MB;
 ImageNet (1.28 M × 224 × 224 × 3 = 770 GB) is out of reach. A memory over
 `max_memory_bytes` (default: half the host's available memory, all copies
 on this host counted) stops the run at build time with one line.
