@@ -693,3 +693,47 @@ def test_worst_case_accuracy_counts_examples_no_attack_breaks():
   assert metrics["accuracy"] == 1.0
   assert metrics["accuracy_even"] == 0.5 and metrics["accuracy_odd"] == 0.5
   assert metrics["accuracy_worst_case"] == 0.0
+
+
+def test_warm_up_runs_plain_steps_until_the_start_then_the_method():
+  # adversarial_start_step = 3: steps 0-2 are plain steps (a loop never
+  # crosses the start), steps 3-4 FGSM-RS. References: a plain trainer for
+  # the first three, then an FGSM-RS trainer started from those weights on
+  # the batches of steps 3 and 4 (SGD has no state to carry over).
+  arrays = image_arrays(4 * B)
+  default = tf.distribute.get_strategy()
+  warm = build_trainer(lambda: tiny_cnn(0), FGSMTraining(epsilon=EPS), global_batch_size=B,
+                       optimizer_fn=lambda: keras.optimizers.SGD(0.05), split_batch=split,
+                       adversarial_start_step=3)
+  iterator = iter(distributed_dataset(default, arrays, B, shuffle=True, seed=5))
+  first = warm.train(iterator, 5)
+  assert first["steps"] == 3 and first["adversarial"] == 0.0
+  plain = make_trainer(default, Plain())
+  train(plain, arrays, 3)
+  for a, b in zip(values(warm.model), values(plain.model)):
+    np.testing.assert_array_equal(a, b)
+  second = warm.train(iterator, 2)
+  assert second["steps"] == 2 and second["adversarial"] == 1.0
+  fgsm = make_trainer(default, FGSMTraining(epsilon=EPS))
+  for target, source in zip(fgsm.model.trainable_variables, plain.model.trainable_variables):
+    target.assign(source)
+  fgsm.train(iter(distributed_dataset(default, arrays, B, shuffle=True, seed=5,
+                                      start_step=3)), 2)
+  for a, b in zip(values(warm.model), values(fgsm.model)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Plain training of steps 3 and 4 would have gone elsewhere.
+  plain.train(iter(distributed_dataset(default, arrays, B, shuffle=True, seed=5,
+                                       start_step=3)), 2)
+  assert any(not np.allclose(a, b) for a, b in zip(values(warm.model), values(plain.model)))
+
+
+@pytest.mark.slow
+def test_warm_up_from_a_gin_binding_splits_the_first_loop_at_the_start(tmp_path):
+  bindings = fashion_bindings(tmp_path) + ["Experiment.adversarial_start_step = 5"]
+  out = run_experiment("train", tmp_path / "m", tf.distribute.get_strategy(), bindings,
+                       ["configs/fashion_mnist_fgsm.gin"])
+  steps = [line for line in out["lines"] if line.startswith("step ")]
+  # Loops of 8 steps, the first one cut at the start: 5 plain steps, then FGSM-RS.
+  assert steps[0].startswith("step 5/48") and "adversarial 0 " in steps[0]
+  assert steps[1].startswith("step 8/48") and "adversarial 1 " in steps[1]
+  assert steps[-1].startswith("step 48/48")

@@ -34,7 +34,8 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
                   split_batch: Optional[Callable] = None,
                   per_example_loss: Optional[Callable] = None,
                   sparse_reduce: bool = False,
-                  num_examples: Optional[int] = None) -> Trainer:
+                  num_examples: Optional[int] = None,
+                  adversarial_start_step: int = 0) -> Trainer:
   """Model, optimizer and method built under `strategy`'s scope, in a `Trainer`.
 
   The one place a trainer is assembled: `Experiment`, the tests and the
@@ -83,6 +84,7 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
       global_batch_size=global_batch_size, jit_compile=jit_compile,
       eval_jit_compile=eval_jit_compile,
       eval_attacks=eval_attacks, sparse_reduce=sparse_reduce,
+      adversarial_start_step=adversarial_start_step,
       count_correct=task.count_correct if task is not None else count_correct,
       accuracy_name=task.accuracy_name if task is not None else "accuracy")
 
@@ -106,6 +108,8 @@ class Experiment:
     jit_compile: compile each per-replica step with XLA.
     eval_jit_compile: compile the evaluation step with XLA (None: as
       `jit_compile`; `Trainer`).
+    adversarial_start_step: plain training before this step, the method
+      after (a warm-up; `Trainer`). 0: the method from the first step.
     steps_per_loop: steps per in-graph loop and progress line.
     checkpoint_every: checkpoint interval in steps.
     eval_every: evaluation interval in steps (0: at the end only).
@@ -130,6 +134,7 @@ class Experiment:
                eval_batch_size: Optional[int] = None, seed: int = 0,
                deterministic: bool = True, jit_compile: bool = False,
                eval_jit_compile: Optional[bool] = None,
+               adversarial_start_step: int = 0,
                steps_per_loop: int = 50, checkpoint_every: int = 500,
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
@@ -148,6 +153,7 @@ class Experiment:
     self.deterministic = deterministic
     self.jit_compile = jit_compile
     self.eval_jit_compile = eval_jit_compile
+    self.adversarial_start_step = adversarial_start_step
     # A batch's replays belong in one in-graph loop.
     replays = self.method.batch_replays
     self.steps_per_loop = -(-steps_per_loop // replays) * replays
@@ -181,6 +187,7 @@ class Experiment:
         optimizer_fn=lambda: self.optimizer_fn(total_steps=self.train_steps),
         mixed_precision=self.mixed_precision or "float32", jit_compile=self.jit_compile,
         eval_jit_compile=self.eval_jit_compile,
+        adversarial_start_step=self.adversarial_start_step,
         eval_attacks=self.eval_attacks)
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
@@ -267,6 +274,7 @@ class Experiment:
     values = {"method": self.method.name,
               "task": type(self.task).__name__, "seed": self.seed,
               "train_steps": self.train_steps,
+              "adversarial_start_step": self.adversarial_start_step,
               "global_batch_size": self.global_batch_size}
     if self.task.dataset is not None:
       values["dataset"] = self.task.dataset.name

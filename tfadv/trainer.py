@@ -7,6 +7,7 @@ Every train step is one `strategy.run` of a per-replica function inside a
 touches the device once per loop, not once per step.
 """
 
+import functools
 from typing import Callable, Dict, Optional
 
 import keras
@@ -17,6 +18,7 @@ from tfadv import compat
 from tfadv.data.pipeline import EXAMPLE_INDEX, WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
+from tfadv.methods.plain import Plain
 from tfadv.tasks.base import count_correct
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -132,6 +134,10 @@ class Trainer:
     accuracy_name: the name accuracy is reported under.
     sparse_reduce: all-reduce embedding gradients as touched rows
       (`apply_method`); off by default, being slower where measured.
+    adversarial_start_step: steps before it are plain training steps (a
+      warm-up: FreeLB users report NaN when adversarial steps start at once,
+      zhuchen03/FreeLB#19); the method's buffers are neither read nor
+      written then. The scalar `adversarial` (0 or 1) says which ran.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
@@ -141,7 +147,8 @@ class Trainer:
                eval_jit_compile: Optional[bool] = None,
                eval_attacks: Optional[Dict] = None, eval_seed: int = 1234,
                count_correct: Callable = count_correct,
-               accuracy_name: str = "accuracy", sparse_reduce: bool = False):
+               accuracy_name: str = "accuracy", sparse_reduce: bool = False,
+               adversarial_start_step: int = 0):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -181,16 +188,26 @@ class Trainer:
     self._replica_train = replica_train
     self._replica_eval = replica_eval
     self._train_loop = tf.function(self._train_loop_fn)
+    # Warm-up: steps before `adversarial_start_step` are plain steps (their
+    # own compiled loop; a loop never spans the start).
+    self.adversarial_start_step = int(adversarial_start_step)
+    if self.adversarial_start_step > 0:
+      self._plain_method = Plain()
+      self._replica_plain = tf.function(
+          functools.partial(self._replica_train_step, method=self._plain_method),
+          jit_compile=jit_compile)
+      self._plain_loop = tf.function(functools.partial(self._train_loop_fn, plain=True))
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   def _loss_fn(self, labels, logits, weights):
     per_example = self.per_example_loss(labels, tf.cast(logits, tf.float32))
     return tf.reduce_sum(per_example * weights) / self.global_batch_size
 
-  def _replica_train_step(self, batch):
+  def _replica_train_step(self, batch, method=None):
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
-    out, grad_norm = apply_method(self.method, self.model, self.optimizer,
+    method = self.method if method is None else method
+    out, grad_norm = apply_method(method, self.model, self.optimizer,
                                   self._loss_fn, inputs, labels, weights,
                                   sparse_reduce=self.sparse_reduce,
                                   example_ids=batch.get(EXAMPLE_INDEX))
@@ -198,6 +215,9 @@ class Trainer:
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)
     means["grad_norm"] = grad_norm
+    if self.adversarial_start_step > 0:  # TensorBoard: 0 in the warm-up, 1 after
+      means["adversarial"] = tf.constant(0.0 if method is getattr(
+          self, "_plain_method", None) else 1.0)
     return sums, means
 
   def _replica_eval_step(self, batch):
@@ -233,8 +253,9 @@ class Trainer:
     return tf.nest.map_structure(
         lambda v: self.strategy.reduce(op, v, axis=None), per_replica)
 
-  def _train_one(self, iterator):
-    sums, means = self.strategy.run(self._replica_train, args=(next(iterator),))
+  def _train_one(self, iterator, plain=False):
+    replica_fn = self._replica_plain if plain else self._replica_train
+    sums, means = self.strategy.run(replica_fn, args=(next(iterator),))
     self.global_step.assign_add(1)
     return self._reduce(sums, SUM), self._reduce(means, MEAN)
 
@@ -250,13 +271,13 @@ class Trainer:
       return self.strategy.reduce(SUM, flags, axis=None) > 0
     return self.stop_requested.read_value()
 
-  def _train_loop_fn(self, iterator, num_steps):
+  def _train_loop_fn(self, iterator, num_steps, plain=False):
     # The first step fixes the structure of the accumulators for the loop.
-    sums, means = self._train_one(iterator)
+    sums, means = self._train_one(iterator, plain)
     done = tf.constant(1, tf.int64)
     stop = self._should_stop()
     while done < num_steps and not stop:
-      step_sums, step_means = self._train_one(iterator)
+      step_sums, step_means = self._train_one(iterator, plain)
       sums = tf.nest.map_structure(tf.add, sums, step_sums)
       means = tf.nest.map_structure(tf.add, means, step_means)
       done += 1
@@ -267,9 +288,16 @@ class Trainer:
     """Runs `num_steps` train steps; returns metrics averaged over them.
 
     Stops early, at a step boundary, when `stop_requested` is set (then
-    `metrics["steps"]` < `num_steps`).
+    `metrics["steps"]` < `num_steps`), and at `adversarial_start_step`: the
+    warm-up's plain steps and the method's steps are separate loops (the
+    caller continues from the step reached).
     """
-    sums, means, done = self._train_loop(iterator, tf.constant(num_steps, tf.int64))
+    loop = self._train_loop
+    step = int(self.global_step.numpy())
+    if step < self.adversarial_start_step:
+      loop = self._plain_loop
+      num_steps = min(num_steps, self.adversarial_start_step - step)
+    sums, means, done = loop(iterator, tf.constant(num_steps, tf.int64))
     done = int(done)
     sums = {k: float(v) for k, v in sums.items()}
     metrics = {"loss": sums["loss"] / done,
