@@ -193,9 +193,7 @@ class Trainer:
     self.adversarial_start_step = int(adversarial_start_step)
     if self.adversarial_start_step > 0:
       self._plain_method = Plain()
-      self._replica_plain = tf.function(
-          functools.partial(self._replica_train_step, method=self._plain_method),
-          jit_compile=jit_compile)
+      self._replica_plain = tf.function(self._replica_plain_step, jit_compile=jit_compile)
       self._plain_loop = tf.function(functools.partial(self._train_loop_fn, plain=True))
     self._eval_loop = tf.function(self._eval_loop_fn)
 
@@ -203,10 +201,15 @@ class Trainer:
     per_example = self.per_example_loss(labels, tf.cast(logits, tf.float32))
     return tf.reduce_sum(per_example * weights) / self.global_batch_size
 
-  def _replica_train_step(self, batch, method=None):
+  def _replica_train_step(self, batch):
+    return self._replica_step(batch, self.method)
+
+  def _replica_plain_step(self, batch):  # a warm-up step
+    return self._replica_step(batch, self._plain_method)
+
+  def _replica_step(self, batch, method):
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
-    method = self.method if method is None else method
     out, grad_norm = apply_method(method, self.model, self.optimizer,
                                   self._loss_fn, inputs, labels, weights,
                                   sparse_reduce=self.sparse_reduce,
