@@ -63,6 +63,12 @@ def project(delta: tf.Tensor, epsilon: float, norm: str = "l2") -> tf.Tensor:
   return delta * tf.minimum(1.0, epsilon / (per_example_norm(delta) + TINY))
 
 
+def feasible_box(images, epsilon: float, clip_min: float, clip_max: float):
+  """The box δ may take for these images under ℓ∞: [max(−ε, lo − x), min(ε, hi − x)]."""
+  images = tf.cast(images, tf.float32)
+  return (tf.maximum(-epsilon, clip_min - images), tf.minimum(epsilon, clip_max - images))
+
+
 def random_start(shape, epsilon: float, norm: str, rng: tf.random.Generator,
                  mask: Optional[tf.Tensor] = None, radius: str = "volume",
                  dtype=tf.float32) -> tf.Tensor:

@@ -72,7 +72,7 @@ import tensorflow as tf
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
-from tfadv.perturbation import stuck_share
+from tfadv.perturbation import feasible_box, stuck_share
 
 
 def available_host_memory() -> Optional[int]:
@@ -172,15 +172,11 @@ class ATTATraining(Method):
   def variables(self):
     return [self.memory] if self.memory is not None else []
 
-  def _box(self, images):
-    return (tf.maximum(-self.epsilon, self.clip_min - images),
-            tf.minimum(self.epsilon, self.clip_max - images))
-
   def compute_gradients(self, model, loss_fn, inputs, labels, weights,
                         example_ids=None):
     images = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
     ids = tf.cast(example_ids, tf.int32)
-    low, high = self._box(images)
+    low, high = feasible_box(images, self.epsilon, self.clip_min, self.clip_max)
     start = tf.gather(self.memory, ids)
     delta = tf.clip_by_value(start, low, high)
     delta_gradient = tf.zeros_like(delta)

@@ -57,7 +57,8 @@ from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
-from tfadv.perturbation import normalize, per_example_norm, project, stuck_share
+from tfadv.perturbation import (feasible_box, normalize, per_example_norm, project,
+                                stuck_share)
 
 
 CLAMP_RULES = ("project", "reference", "straight_through")
@@ -122,17 +123,11 @@ class FreeTraining(Method):
   def variables(self):
     return [self.perturbation] if self.perturbation is not None else []
 
-  def _box(self, images):
-    """The feasible box of δ for these images: [max(−ε, lo − x), min(ε, hi − x)]."""
-    images = tf.cast(images, tf.float32)
-    return (tf.maximum(-self.epsilon, self.clip_min - images),
-            tf.minimum(self.epsilon, self.clip_max - images))
-
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     images = tf.convert_to_tensor(inputs)
     delta = tf.convert_to_tensor(self.perturbation)
     if self.clamp_rule == "project":
-      low, high = self._box(images)
+      low, high = feasible_box(images, self.epsilon, self.clip_min, self.clip_max)
       delta = tf.clip_by_value(delta, low, high)  # feasible for this batch
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
