@@ -9,7 +9,8 @@ import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import random_direction
-from tfadv.methods import EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB
+from tfadv.methods import (EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB,
+                           R3F)
 from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
 
@@ -408,6 +409,7 @@ METHODS = [
     # own generator kernel), so equality across devices needs δ₀ = 0.
     # The random control draws statelessly over the global batch: equal too.
     lambda: EmbeddingOutputFGM(epsilon=0.5, direction="random"),
+    lambda: R3F(epsilon=0.5, r3f_lambda=2.0),  # its noise is drawn the same way
 ]
 
 
@@ -466,6 +468,8 @@ def test_output_methods_compile_with_xla(method_fn, monkeypatch):
   monkeypatch.setattr(tf.random.Generator, "uniform", _fixed_uniform)
   monkeypatch.setattr(random_direction, "per_example_normal",
                       lambda shape, seed: _fixed_normal(None, shape))
+  monkeypatch.setattr(random_direction, "per_example_uniform",
+                      lambda shape, seed: _fixed_uniform(None, shape, -1.0, 1.0))
   arrays = batch_arrays()
   plain = _trainer(tf.distribute.get_strategy(), method_fn())
   jitted = _trainer(tf.distribute.get_strategy(), method_fn(), jit=True)

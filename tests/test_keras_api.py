@@ -18,7 +18,7 @@ from tfadv.data.pipeline import distributed_dataset
 from tfadv.data.vocab import build_char_vocabulary
 from tfadv.optimization import adamw
 from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, EmbeddingOutputFGM,
-                           EmbeddingOutputPGD, FreeLB, FreeTraining, PGDTraining)
+                           EmbeddingOutputPGD, FreeLB, FreeTraining, PGDTraining, R3F)
 from tfadv.experiment import build_trainer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -49,7 +49,8 @@ def fit_weights(model, method, x, y, batch_size=None, epochs=1, sequence_length=
     lambda: EmbeddingOutputFGM(epsilon=0.5),
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
     lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),
-], ids=["fgm", "fgm_clean_plus_adv", "gp", "output_fgm", "output_pgd", "freelb"])
+    lambda: R3F(epsilon=0.5, r3f_lambda=2.0),
+], ids=["fgm", "fgm_clean_plus_adv", "gp", "output_fgm", "output_pgd", "freelb", "r3f"])
 @pytest.mark.slow
 def test_one_fit_step_equals_one_trainer_step_on_bert(method_fn):
   arrays = batch_arrays()

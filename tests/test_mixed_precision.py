@@ -11,7 +11,7 @@ from builders import B, IB, IH, batch_arrays, image_arrays, image_split, split, 
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import (EmbeddingFGM, EmbeddingGradientPenalty, EmbeddingOutputFree,
                            EmbeddingOutputPGD, FGSMTraining, FreeLB, FreeTraining, PGDTraining,
-                           Plain)
+                           Plain, R3F)
 from tfadv.experiment import build_trainer
 
 METHODS = {
@@ -23,6 +23,7 @@ METHODS = {
     "gp_matrix": lambda: EmbeddingGradientPenalty(epsilon=1.0, form="matrix"),
     "freelb": lambda: FreeLB(epsilon=0.5, step_size=0.2, ascent_steps=2, carry_over=True),
     "free_output": lambda: EmbeddingOutputFree(epsilon=0.5, replays=2),
+    "r3f": lambda: R3F(epsilon=0.5, r3f_lambda=2.0),
 }
 IMAGE_METHODS = {
     "pgd": lambda: PGDTraining(epsilon=0.1, step_size=0.03, num_steps=3),

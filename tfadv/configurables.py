@@ -2,6 +2,7 @@
 # pylint: disable=unused-import
 from tfadv import attacks, distribute, experiment, optimization
 from tfadv.data import clue, corpus, images, reviews
-from tfadv.methods import atta, embedding_output, fgm, free, freelb, gradient_penalty, pgd, plain
+from tfadv.methods import (atta, embedding_output, fgm, free, freelb, gradient_penalty,
+                           pgd, plain, r3f)
 from tfadv.models import bert, vision
 from tfadv.tasks import image, masked_lm, text

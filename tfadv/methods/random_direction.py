@@ -16,7 +16,7 @@ The draws are stateless Philox normals from `(seed, step count)`: the count is a
 checkpointed variable the method advances once per step, so resume is exact,
 and a per-example draw is made for the whole global batch and sliced by
 replica, so N replicas draw the same numbers for the same examples as one
-device.
+device. R3F's noise (`tfadv.methods.r3f`) is drawn the same way.
 
 Su's gradient penalty has no control of this kind: it penalises ‖∇_E L‖²,
 which has no direction to randomise (its expectation over random unit
@@ -59,11 +59,21 @@ def normal(shape, seed) -> tf.Tensor:
 def per_example_normal(local_shape, seed) -> tf.Tensor:
   """N(0, 1) for this replica's examples: rows of one draw over the global
   batch, so each global row gets the same numbers on any number of replicas."""
+  return _per_example(tf.random.stateless_normal, local_shape, seed)
+
+
+def per_example_uniform(local_shape, seed) -> tf.Tensor:
+  """U(−1, 1) for this replica's examples, drawn as `per_example_normal` is."""
+  return _per_example(
+      lambda shape, seed, alg: tf.random.stateless_uniform(shape, seed, -1.0, 1.0, alg=alg),
+      local_shape, seed)
+
+
+def _per_example(draw, local_shape, seed) -> tf.Tensor:
   context = tf.distribute.get_replica_context()
   local_shape = tf.convert_to_tensor(local_shape)
   rows = local_shape[0]
-  full = tf.random.stateless_normal(
-      tf.concat([[rows * context.num_replicas_in_sync], local_shape[1:]], 0), seed=seed,
-      alg=ALG)
+  full = draw(tf.concat([[rows * context.num_replicas_in_sync], local_shape[1:]], 0),
+              seed=seed, alg=ALG)
   start = tf.cast(context.replica_id_in_sync_group, rows.dtype) * rows
   return full[start:start + rows]

@@ -82,8 +82,13 @@ class EmbeddingOutputHook:
     return int(dim)
 
   @contextlib.contextmanager
-  def adding(self, delta: tf.Tensor):
-    """Within the block, the layer returns `output + delta` (cast to its dtype)."""
+  def adding(self, delta: tf.Tensor, detach: bool = False):
+    """Within the block, the layer returns `output + delta` (cast to its dtype).
+
+    `detach=True` returns `stop_gradient(output) + delta`: no gradient
+    reaches the layer's weights through this block's passes (R3F's noisy
+    branch, fairseq `examples/rxf`: `token_embeddings.detach() + noise`).
+    """
     layer = self.layer
     original = layer.call
 
@@ -91,6 +96,8 @@ class EmbeddingOutputHook:
       outputs = original(inputs, *args, **kwargs)
       if kwargs.get("reverse", False):  # ReversibleEmbedding's output projection
         return outputs
+      if detach:
+        outputs = tf.stop_gradient(outputs)
       return outputs + tf.cast(delta, outputs.dtype)
 
     with compat.swapped_call(layer, call):

@@ -1,0 +1,121 @@
+"""R3F: the loss and gradients against a hand-written reference, the draws, the branches, resume."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from builders import B, L, batch_arrays, dense, loss_fn, split, tiny_bert
+from test_embedding_output import _inputs, tiny_masked_model
+from tfadv.methods.r3f import R3F
+
+SIGMA, LAMBDA = 0.5, 2.0  # large enough that the KL term moves every gradient
+
+
+def _hand_noise(noise_type, seed, step, mask):
+  """The documented draw: stateless Philox from (seed, step) over the batch,
+  U(−σ, σ) or N(0, σ²), zero at padding."""
+  shape = (B, L, 3)
+  if noise_type == "uniform":
+    z = tf.random.stateless_uniform(shape, [seed, step], -1.0, 1.0, alg="philox")
+  else:
+    z = tf.random.stateless_normal(shape, [seed, step], alg="philox")
+  return SIGMA * z.numpy() * mask[..., None]
+
+
+def _hand_step(model, embedding, head, inputs, labels, noise, detach=True):
+  """fairseq's criterion written out: mean CE on the clean pass plus λ times
+  the batch mean of KL(p‖q) + KL(q‖p), keras's KL, the noisy branch's
+  embeddings detached."""
+  with tf.GradientTape() as tape:
+    clean_embeddings = embedding(inputs["token_ids"])
+    logits = head(clean_embeddings)
+    noisy_in = tf.stop_gradient(clean_embeddings) if detach else clean_embeddings
+    noisy = head(noisy_in + noise)
+    ce = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True))
+    p, q = tf.nn.softmax(logits), tf.nn.softmax(noisy)
+    kl = tf.reduce_mean(keras.losses.kl_divergence(p, q) + keras.losses.kl_divergence(q, p))
+    total = ce + LAMBDA * kl
+  return ce.numpy(), kl.numpy(), [dense(g) for g in tape.gradient(total, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("noise_type", ["uniform", "normal"])
+def test_r3f_equals_hand_computed_loss_and_gradients(noise_type):
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, noise_type=noise_type, seed=7)
+  method.build(model)
+  out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.ones([B]))
+  noise = _hand_noise(noise_type, 7, 0, mask)
+  ce, kl, want = _hand_step(model, embedding, head, inputs, labels, noise)
+  assert float(out.loss) == pytest.approx(ce, rel=1e-6)
+  assert float(out.metrics["sym_kl"]) == pytest.approx(kl, rel=1e-4)
+  assert kl > 1e-3  # the term is not negligible at this σ
+  for got, expected in zip(out.gradients, want):
+    np.testing.assert_allclose(dense(got), expected, rtol=1e-4, atol=1e-6)
+  norms = np.sqrt((noise ** 2).sum(axis=(1, 2)))
+  assert float(out.metrics["noise_norm"]) == pytest.approx(norms.mean(), rel=1e-5)
+
+
+def test_r3f_embedding_table_learns_only_from_the_clean_branch():
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=7)
+  method.build(model)
+  out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.ones([B]))
+  noise = _hand_noise("uniform", 7, 0, mask)
+  _, _, attached = _hand_step(model, embedding, head, inputs, labels, noise, detach=False)
+  _, _, detached = _hand_step(model, embedding, head, inputs, labels, noise)
+  table = [i for i, v in enumerate(model.trainable_variables) if v is embedding.embeddings][0]
+  assert not np.allclose(attached[table], detached[table], rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(dense(out.gradients[table]), detached[table], rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_r3f_noise_is_zero_at_padding_fresh_each_step_and_sized_by_sigma():
+  model, _, _ = tiny_masked_model()
+  arrays = batch_arrays()
+  mask = tf.constant(arrays["padding_mask"].astype(np.float32))[..., None]
+  method = R3F(epsilon=0.25, seed=3)
+  method.build(model)
+  first, second = method.noise(mask).numpy(), method.noise(mask).numpy()
+  assert int(method.variables[-1].numpy()) == 2  # the checkpointed step count
+  assert np.all(first[~arrays["padding_mask"]] == 0)
+  real = first[arrays["padding_mask"]]
+  assert np.abs(real).max() <= 0.25 and np.abs(real).max() > 0.2
+  assert not np.allclose(first, second)
+  assert R3F().epsilon == 1e-5 and R3F().r3f_lambda == 1.0  # fairseq's defaults
+  assert R3F().noise_type == "uniform"
+  with pytest.raises(ValueError, match="noise_type"):
+    R3F(noise_type="gaussian")
+
+
+def test_r3f_resumes_exactly_from_a_checkpoint(tmp_path):
+  arrays = batch_arrays(n=8)
+
+  def fresh():
+    return builders.trainer(tiny_bert, R3F(epsilon=0.3, seed=4), split, 4,
+                            input_shape=(4, L))
+
+  def checkpoint(trainer):
+    return tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                               **{f"m{i}": v for i, v in enumerate(trainer.method.variables)})
+
+  straight = fresh()
+  builders.train(straight, arrays, 3, 4)
+  first = fresh()
+  builders.train(first, arrays, 1, 4)
+  path = checkpoint(first).save(str(tmp_path / "ckpt"))
+  resumed = fresh()
+  checkpoint(resumed).restore(path)
+  ds = builders.distributed_dataset(resumed.strategy, arrays, 4, shuffle=True, seed=3,
+                                    start_step=1)
+  resumed.train(iter(ds), 2)
+  for a, b in zip(straight.model.trainable_variables, resumed.model.trainable_variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
