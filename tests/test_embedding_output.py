@@ -137,35 +137,90 @@ def test_freelb_equals_hand_computed_averaged_ascent(start):
   np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
 
 
-def test_free_on_text_equals_hand_computed_replays_with_carried_delta():
-  """Free-2 over two batches: each pass gives the update and δ's ascent; δ carries over."""
+def _project(delta, epsilon):
+  norms = np.sqrt((delta ** 2).sum(axis=(1, 2), keepdims=True))
+  return delta * np.minimum(1.0, epsilon / (norms + 1e-12))
+
+
+@pytest.mark.parametrize("carry", ["reset", "token", "slot"])
+def test_free_on_text_equals_hand_computed_replays_with_each_carry(carry):
+  """Free-2 over two batches: each pass gives the update and δ's ascent; a new
+  batch starts from zero ('reset', a = 0 here), the token memory ('token'),
+  or the previous batch's δ by position ('slot')."""
   model, embedding, head = tiny_masked_model()
   first, second = batch_arrays(), batch_arrays(seed=7)
+  second["token_ids"][:, 1:3] = first["token_ids"][:, 1:3]  # tokens both batches have
   second["padding_mask"][:, -2:] = False  # other padding: the carried δ is re-masked
   fn = loss_fn()
-  method = EmbeddingOutputFree(epsilon=0.3, step_size=0.2, replays=2)
+  method = EmbeddingOutputFree(epsilon=0.3, step_size=0.2, replays=2, carry=carry,
+                               init_magnitude=0.0 if carry == "reset" else 0.5, seed=5)
   assert method.batch_replays == 2
   method.build(model, input_shape=(B, L))
+  # The documented initial memory: U(−a, a)/√hidden from stateless seed (seed, 1).
+  memory = 0.5 / np.sqrt(3) * tf.random.stateless_uniform(
+      (V, 3), [5, 1], -1.0, 1.0, alg="philox").numpy()
   delta = np.zeros((B, L, 3), np.float32)
-  for arrays in (first, first, second):  # batch 1 replayed twice, then batch 2
+  for arrays, replay in ((first, 0), (first, 1), (second, 0)):
     inputs, labels = _inputs(arrays), arrays["label"]
-    mask = arrays["padding_mask"].astype(np.float32)
-    out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+    ids, real = arrays["token_ids"], arrays["padding_mask"]
+    mask = real.astype(np.float32)
+    out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]),
+                                   replay_index=tf.constant(replay))
+    if replay == 0 and carry == "reset":
+      carried = np.zeros_like(delta)
+    elif replay == 0 and carry == "token":
+      carried = memory[ids]
+    else:
+      carried = delta
     # By hand: the carried δ on this batch's real tokens, inside the ball.
-    start = delta * mask[..., None]
-    start = start * np.minimum(1.0, 0.3 / (np.sqrt((start ** 2).sum(axis=(1, 2),
-                                                            keepdims=True)) + 1e-12))
+    start = _project(carried * mask[..., None], 0.3)
     loss, grads, g = _hand_pass(model, embedding, head, inputs, labels, start, fn)
     for got, want in zip(out.gradients, grads):
       np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
     assert float(out.loss) == pytest.approx(float(loss), rel=1e-6)
-    delta = start + 0.2 * _unit(g, mask)
-    delta = delta * np.minimum(1.0, 0.3 / (np.sqrt((delta ** 2).sum(axis=(1, 2),
-                                                            keepdims=True)) + 1e-12))
-    delta = delta * mask[..., None]
+    delta = _project(start + 0.2 * _unit(g, mask), 0.3) * mask[..., None]
     np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
-  # The third pass started from a non-zero carried δ (the first from zero).
-  assert np.all(np.sqrt((start ** 2).sum(axis=(1, 2))) > 0.1)
+    if carry == "token":  # each token's row: the mean δ of its real occurrences
+      for token in np.unique(ids[real]):
+        memory[token] = delta[(ids == token) & real].mean(axis=0)
+      np.testing.assert_allclose(method.memory.numpy(), memory, rtol=1e-5, atol=1e-7)
+  # The third pass (a new batch) started from zero only with 'reset'.
+  start_norms = np.sqrt((start ** 2).sum(axis=(1, 2)))
+  assert np.all(start_norms == 0) if carry == "reset" else np.all(start_norms > 0.05)
+
+
+@pytest.mark.slow
+def test_free_on_text_token_memory_resumes_between_replays(tmp_path):
+  """Kill after step 1 (batch 0's first replay), resume: the second replay
+  continues batch 0's δ (the pipeline's replay index), batch 1 starts from
+  the checkpointed memory; the same as an uninterrupted run, bit for bit."""
+  arrays = batch_arrays(n=8)
+
+  def fresh():
+    return _trainer(tf.distribute.get_strategy(),
+                    EmbeddingOutputFree(epsilon=0.5, replays=2, carry="token"))
+
+  def checkpoint(trainer):
+    return tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                               **{f"m{i}": v for i, v in enumerate(trainer.method.variables)})
+
+  def data(trainer, start_step):
+    return iter(distributed_dataset(trainer.strategy, arrays, B, shuffle=True, seed=3,
+                                    start_step=start_step, repeats_per_batch=2))
+
+  straight = fresh()
+  straight.train(data(straight, 0), 3)
+  assert [v.name.split(":")[0] for v in straight.method.variables[1:]] == [  # after the generator
+      "free_output_perturbation", "free_output_token_memory"]
+  first = fresh()
+  first.train(data(first, 0), 1)
+  path = checkpoint(first).save(str(tmp_path / "ckpt"))
+  resumed = fresh()
+  checkpoint(resumed).restore(path)
+  resumed.train(data(resumed, 1), 2)
+  for a, b in zip(straight.model.trainable_variables + straight.method.variables[1:],
+                  resumed.model.trainable_variables + resumed.method.variables[1:]):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_freelb_random_start_is_uniform_scaled_per_example_and_masked():
@@ -395,7 +450,8 @@ def _trainer(strategy, method, jit=False, global_batch=B, learning_rate=1e-2):
 
 
 def _train(trainer, arrays, steps, global_batch=B):
-  ds = distributed_dataset(trainer.strategy, arrays, global_batch, shuffle=True, seed=3)
+  ds = distributed_dataset(trainer.strategy, arrays, global_batch, shuffle=True, seed=3,
+                           repeats_per_batch=trainer.method.batch_replays)
   return trainer.train(iter(ds), steps)
 
 
@@ -404,7 +460,10 @@ METHODS = [
     lambda: EmbeddingOutputFGM(epsilon=0.5, form="adversarial"),
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2, random_start=False),
     lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2, init_magnitude=0.0),
-    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2),
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2, carry="slot"),
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2, carry="reset", init_magnitude=0.0),
+    # Every replica's memory copy gets the whole global batch's rows.
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2, carry="token"),
     # Zero start: Algorithm 1's random δ₀ is drawn per replica (and by XLA's
     # own generator kernel), so equality across devices needs δ₀ = 0.
     # The random control draws statelessly over the global batch: equal too.
@@ -460,7 +519,7 @@ def _fixed_uniform(self, shape, minval=0.0, maxval=1.0, dtype=tf.float32):
 @pytest.mark.parametrize("method_fn", METHODS[:1] + METHODS[2:] + [
     lambda: EmbeddingOutputPGD(epsilon=0.5, num_steps=2),  # random start
     lambda: FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),  # Algorithm 1's start
-    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2)])
+    lambda: EmbeddingOutputFree(epsilon=0.5, replays=2)])  # 'reset', its random start
 def test_output_methods_compile_with_xla(method_fn, monkeypatch):
   # XLA's random-number kernel draws another stream than TensorFlow's: the
   # draws are replaced by fixed patterns, and the rest is compared exactly.

@@ -81,8 +81,9 @@ def _adversarial_train_step(self, data):
     values = tf.cast(per_example(labels, tf.cast(logits, tf.float32)), tf.float32)
     return tf.reduce_sum(values * w) / global_batch
 
-  for _ in range(method.batch_replays):
-    out, _ = apply_method(method, self, self.optimizer, loss_fn, x, y, weights)
+  for replay in range(method.batch_replays):
+    out, _ = apply_method(method, self, self.optimizer, loss_fn, x, y, weights,
+                          replay_index=tf.constant(replay, tf.int32))
   # Keras's loss tracker averages over replicas what each replica reports.
   compat.loss_tracker(self).update_state(out.loss * tf.cast(replicas, tf.float32),
                                   sample_weight=local)

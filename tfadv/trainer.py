@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv import compat
-from tfadv.data.pipeline import EXAMPLE_INDEX, WEIGHTS
+from tfadv.data.pipeline import EXAMPLE_INDEX, REPLAY_INDEX, WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
@@ -37,7 +37,7 @@ def _host_flag() -> tf.Variable:
 def apply_method(method: Method, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
                  inputs, labels, weights, sparse_reduce: bool = False,
-                 example_ids=None):
+                 example_ids=None, replay_index=None):
   """One optimizer update of `model` by `method` from one replica's batch.
 
   The method returns per-replica gradients; they are all-reduced here, once
@@ -58,7 +58,8 @@ def apply_method(method: Method, model: keras.Model,
   measurement only.
 
   `example_ids` (the batch's training-split rows) go to a method that
-  declares `uses_example_ids`, and only to it.
+  declares `uses_example_ids`, and only to it; `replay_index` (which of the
+  batch's replays this step is) to one that declares `uses_replay_index`.
 
   Returns the method's output and the global norm of the (unscaled) reduced
   gradients.
@@ -71,6 +72,12 @@ def apply_method(method: Method, model: keras.Model,
                        "each batch's example indices (`example_index`, produced by "
                        "tfadv.data.pipeline.distributed_dataset).")
     extra["example_ids"] = example_ids
+  if method.uses_replay_index:
+    if replay_index is None:
+      raise ValueError(f"{type(method).__name__} needs each step's replay index "
+                       "(`replay_index`, produced by "
+                       "tfadv.data.pipeline.distributed_dataset).")
+    extra["replay_index"] = replay_index
   with loss_scaling_by(optimizer):
     out = method.compute_gradients(model, loss_fn, inputs, labels, weights, **extra)
     scale = loss_scale()
@@ -213,7 +220,9 @@ class Trainer:
     out, grad_norm = apply_method(method, self.model, self.optimizer,
                                   self._loss_fn, inputs, labels, weights,
                                   sparse_reduce=self.sparse_reduce,
-                                  example_ids=batch.get(EXAMPLE_INDEX))
+                                  example_ids=batch.get(EXAMPLE_INDEX),
+                                  replay_index=batch[REPLAY_INDEX][0]
+                                  if REPLAY_INDEX in batch else None)
     hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)

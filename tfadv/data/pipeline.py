@@ -13,7 +13,10 @@ same global batches as one device, on any number of workers.
 Every batch also carries `example_index`: for training, the row of the
 training arrays each example came from (what `index_shuffle` chose; methods
 with per-example state, `tfadv.methods.atta`, key it by this); for
-evaluation, the position in the split (0 on padding rows).
+evaluation, the position in the split (0 on padding rows); and
+`replay_index`: which of its `repeats_per_batch` deliveries a batch is (0 for
+the first; always 0 without replays), so a method that replays batches
+(Free on text) knows a new batch from the step alone.
 """
 
 from typing import Callable, Dict, Optional
@@ -23,6 +26,7 @@ import tensorflow as tf
 
 WEIGHTS = "example_weight"
 EXAMPLE_INDEX = "example_index"
+REPLAY_INDEX = "replay_index"
 
 
 def _per_replica_rows(context: tf.distribute.InputContext, global_batch_size: int):
@@ -61,7 +65,9 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
 
   Returns:
     A distributed dataset yielding dicts with the keys of `arrays` plus
-    `example_weight` and `example_index` (int32: the row of `arrays`).
+    `example_weight`, `example_index` (int32: the row of `arrays`) and
+    `replay_index` (int32: the delivery of the batch, 0 to
+    `repeats_per_batch` − 1).
   """
   n = len(next(iter(arrays.values())))
   if global_batch_size % strategy.num_replicas_in_sync:
@@ -76,29 +82,31 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
         context, global_batch_size)
     steps = tf.data.Dataset.range(start_step, start_step + num_steps) if num_steps \
         else tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-    if repeats_per_batch > 1:
-      steps = steps.map(lambda s: s // repeats_per_batch)
 
     def positions_of(step):
-      # The rows of `step`'s global batch that this pipeline's replicas take.
-      first = step * global_batch_size + first_replica * per_replica
-      return tf.data.Dataset.range(first, first + local_replicas * per_replica)
+      # The rows of `step`'s global batch that this pipeline's replicas take,
+      # with the step's replay of that batch.
+      batch_step, replay = step // repeats_per_batch, step % repeats_per_batch
+      first = batch_step * global_batch_size + first_replica * per_replica
+      return tf.data.Dataset.range(first, first + local_replicas * per_replica).map(
+          lambda position: (position, replay))
 
-    def index_and_weight(position):
+    def index_and_weight(position, replay):
       if shuffle:
         seed_vector = tf.stack([tf.cast(seed, tf.int64), position // n])
         index = tf.random.experimental.index_shuffle(position % n, seed_vector,
                                                      max_index=n - 1)
-        return index, tf.constant(1.0), position
+        return index, tf.constant(1.0), position, replay
       valid = position < n
-      return tf.where(valid, position, 0), tf.cast(valid, tf.float32), position
+      return tf.where(valid, position, 0), tf.cast(valid, tf.float32), position, replay
 
-    def gather(index, weight, position):
+    def gather(index, weight, position, replay):
       batch = {k: tf.gather(t, index) for k, t in tensors.items()}
       if augment_fn is not None and shuffle:
         batch = augment_fn(batch, tf.stack([tf.cast(seed, tf.int64), position[0]]))
       batch[WEIGHTS] = weight
       batch[EXAMPLE_INDEX] = tf.cast(index, tf.int32)
+      batch[REPLAY_INDEX] = tf.cast(replay, tf.int32)
       return batch
 
     ds = (steps.flat_map(positions_of)

@@ -20,6 +20,12 @@ Per-example state: a method with `uses_example_ids = True` gets, in `build`,
 which the step-indexed input pipeline computes anyway (`example_index`,
 `tfadv.data.pipeline`). Other methods see neither.
 
+Replays: a method with `batch_replays` m > 1 gets each batch m times in a
+row; with `uses_replay_index = True` it also gets, in `compute_gradients`,
+`replay_index`: which delivery this is (int32 scalar, 0 for a new batch),
+computed by the pipeline from the step (`replay_index`), so a resumed run
+knows it too.
+
 Loss scaling (`mixed_float16`): every backward pass of a method
 differentiates the scaled loss (`tfadv.loss_scaling.scaled_gradient`), so the weight
 gradients a method returns are scaled, and the `LossScaleOptimizer` unscales
@@ -68,12 +74,14 @@ class Method:
   Variables a method lists in `variables` are checkpointed with the model.
   `batch_replays` > 1 asks the input pipeline to deliver each batch that
   many times in a row (Free adversarial training). `uses_example_ids` asks
-  for the batch's example indices (module docstring).
+  for the batch's example indices, `uses_replay_index` for the replay's
+  position (module docstring).
   """
 
   name = "method"
   batch_replays = 1
   uses_example_ids = False
+  uses_replay_index = False
 
   def build(self, model: keras.Model, input_shape=None) -> None:
     del model, input_shape

@@ -242,13 +242,27 @@ class BufferedEmbeddingOutputMethod(EmbeddingOutputMethod):
   `build` creates `perturbation`: a `tf.Variable` of the per-replica batch's
   shape (batch × length × hidden), sync-on-read (each replica keeps its own
   examples' δ), checkpointed with the model (`variables`).
+
+  `initial_delta` is FreeLB's random start (Algorithm 1): δ₀ = U(−a, a)/√N_δ
+  entrywise on each example's real tokens (zero at padding), N_δ = real
+  tokens × hidden, a = `init_magnitude` (default ε; 0 starts from δ₀ = 0).
   """
 
   buffer_name = "perturbation"
 
-  def __init__(self, epsilon: float = 1.0, **kwargs):
+  def __init__(self, epsilon: float = 1.0, init_magnitude: Optional[float] = None,
+               **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
+    self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.perturbation = None
+
+  def initial_delta(self, mask):
+    """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
+    if self.init_magnitude == 0:
+      return self._zeros(mask)
+    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
+    uniform = self._rng.uniform(tf.shape(self._zeros(mask)), -1.0, 1.0)
+    return self.init_magnitude * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
 
   def build(self, model, input_shape=None):
     super().build(model)

@@ -160,6 +160,9 @@ class FreeTraining(Method):
             "clamp_rule": self.clamp_rule}
 
 
+CARRIES = ("reset", "token", "slot")
+
+
 @gin.configurable
 class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
   """Free-m on the embedding outputs: Shafahi et al.'s algorithm for text.
@@ -170,44 +173,122 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
   are this replay's update, and g = ∂L/∂δ moves the perturbation,
   δ ← Π_ε(δ + α·g_i/‖g_i‖₂) per example (the ℓ2 form of the paper's
   δ ← clip(δ + ε·sign(g)); α = `step_size`, default ε as in the paper).
-  δ lives in a per-replica `tf.Variable` buffer (batch × length × hidden)
-  and is carried over to the next minibatch (masked with its padding and
-  projected). A replay costs one plain step, and a run of n optimizer steps
-  sees n/m batches: `Experiment.train_epochs` divides the epochs by m.
+  Within a batch's replays δ lives in a per-replica `tf.Variable` buffer
+  (batch × length × hidden). A replay costs one plain step, and a run of n
+  optimizer steps sees n/m batches: `Experiment.train_epochs` divides the
+  epochs by m.
+
+  Where a new batch's δ starts is `carry`:
+
+  - `"reset"` (default): δ anew at each new batch, kept across its
+    replays: FreeLB's port of Free to text (zhuchen03/FreeLB,
+    `freeat_train_step` / `freeat_adv_train_step` in `fairseq-RoBERTa`:
+    δ₀ = U(−a, a)/√N_δ on the real tokens, N_δ = tokens × hidden, a =
+    `init_magnitude`, default ε, as `FreeLB`'s start).
+  - `"token"`: a vocabulary × hidden memory keyed by token id, after
+    TA-VAT (Li & Qiu, AAAI 2021; LinyangLee/Token-Aware-VAT, `token_vat.py`):
+    at a new batch δ = memory[token ids] (masked, projected onto each
+    example's ball), and after every replay each token of the global batch
+    writes its δ back (the mean over its occurrences in the global batch,
+    all-gathered, so every replica's copy is the same). The memory starts
+    as TA-VAT's, U(−a, a)/√hidden per entry, drawn from `seed`, and is
+    checkpointed. Deviations from TA-VAT: there the memory adds δ to its
+    row (`index_put_(..., accumulate=True)`) and is renormalised over the
+    whole batch when read, on top of a FreeLB δ; here a row is replaced by
+    the mean δ of its occurrences and read back inside the ε-ball, on
+    Free's replays. Writing after every replay equals writing after the
+    last (rows are read only at a new batch).
+  - `"slot"`: the previous batch's final δ, by batch position (tfadv's rule
+    before 2026-11-30, which the validated text table measured): one
+    sentence's perturbation lands on another sentence's tokens, and no
+    reference does this.
+
+  A new batch is known from the pipeline's `replay_index` (0 at a new
+  batch), so a run resumed between replays continues the same batch's δ.
 
   Deviation from the paper: there δ is an ℓ∞ perturbation of pixels; text
   has no pixel range, and tfadv's other embedding-output methods use
   per-example ℓ2 balls, so this one does too (same ε scale as `FreeLB`).
 
   Example:
-  >>> method = EmbeddingOutputFree(epsilon=1.0, replays=3)
+  >>> method = EmbeddingOutputFree(epsilon=1.0, replays=3, carry="reset")
   >>> method.build(classifier, input_shape=(32, 128))  # per-replica batch × length
   """
 
   buffer_name = "free_output_perturbation"
   name = "free_output"
+  uses_replay_index = True
 
   def __init__(self, epsilon: float = 1.0, replays: int = 3,
-               step_size: float = None, **kwargs):
+               step_size: float = None, carry: str = "reset",
+               token_ids_key: str = "token_ids", **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
     if replays < 1:
       raise ValueError(f"EmbeddingOutputFree.replays={replays}; expected >= 1.")
+    if carry not in CARRIES:
+      raise ValueError(f"EmbeddingOutputFree.carry={carry!r}; expected one of {CARRIES}.")
     self.batch_replays = int(replays)
     self.step_size = float(epsilon if step_size is None else step_size)
+    self.carry = carry
+    self.token_ids_key = token_ids_key
+    self.memory = None
 
-  def compute_gradients(self, model, loss_fn, inputs, labels, weights):
+  def build(self, model, input_shape=None):
+    super().build(model, input_shape)
+    if self.carry == "token":
+      vocabulary, hidden = int(self.hook.layer.input_dim), self.hook.output_dim
+      seed = tf.constant([self.seed, 1], tf.int64)
+      self.memory = tf.Variable(
+          lambda: self.init_magnitude / hidden ** 0.5 * tf.random.stateless_uniform(
+              (vocabulary, hidden), seed, -1.0, 1.0, alg="philox"),
+          trainable=False, synchronization=tf.VariableSynchronization.ON_WRITE,
+          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+          name="free_output_token_memory")
+
+  @property
+  def variables(self):
+    return super().variables + ([self.memory] if self.memory is not None else [])
+
+  def _new_batch_start(self, inputs, mask):
+    if self.carry == "reset":
+      return self.initial_delta(mask)
+    if self.carry == "token":
+      return tf.gather(tf.convert_to_tensor(self.memory), inputs[self.token_ids_key])
+    return tf.convert_to_tensor(self.perturbation)
+
+  def _write_tokens(self, token_ids, delta, mask):
+    """memory[t] ← the mean δ over token t's real occurrences in the global batch."""
+    context = tf.distribute.get_replica_context()
+    hidden = self.hook.output_dim
+    ids = context.all_gather(tf.reshape(token_ids, [-1]), axis=0)
+    rows = context.all_gather(tf.reshape(delta, [-1, hidden]), axis=0)
+    real = context.all_gather(tf.reshape(mask, [-1, 1]), axis=0)
+    vocabulary = tf.shape(self.memory)[0]
+    sums = tf.math.unsorted_segment_sum(rows * real, ids, vocabulary)
+    counts = tf.math.unsorted_segment_sum(real, ids, vocabulary)
+    self.memory.assign(tf.where(counts > 0, sums / tf.maximum(counts, 1.0),
+                                tf.convert_to_tensor(self.memory)))
+
+  def compute_gradients(self, model, loss_fn, inputs, labels, weights, replay_index):
     mask = self._mask(inputs)
-    # The carried δ, on this batch's real tokens, inside the ball.
-    delta = project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
+    start = tf.cond(tf.equal(replay_index, 0),
+                    lambda: self._new_batch_start(inputs, mask),
+                    lambda: tf.convert_to_tensor(self.perturbation))
+    # On this batch's real tokens, inside the ball.
+    delta = project(start * mask, self.epsilon)
     loss, logits, gradients, g = self._full_pass(model, loss_fn, inputs, labels,
                                                  weights, delta, mask)
     # One backward pass, two uses: the weights' update above, δ's ascent here.
     moved = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
-    self.perturbation.assign(keep_if_finite(tf.stop_gradient(moved), delta, gradients))
+    kept = keep_if_finite(tf.stop_gradient(moved), delta, gradients)
+    self.perturbation.assign(kept)
+    if self.carry == "token":
+      self._write_tokens(inputs[self.token_ids_key], kept, mask)
     return MethodOutput(loss=loss, logits=logits, gradients=gradients, metrics={
         "delta_norm": tf.reduce_mean(per_example_norm(delta)),
         "stuck": stuck_share(g, mask)})
 
   def get_config(self):
     return {**super().get_config(), "replays": self.batch_replays,
-            "step_size": self.step_size}
+            "step_size": self.step_size, "carry": self.carry,
+            "init_magnitude": self.init_magnitude, "token_ids_key": self.token_ids_key}

@@ -57,22 +57,13 @@ class FreeLB(BufferedEmbeddingOutputMethod):
   def __init__(self, epsilon: float = 1.0, step_size: float = 0.3, ascent_steps: int = 3,
                init_magnitude: Optional[float] = None, carry_over: bool = False,
                sync_dropout: bool = True, **kwargs):
-    super().__init__(epsilon=epsilon, **kwargs)
+    super().__init__(epsilon=epsilon, init_magnitude=init_magnitude, **kwargs)
     if ascent_steps < 1:
       raise ValueError(f"FreeLB.ascent_steps={ascent_steps}; expected >= 1.")
     self.step_size = float(step_size)
     self.ascent_steps = int(ascent_steps)
-    self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.carry_over = carry_over
     self.sync_dropout = sync_dropout
-
-  def initial_delta(self, mask):
-    """δ₀: U(−a, a)/√N_δ on each example's real tokens, 0 at padding."""
-    if self.init_magnitude == 0:
-      return self._zeros(mask)
-    dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
-    uniform = self._rng.uniform(tf.shape(self._zeros(mask)), -1.0, 1.0)
-    return self.init_magnitude * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
 
   def _start(self, mask):
     if self.carry_over:
