@@ -331,10 +331,13 @@ def test_replays_deliver_each_batch_m_times_and_resume_mid_batch():
   def batches(start, steps):
     ds = distributed_dataset(strategy, arrays, 4, shuffle=True, seed=1,
                              start_step=start, num_steps=steps, repeats_per_batch=3)
-    return [b["i"].numpy().tolist() for b in ds]
+    return [(b["i"].numpy().tolist(), b["replay_index"].numpy().tolist()) for b in ds]
 
   full = batches(0, 9)
-  assert full[0] == full[1] == full[2] and full[3] == full[4] == full[5] != full[0]
+  rows = [r for r, _ in full]
+  assert rows[0] == rows[1] == rows[2] and rows[3] == rows[4] == rows[5] != rows[0]
+  # Every example of a batch carries the batch's replay: 0, 1, 2, 0, 1, 2, ...
+  assert [replay for _, replay in full] == [[step % 3] * 4 for step in range(9)]
   assert batches(4, 5) == full[4:]  # resumed after the 2nd replay of batch 1
 
 
