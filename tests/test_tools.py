@@ -98,6 +98,41 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert text.count("| tnews | fgm ε=0.3 |") == 2  # listed, not chosen
 
 
+def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
+  """A --variant with --same_epsilon waits for its method's choice, then runs
+  (here: is read back) at exactly that ε, with its own bindings, as its own row."""
+  from tfadv.tools import methods_table  # pylint: disable=g-import-not-at-top
+  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
+  work.mkdir()
+  (data / "tnews").mkdir(parents=True)
+  for seed in (0, 1):
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  argv = [sys.executable, "-m", "tfadv.tools.methods_table", f"--work_dir={work}",
+          f"--out_dir={out}", f"--data_dir={data}", "--tasks=tnews",
+          "--methods=fgm,fgm_random", "--seeds=0,1", "--select=fgm:0.3,1",
+          "--variant=fgm_random=fgm:EmbeddingFGM.direction = 'random'",
+          "--same_epsilon=fgm_random:fgm", "--section=c", "--report"]
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = (out / "results.md").read_text()
+  assert "TNEWS fgm_random (2)." in text  # chosen ε known: its 2 runs are to come
+  for seed in (0, 1):  # they ran (fabricated) at fgm's ε = 0.3, not at 1
+    _finished_run(work, f"tnews_fgm_random_eps0.3_seed{seed}", 0.42, 0.31)
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = (out / "results.md").read_text()
+  assert "| fgm_random | 31.00 ± 0.00 (n=2) |" in text and "Not run yet" not in text
+  # The run the table plans: fgm's config, its ε binding, the control's binding.
+  flags = methods_table.FLAGS
+  flags([argv[2]] + argv[3:-1])
+  run = methods_table.NlpRun("tnews", "fgm_random", 0, 0.3, selected=True)
+  assert run.gin_file.endswith("tnews_fgm.gin") and run.name == "tnews_fgm_random_eps0.3_seed0"
+  assert "EmbeddingFGM.direction = 'random'" in run.params
+  assert "EmbeddingFGM.epsilon = 0.3" in run.params
+  flags.unparse_flags()
+
+
 def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):
   from tfadv.tools import demo  # pylint: disable=g-import-not-at-top
   models = demo.plan(str(tmp_path), 0.01, ["0", "1"])

@@ -23,6 +23,13 @@ accuracy (the smaller on a tie) is that task's row; dev is only reported,
 never used to choose. The section lists every candidate's validation and dev
 numbers.
 
+`--variant=fgm_random=fgm:EmbeddingFGM.direction='random'` adds a method
+`fgm_random` run from `fgm`'s config with extra bindings (`;` between
+several); `--same_epsilon=fgm_random:fgm` runs it at the ε chosen for `fgm`
+on each task, once `fgm`'s candidates have all finished (the controls
+table's random-direction rows: the adversarial method's ε, same norm). A
+variant can also be `--select`ed like any method.
+
 `--report` starts no run: it writes the section from the runs already
 finished (a method's ε is chosen once all its candidates have run) and lists
 the runs still to come, for a table split across sessions.
@@ -56,6 +63,10 @@ flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "Seeds of the sweep rows.")
 flags.DEFINE_list("sweep_tasks", None, "Tasks of the sweep rows (default: --tasks).")
 flags.DEFINE_multi_string("select", [], "method:eps1,eps2,... chooses the method's "
                           "ε per task by validation accuracy (mean over --seeds).")
+flags.DEFINE_multi_string("variant", [], "NAME=METHOD:binding[;binding...]: a method "
+                          "NAME run from METHOD's config with extra bindings.")
+flags.DEFINE_multi_string("same_epsilon", [], "NAME:METHOD: NAME runs at the ε chosen "
+                          "for METHOD on each task (after METHOD's candidates finish).")
 flags.DEFINE_multi_string("gin_param", [], "Extra bindings for every run.")
 flags.DEFINE_multi_string("task_gin_param", [], "task:binding, a binding for one "
                           "task's runs only, e.g. 'iflytek:Experiment.train_steps = 400'.")
@@ -78,17 +89,18 @@ class NlpRun(runs.Run):
     self.task, self.method, self.seed, self.epsilon = task, method, int(seed), epsilon
     self.selected = selected  # ε chosen on validation: the method's own row
     eps = "" if epsilon is None else f"_eps{epsilon:g}"
+    base, extra = variants().get(method, (method, []))
     params = [f"Experiment.seed = {self.seed}",
-              f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'"]
+              f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'", *extra]
     if epsilon is not None:
-      params.append(f"{runs.EPSILON_BINDING[method]} = {epsilon}")
-      if method in runs.STEP_BINDING:
-        binding, ratio = runs.STEP_BINDING[method]
+      params.append(f"{runs.EPSILON_BINDING[base]} = {epsilon}")
+      if base in runs.STEP_BINDING:
+        binding, ratio = runs.STEP_BINDING[base]
         params.append(f"{binding} = {ratio * epsilon:g}")
     if FLAGS.preset:
       params.append(f"TextClassificationTask.preset = '{FLAGS.preset}'")
     super().__init__(f"{task}_{method}{eps}_seed{self.seed}",
-                     os.path.join(FLAGS.config_dir, f"{task}_{method}.gin"),
+                     os.path.join(FLAGS.config_dir, f"{task}_{base}.gin"),
                      params + FLAGS.gin_param + task_bindings(task), FLAGS.work_dir)
 
   @property
@@ -96,6 +108,32 @@ class NlpRun(runs.Run):
     if self.epsilon is None or self.selected:
       return self.method
     return f"{self.method} ε={self.epsilon:g}"
+
+
+def variants():
+  """{NAME: (METHOD, [binding, ...])} of the --variant flags."""
+  found = {}
+  for spec in FLAGS.variant:
+    name, sep, rest = spec.partition("=")
+    base, sep2, bindings = rest.partition(":")
+    if not (sep and sep2 and name.strip() and bindings.strip()):
+      raise app.UsageError(f"--variant={spec!r}: expected NAME=METHOD:binding[;binding...].")
+    if base.strip() not in runs.EPSILON_BINDING and base.strip() != "plain":
+      raise app.UsageError(f"--variant={spec!r}: {base!r} is not one of "
+                           f"{sorted(runs.EPSILON_BINDING)} or plain.")
+    found[name.strip()] = (base.strip(), [b.strip() for b in bindings.split(";") if b.strip()])
+  return found
+
+
+def same_epsilons():
+  """{NAME: METHOD} of the --same_epsilon flags."""
+  found = {}
+  for spec in FLAGS.same_epsilon:
+    name, sep, method = spec.partition(":")
+    if not sep or name.strip() not in variants():
+      raise app.UsageError(f"--same_epsilon={spec!r}: expected NAME:METHOD, NAME a --variant.")
+    found[name.strip()] = method.strip()
+  return found
 
 
 def task_bindings(task: str):
@@ -111,7 +149,7 @@ def task_bindings(task: str):
 
 
 def parse_epsilons(spec: str, flag: str):
-  return runs.parse_method_values(spec, flag, sorted(runs.EPSILON_BINDING))
+  return runs.parse_method_values(spec, flag, sorted(runs.EPSILON_BINDING) + sorted(variants()))
 
 
 def plot(groups, path):
@@ -241,6 +279,8 @@ def planned_runs():
   planned = []
   for task in FLAGS.tasks:
     for method in FLAGS.methods:
+      if method in same_epsilons():
+        continue  # planned once its method's ε is chosen (`dependent_runs`)
       for epsilon in selected.get((task, method), [None]):
         planned += [NlpRun(task, method, seed, epsilon, selected=epsilon is not None)
                     for seed in FLAGS.seeds]
@@ -251,6 +291,24 @@ def planned_runs():
                   for task in (tasks or FLAGS.sweep_tasks or FLAGS.tasks)
                   for seed in FLAGS.sweep_seeds]
   return planned
+
+
+def dependent_runs(chosen):
+  """(runs, pending) of the --same_epsilon methods: the runs at their
+  method's chosen ε, and placeholders for tasks whose ε is not chosen yet.
+  Each is its own one-candidate selection, so it gets a row like any method."""
+  ready, pending = [], []
+  for task in FLAGS.tasks:
+    for name, method in same_epsilons().items():
+      if name not in FLAGS.methods:
+        continue
+      epsilon = chosen.get((task, method))
+      for seed in FLAGS.seeds:
+        if epsilon is None:
+          pending.append(NlpRun(task, name, seed))
+        else:
+          ready.append(NlpRun(task, name, seed, epsilon, selected=True))
+  return ready, pending
 
 
 def validation_accuracy(record) -> float:
@@ -302,6 +360,12 @@ def main(argv):
   finished = [(run, record) for run, record in zip(planned, records) if record is not None]
   missing = [run for run, record in zip(planned, records) if record is None]
   chosen = choose(finished, missing)
+  if FLAGS.same_epsilon:  # the runs at another method's chosen ε
+    ready, pending = dependent_runs(chosen)
+    more = run_all(ready)
+    finished += [(run, record) for run, record in zip(ready, more) if record is not None]
+    missing += [run for run, record in zip(ready, more) if record is None] + pending
+    chosen = choose(finished, missing)
   for (task, method), epsilon in sorted(chosen.items()):
     print(f"{task} {method}: ε = {epsilon:g} chosen on validation.", flush=True)
   groups, selection = {}, []

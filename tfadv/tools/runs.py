@@ -27,7 +27,9 @@ EPSILON_BINDING = {"fgm": "EmbeddingFGM.epsilon", "gp": "EmbeddingGradientPenalt
                    "gp_matrix": "EmbeddingGradientPenalty.epsilon",
                    "fgm_output": "EmbeddingOutputFGM.epsilon",
                    "pgd_output": "EmbeddingOutputPGD.epsilon", "freelb": "FreeLB.epsilon",
-                   "free_output": "EmbeddingOutputFree.epsilon"}
+                   "free_output": "EmbeddingOutputFree.epsilon",
+                   # R3F has no ε ball: its selected value is the KL weight λ.
+                   "r3f": "R3F.r3f_lambda"}
 STEP_BINDING = {"pgd_output": ("EmbeddingOutputPGD.step_size", 0.5),
                 "freelb": ("FreeLB.step_size", 0.4)}
 
