@@ -9,7 +9,7 @@ import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import random_direction
-from tfadv.methods import (EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB,
+from tfadv.methods import (EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB, Plain,
                            R3F)
 from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
@@ -584,3 +584,61 @@ def test_embedding_attack_runs_in_inference_mode_and_follows_the_model_it_is_giv
   assert attack._hook.model is with_dropout  # pylint: disable=protected-access
   assert not np.allclose(plain_logits, model(inputs).numpy(), atol=1e-3)
   assert EmbeddingOutputAttack(epsilon=2.0, num_steps=4).step_size == 1.25  # 2.5·ε/K
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_epsilon_ramp_trains_each_step_at_its_share_of_epsilon(jit):
+  """adversarial_start_step = 1, epsilon_ramp_steps = 2: step 0 plain, step 1
+  at ε/2, step 2 at ε. References: separate trainers (plain, FGM at ε/2, FGM
+  at ε), each taking one step from the weights the previous one left (SGD:
+  no optimizer state to carry)."""
+  arrays = batch_arrays(n=12)
+  default = tf.distribute.get_strategy()
+
+  def make(method, **kwargs):
+    return builders.trainer(tiny_bert, method, split, B, jit=jit, input_shape=(B, L),
+                            optimizer_fn=lambda: keras.optimizers.SGD(0.5), **kwargs)
+
+  def data(start):
+    return iter(distributed_dataset(default, arrays, B, shuffle=True, seed=3,
+                                    start_step=start))
+
+  ramp = make(EmbeddingOutputFGM(epsilon=0.8), adversarial_start_step=1,
+              epsilon_ramp_steps=2)
+  iterator = data(0)
+  shown = [ramp.train(iterator, 1) for _ in range(3)]
+  assert "epsilon" not in shown[0]  # the warm-up's plain step
+  assert [m["epsilon_scale"] for m in shown[1:]] == [0.5, 1.0]
+  assert shown[1]["epsilon"] == pytest.approx(0.4) and shown[2]["epsilon"] == pytest.approx(0.8)
+  assert shown[1]["delta_norm"] == pytest.approx(0.4, rel=1e-5)
+  previous = None
+  for step, method in enumerate([Plain(), EmbeddingOutputFGM(epsilon=0.4),
+                                 EmbeddingOutputFGM(epsilon=0.8)]):
+    reference = make(method)
+    if previous is not None:
+      for target, source in zip(reference.model.trainable_variables, previous):
+        target.assign(source)
+    reference.train(data(step), 1)
+    previous = [v.numpy() for v in reference.model.trainable_variables]
+  for a, b in zip(ramp.model.trainable_variables, previous):
+    np.testing.assert_allclose(a.numpy(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ramp_scales_perturbations_only_inside_a_training_step():
+  from tfadv import attacks, perturbation  # pylint: disable=g-import-not-at-top
+  assert perturbation.ramped(0.3) == 0.3  # no ramp in force
+  with perturbation.epsilon_scaling(tf.constant(0.5)):
+    assert float(perturbation.ramped(0.3)) == pytest.approx(0.15)
+  with perturbation.epsilon_scaling(None):
+    assert perturbation.ramped(0.3) == 0.3
+  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+  x = tf.fill([4, 6], 0.5)
+  labels = tf.constant([0, 1, 2, 0])
+  attack = attacks.InputAttack(epsilon=0.2, step_size=0.2, num_steps=1, random_start=False)
+  loss = lambda y, logits: keras.losses.sparse_categorical_crossentropy(y, logits,
+                                                                      from_logits=True)
+  full = attack(model, x, labels, tf.random.Generator.from_seed(0), loss)
+  with perturbation.epsilon_scaling(tf.constant(0.25)):
+    ramped = attack(model, x, labels, tf.random.Generator.from_seed(0), loss)
+  assert np.abs(full - x).max() == pytest.approx(0.2, rel=1e-5)
+  assert np.abs(ramped - x).max() == pytest.approx(0.05, rel=1e-5)

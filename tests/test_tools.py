@@ -101,7 +101,6 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
 def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
   """A --variant with --same_epsilon waits for its method's choice, then runs
   (here: is read back) at exactly that ε, with its own bindings, as its own row."""
-  from tfadv.tools import methods_table  # pylint: disable=g-import-not-at-top
   work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
   work.mkdir()
   (data / "tnews").mkdir(parents=True)
@@ -123,14 +122,18 @@ def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   text = (out / "results.md").read_text()
   assert "| fgm_random | 31.00 ± 0.00 (n=2) |" in text and "Not run yet" not in text
-  # The run the table plans: fgm's config, its ε binding, the control's binding.
-  flags = methods_table.FLAGS
-  flags([argv[2]] + argv[3:-1])
-  run = methods_table.NlpRun("tnews", "fgm_random", 0, 0.3, selected=True)
-  assert run.gin_file.endswith("tnews_fgm.gin") and run.name == "tnews_fgm_random_eps0.3_seed0"
-  assert "EmbeddingFGM.direction = 'random'" in run.params
-  assert "EmbeddingFGM.epsilon = 0.3" in run.params
-  flags.unparse_flags()
+  # The run the table plans: fgm's config, its ε binding, the control's binding
+  # (in its own process: the tool's flags would clash with other tools' here).
+  probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
+           "r = t.NlpRun('tnews', 'fgm_random', 0, 0.3, selected=True); "
+           "print(r.gin_file, r.name, r.params, sep='\\n')")
+  proc = subprocess.run([sys.executable, "-c", probe] + argv[3:-1], capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  gin_file, name, params = proc.stdout.strip().split("\n")[-3:]
+  assert gin_file.endswith("tnews_fgm.gin") and name == "tnews_fgm_random_eps0.3_seed0"
+  assert "EmbeddingFGM.direction = 'random'" in params
+  assert "EmbeddingFGM.epsilon = 0.3" in params
 
 
 def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):

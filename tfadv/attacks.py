@@ -113,14 +113,16 @@ class InputAttack(Attack):
     return logits, scaled_gradient(tape, loss, x_adv)
 
   def _one_run(self, model, loss_fn, x, labels, rng):
+    # A training step under an ε ramp attacks inside the ball in force.
+    epsilon, step_size = perturbation.ramped(self.epsilon), perturbation.ramped(self.step_size)
     x_adv = x
     if self.random_start:
-      x_adv = project(random_start(x, self.epsilon, self.norm, rng), x,
-                      self.epsilon, self.norm, self.clip_min, self.clip_max)
+      x_adv = project(random_start(x, epsilon, self.norm, rng), x,
+                      epsilon, self.norm, self.clip_min, self.clip_max)
     for _ in range(self.num_steps):
       _, gradient = self._loss_and_gradient(model, loss_fn, x_adv, labels)
-      x_adv = x_adv + self.step_size * ascent_direction(gradient, self.norm)
-      x_adv = project(x_adv, x, self.epsilon, self.norm, self.clip_min, self.clip_max)
+      x_adv = x_adv + step_size * ascent_direction(gradient, self.norm)
+      x_adv = project(x_adv, x, epsilon, self.norm, self.clip_min, self.clip_max)
     return tf.stop_gradient(x_adv)
 
   def __call__(self, model: keras.Model, x: tf.Tensor, labels: tf.Tensor,

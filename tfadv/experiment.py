@@ -35,7 +35,7 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
                   per_example_loss: Optional[Callable] = None,
                   sparse_reduce: bool = False,
                   num_examples: Optional[int] = None,
-                  adversarial_start_step: int = 0) -> Trainer:
+                  adversarial_start_step: int = 0, epsilon_ramp_steps: int = 0) -> Trainer:
   """Model, optimizer and method built under `strategy`'s scope, in a `Trainer`.
 
   The one place a trainer is assembled: `Experiment`, the tests and the
@@ -84,7 +84,7 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
       global_batch_size=global_batch_size, jit_compile=jit_compile,
       eval_jit_compile=eval_jit_compile,
       eval_attacks=eval_attacks, sparse_reduce=sparse_reduce,
-      adversarial_start_step=adversarial_start_step,
+      adversarial_start_step=adversarial_start_step, epsilon_ramp_steps=epsilon_ramp_steps,
       count_correct=task.count_correct if task is not None else count_correct,
       accuracy_name=task.accuracy_name if task is not None else "accuracy")
 
@@ -110,6 +110,8 @@ class Experiment:
       `jit_compile`; `Trainer`).
     adversarial_start_step: plain training before this step, the method
       after (a warm-up; `Trainer`). 0: the method from the first step.
+    epsilon_ramp_steps: the method's ε rises linearly over this many steps
+      from `adversarial_start_step` (`Trainer`); 0: full ε at once.
     steps_per_loop: steps per in-graph loop and progress line.
     checkpoint_every: checkpoint interval in steps.
     eval_every: evaluation interval in steps (0: at the end only).
@@ -134,7 +136,7 @@ class Experiment:
                eval_batch_size: Optional[int] = None, seed: int = 0,
                deterministic: bool = True, jit_compile: bool = False,
                eval_jit_compile: Optional[bool] = None,
-               adversarial_start_step: int = 0,
+               adversarial_start_step: int = 0, epsilon_ramp_steps: int = 0,
                steps_per_loop: int = 50, checkpoint_every: int = 500,
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
@@ -154,6 +156,7 @@ class Experiment:
     self.jit_compile = jit_compile
     self.eval_jit_compile = eval_jit_compile
     self.adversarial_start_step = adversarial_start_step
+    self.epsilon_ramp_steps = epsilon_ramp_steps
     # A batch's replays belong in one in-graph loop.
     replays = self.method.batch_replays
     self.steps_per_loop = -(-steps_per_loop // replays) * replays
@@ -188,6 +191,7 @@ class Experiment:
         mixed_precision=self.mixed_precision or "float32", jit_compile=self.jit_compile,
         eval_jit_compile=self.eval_jit_compile,
         adversarial_start_step=self.adversarial_start_step,
+        epsilon_ramp_steps=self.epsilon_ramp_steps,
         eval_attacks=self.eval_attacks)
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
@@ -275,6 +279,7 @@ class Experiment:
               "task": type(self.task).__name__, "seed": self.seed,
               "train_steps": self.train_steps,
               "adversarial_start_step": self.adversarial_start_step,
+              "epsilon_ramp_steps": self.epsilon_ramp_steps,
               "global_batch_size": self.global_batch_size}
     if self.task.dataset is not None:
       values["dataset"] = self.task.dataset.name

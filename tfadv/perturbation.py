@@ -16,12 +16,35 @@ array([[0.6, 0.8],
 array([[0.6, 0.8]], dtype=float32)
 """
 
+import contextlib
 from typing import Optional
 
 import tensorflow as tf
 
 NORMS = ("l2", "linf")
 TINY = 1e-12
+
+_EPSILON_SCALE = []  # the ε ramp's scale of the step being built (`epsilon_scaling`)
+
+
+@contextlib.contextmanager
+def epsilon_scaling(scale):
+  """Within the block, `ramped(v)` is v·scale (a float32 scalar, or None: no
+  ramp). `apply_method` opens it around a training step's
+  `compute_gradients` (the ε ramp, `Trainer.epsilon_ramp_steps`);
+  evaluation attacks run outside it, at their full ε."""
+  _EPSILON_SCALE.append(scale)
+  try:
+    yield
+  finally:
+    _EPSILON_SCALE.pop()
+
+
+def ramped(value):
+  """A perturbation size (ε, an ascent step, an initial magnitude) as it is in
+  force this step: `value` times the ε ramp's scale, or `value` without one."""
+  scale = _EPSILON_SCALE[-1] if _EPSILON_SCALE else None
+  return value if scale is None else value * scale
 
 
 def token_mask(inputs, key: Optional[str], owner: str) -> tf.Tensor:

@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfadv import compat
+from tfadv import compat, perturbation
 from tfadv.data.pipeline import EXAMPLE_INDEX, REPLAY_INDEX, WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
@@ -37,7 +37,7 @@ def _host_flag() -> tf.Variable:
 def apply_method(method: Method, model: keras.Model,
                  optimizer: keras.optimizers.Optimizer, loss_fn: Callable,
                  inputs, labels, weights, sparse_reduce: bool = False,
-                 example_ids=None, replay_index=None):
+                 example_ids=None, replay_index=None, epsilon_scale=None):
   """One optimizer update of `model` by `method` from one replica's batch.
 
   The method returns per-replica gradients; they are all-reduced here, once
@@ -60,6 +60,9 @@ def apply_method(method: Method, model: keras.Model,
   `example_ids` (the batch's training-split rows) go to a method that
   declares `uses_example_ids`, and only to it; `replay_index` (which of the
   batch's replays this step is) to one that declares `uses_replay_index`.
+  `epsilon_scale` (a float32 scalar; None: none) scales every perturbation
+  size the method puts in force this step (`tfadv.perturbation.ramped`: the
+  ε ramp).
 
   Returns the method's output and the global norm of the (unscaled) reduced
   gradients.
@@ -78,7 +81,7 @@ def apply_method(method: Method, model: keras.Model,
                        "(`replay_index`, produced by "
                        "tfadv.data.pipeline.distributed_dataset).")
     extra["replay_index"] = replay_index
-  with loss_scaling_by(optimizer):
+  with loss_scaling_by(optimizer), perturbation.epsilon_scaling(epsilon_scale):
     out = method.compute_gradients(model, loss_fn, inputs, labels, weights, **extra)
     scale = loss_scale()
   variables = model.trainable_variables
@@ -91,6 +94,14 @@ def apply_method(method: Method, model: keras.Model,
     reduced = context.all_reduce(SUM, [_dense(g) for g in grads])
   optimizer.apply_gradients(zip(reduced, [variables[i] for i in present]))
   return out, tf.linalg.global_norm(reduced) / scale
+
+
+def configured_epsilon(method: Method) -> float:
+  """The method's configured ε (its attack's, for the image PGD methods)."""
+  epsilon = getattr(method, "epsilon", None)
+  if epsilon is None:
+    epsilon = getattr(getattr(method, "attack", None), "epsilon", 0.0)
+  return float(epsilon)
 
 
 def _correct(labels, logits):
@@ -145,6 +156,12 @@ class Trainer:
       warm-up: FreeLB users report NaN when adversarial steps start at once,
       zhuchen03/FreeLB#19); the method's buffers are neither read nor
       written then. The scalar `adversarial` (0 or 1) says which ran.
+    epsilon_ramp_steps: R > 0 ramps the method's perturbation sizes (ε, and
+      the ascent steps and initial magnitudes that go with it; Su's penalty
+      weight; R3F's σ) linearly from ε/R at `adversarial_start_step` to ε
+      at R − 1 steps later; evaluation attacks keep their full ε. The
+      scale is a function of the checkpointed step, so resume is exact.
+      TensorBoard shows `epsilon_scale` and `epsilon` (the ε in force).
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
@@ -155,7 +172,7 @@ class Trainer:
                eval_attacks: Optional[Dict] = None, eval_seed: int = 1234,
                count_correct: Callable = count_correct,
                accuracy_name: str = "accuracy", sparse_reduce: bool = False,
-               adversarial_start_step: int = 0):
+               adversarial_start_step: int = 0, epsilon_ramp_steps: int = 0):
     self.strategy = strategy
     self.model = model
     self.optimizer = optimizer
@@ -198,6 +215,9 @@ class Trainer:
     # Warm-up: steps before `adversarial_start_step` are plain steps (their
     # own compiled loop; a loop never spans the start).
     self.adversarial_start_step = int(adversarial_start_step)
+    if epsilon_ramp_steps < 0:
+      raise ValueError(f"epsilon_ramp_steps={epsilon_ramp_steps}; expected >= 0.")
+    self.epsilon_ramp_steps = int(epsilon_ramp_steps)
     if self.adversarial_start_step > 0:
       self._plain_method = Plain()
       self._replica_plain = tf.function(self._replica_plain_step, jit_compile=jit_compile)
@@ -214,19 +234,32 @@ class Trainer:
   def _replica_plain_step(self, batch):  # a warm-up step
     return self._replica_step(batch, self._plain_method)
 
+  def _epsilon_scale(self):
+    """The ε ramp's scale this step, (s − start + 1)/R capped at 1 (None: no ramp)."""
+    if self.epsilon_ramp_steps == 0:
+      return None
+    done = tf.cast(self.global_step.read_value() - self.adversarial_start_step + 1,
+                   tf.float32)
+    return tf.clip_by_value(done / self.epsilon_ramp_steps, 0.0, 1.0)
+
   def _replica_step(self, batch, method):
     inputs, labels = self.split_batch(batch)
     weights = batch[WEIGHTS]
+    scale = self._epsilon_scale() if method is self.method else None
     out, grad_norm = apply_method(method, self.model, self.optimizer,
                                   self._loss_fn, inputs, labels, weights,
                                   sparse_reduce=self.sparse_reduce,
                                   example_ids=batch.get(EXAMPLE_INDEX),
                                   replay_index=batch[REPLAY_INDEX][0]
-                                  if REPLAY_INDEX in batch else None)
+                                  if REPLAY_INDEX in batch else None,
+                                  epsilon_scale=scale)
     hits, count = self.count_correct(labels, tf.cast(out.logits, tf.float32), weights)
     sums = {"loss": out.loss, "correct": hits, "counted": count}
     means = dict(out.metrics)
     means["grad_norm"] = grad_norm
+    if scale is not None:  # TensorBoard: the ε in force
+      means["epsilon_scale"] = scale
+      means["epsilon"] = scale * configured_epsilon(method)
     if self.adversarial_start_step > 0:  # TensorBoard: 0 in the warm-up, 1 after
       means["adversarial"] = tf.constant(0.0 if method is getattr(
           self, "_plain_method", None) else 1.0)

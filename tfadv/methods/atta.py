@@ -72,7 +72,7 @@ import tensorflow as tf
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
-from tfadv.perturbation import feasible_box, stuck_share
+from tfadv.perturbation import feasible_box, ramped, stuck_share
 
 
 def available_host_memory() -> Optional[int]:
@@ -176,7 +176,7 @@ class ATTATraining(Method):
                         example_ids=None):
     images = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
     ids = tf.cast(example_ids, tf.int32)
-    low, high = feasible_box(images, self.epsilon, self.clip_min, self.clip_max)
+    low, high = feasible_box(images, ramped(self.epsilon), self.clip_min, self.clip_max)
     start = tf.gather(self.memory, ids)
     delta = tf.clip_by_value(start, low, high)
     delta_gradient = tf.zeros_like(delta)
@@ -187,7 +187,7 @@ class ATTATraining(Method):
         loss = loss_fn(labels, logits, weights)
       (delta_gradient,) = scaled_gradient(tape, loss, [delta])
       delta_gradient = tf.cast(delta_gradient, tf.float32)
-      moved = tf.clip_by_value(delta + self.step_size * tf.sign(delta_gradient),
+      moved = tf.clip_by_value(delta + ramped(self.step_size) * tf.sign(delta_gradient),
                                low, high)
       delta = keep_if_finite(moved, delta)
     delta = tf.stop_gradient(delta)

@@ -33,7 +33,7 @@ from tfadv.methods import random_direction
 from tfadv.methods.base import (FORMS, Method, MethodOutput, add_gradients,
                                 replica_mean)
 from tfadv.models.hooks import EmbeddingOutputHook
-from tfadv.perturbation import normalize, per_example_norm, project
+from tfadv.perturbation import normalize, per_example_norm, project, ramped
 
 
 class EmbeddingOutputMethod(Method):
@@ -75,7 +75,7 @@ class EmbeddingOutputMethod(Method):
 
   def _random_start(self, mask) -> tf.Tensor:
     """A uniform draw from each example's ε-ball (restricted to real tokens)."""
-    return perturbation.random_start(tf.shape(self._zeros(mask)), self.epsilon, "l2",
+    return perturbation.random_start(tf.shape(self._zeros(mask)), ramped(self.epsilon), "l2",
                                      self._rng, mask=mask)
 
   def _forward(self, model, inputs, delta, mask):
@@ -157,7 +157,7 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
     else:
       loss, logits, clean, g = self._full_pass(model, loss_fn, inputs, labels,
                                                weights, zero, mask)
-    delta = tf.stop_gradient(self.epsilon * normalize(g * mask))
+    delta = tf.stop_gradient(ramped(self.epsilon) * normalize(g * mask))
     if self.direction == "random":  # the control: same norm per example, random direction
       noise = random_direction.per_example_normal(
           tf.shape(delta), random_direction.next_seed(self.seed, self._step))
@@ -212,7 +212,7 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
     for _ in range(self.num_steps):
       _, _, g = self._delta_gradient(model, loss_fn, inputs, labels, weights,
                                      delta, mask)
-      delta = project(delta + self.step_size * normalize(g * mask), self.epsilon) * mask
+      delta = project(delta + ramped(self.step_size) * normalize(g * mask), ramped(self.epsilon)) * mask
     return tf.stop_gradient(delta)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
@@ -262,7 +262,7 @@ class BufferedEmbeddingOutputMethod(EmbeddingOutputMethod):
       return self._zeros(mask)
     dims = tf.reduce_sum(mask, axis=[1, 2], keepdims=True) * self.hook.output_dim
     uniform = self._rng.uniform(tf.shape(self._zeros(mask)), -1.0, 1.0)
-    return self.init_magnitude * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
+    return ramped(self.init_magnitude) * uniform * mask / tf.sqrt(tf.maximum(dims, 1.0))
 
   def build(self, model, input_shape=None):
     super().build(model)

@@ -31,6 +31,7 @@ from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods.base import FORMS, Method, MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_matrix import TOKEN_EMBEDDING
 from tfadv.models.state import random_state_variables
+from tfadv.perturbation import ramped
 
 NORMS = ("l2", "sign")
 
@@ -103,10 +104,10 @@ class EmbeddingFGM(Method):
   def perturbation(self, gradient):
     """Δ for the all-reduced matrix gradient `g` (dense, or rows of it)."""
     if self.norm == "sign":
-      delta = self.epsilon * tf.sign(gradient)
+      delta = ramped(self.epsilon) * tf.sign(gradient)
     else:
       norm = tf.sqrt(tf.reduce_sum(tf.square(gradient)))
-      delta = self.epsilon * gradient / (norm + 1e-12)
+      delta = ramped(self.epsilon) * gradient / (norm + 1e-12)
     if self.direction == "adversarial":
       return delta
     # The control: a random direction with Δ's norm on Δ's support (the rows

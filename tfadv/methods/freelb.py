@@ -9,7 +9,7 @@ from tfadv.loss_scaling import keep_if_finite
 from tfadv.methods.base import MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
 from tfadv.models.state import random_state_variables
-from tfadv.perturbation import normalize, per_example_norm, project, stuck_share
+from tfadv.perturbation import normalize, per_example_norm, project, ramped, stuck_share
 
 
 @gin.configurable
@@ -67,7 +67,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
 
   def _start(self, mask):
     if self.carry_over:
-      return project(tf.convert_to_tensor(self.perturbation) * mask, self.epsilon)
+      return project(tf.convert_to_tensor(self.perturbation) * mask, ramped(self.epsilon))
     return self.initial_delta(mask)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
@@ -97,7 +97,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
                                                for t, a in zip(total, gradients)]
       # The same backward pass moves δ: no extra pass for the ascent.
       delta = keep_if_finite(tf.stop_gradient(project(
-          delta + self.step_size * normalize(g * mask), self.epsilon) * mask), delta)
+          delta + ramped(self.step_size) * normalize(g * mask), ramped(self.epsilon)) * mask), delta)
     # A skipped step (any weight gradient not finite) leaves the buffer as it was.
     self.perturbation.assign(keep_if_finite(delta, self.perturbation, total))
     metrics = {"adv_loss": replica_mean(loss * self.ascent_steps),

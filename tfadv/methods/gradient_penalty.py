@@ -36,6 +36,7 @@ from tfadv.methods import embedding_matrix as embedding
 from tfadv.loss_scaling import loss_scale, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput, replica_mean
 from tfadv.methods.embedding_matrix import TOKEN_EMBEDDING
+from tfadv.perturbation import ramped
 
 VARIANTS = ("squared", "norm")
 FORMS = ("per_occurrence", "matrix")
@@ -86,8 +87,8 @@ class EmbeddingGradientPenalty(Method):
 
   def penalty(self, squared_norm):
     if self.variant == "squared":
-      return 0.5 * self.epsilon * squared_norm
-    return self.epsilon * tf.sqrt(squared_norm + 1e-24)
+      return 0.5 * ramped(self.epsilon) * squared_norm
+    return ramped(self.epsilon) * tf.sqrt(squared_norm + 1e-24)
 
   def _squared_norm(self, tape, loss):
     """‖g‖² of the unscaled gradient (float16: g is taken scaled, then the

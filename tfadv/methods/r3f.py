@@ -7,7 +7,7 @@ from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods import random_direction
 from tfadv.methods.base import MethodOutput, replica_mean
 from tfadv.methods.embedding_output import EmbeddingOutputMethod
-from tfadv.perturbation import per_example_norm
+from tfadv.perturbation import per_example_norm, ramped
 
 NOISE_TYPES = ("uniform", "normal")
 
@@ -77,7 +77,7 @@ class R3F(EmbeddingOutputMethod):
     draw = (random_direction.per_example_uniform if self.noise_type == "uniform"
             else random_direction.per_example_normal)
     shape = tf.shape(self._zeros(mask))
-    return self.epsilon * draw(shape, random_direction.next_seed(self.seed, self._step)) * mask
+    return ramped(self.epsilon) * draw(shape, random_direction.next_seed(self.seed, self._step)) * mask
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     mask = self._mask(inputs)
