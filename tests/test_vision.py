@@ -732,11 +732,15 @@ def test_warm_up_runs_plain_steps_until_the_start_then_the_method():
 
 @pytest.mark.slow
 def test_warm_up_from_a_gin_binding_splits_the_first_loop_at_the_start(tmp_path):
-  bindings = fashion_bindings(tmp_path) + ["Experiment.adversarial_start_step = 5"]
+  bindings = fashion_bindings(tmp_path) + ["Experiment.adversarial_start_step = 5",
+                                           "Experiment.epsilon_ramp_steps = 8"]
   out = run_experiment("train", tmp_path / "m", tf.distribute.get_strategy(), bindings,
                        ["configs/fashion_mnist_fgsm.gin"])
   steps = [line for line in out["lines"] if line.startswith("step ")]
   # Loops of 8 steps, the first one cut at the start: 5 plain steps, then FGSM-RS.
   assert steps[0].startswith("step 5/48") and "adversarial 0 " in steps[0]
   assert steps[1].startswith("step 8/48") and "adversarial 1 " in steps[1]
+  # The ramp: steps 5-7 at 1/8, 2/8, 3/8 of ε (mean 0.25), full ε from step 12.
+  assert "epsilon_scale" not in steps[0] and "epsilon_scale 0.25 " in steps[1]
+  assert "epsilon_scale 1 " in steps[-1]
   assert steps[-1].startswith("step 48/48")
