@@ -379,7 +379,8 @@ def main(argv):
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   write_markdown(groups, finished, selection, chosen, total, time.time() - start,
                  os.path.join(FLAGS.out_dir, "results.md"), missing)
-  plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
+  if groups:  # nothing to plot before the first run finishes
+    plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
   print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
         f"({total / 60:.1f} min of runs).")
 
