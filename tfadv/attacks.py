@@ -47,12 +47,29 @@ class Attack:
 
   Input-space attacks return adversarial inputs from `__call__`; attacks on
   a model's internals (`EmbeddingOutputAttack`) return the logits directly.
-  The trainer calls `adversarial_logits` for either.
+  The trainer calls `adversarial_outputs` for either.
+
+  An attack that reports more than accuracy (`tfadv.char_substitution`)
+  returns per-example values from `adversarial_outputs` and names them in
+  `per_example_metrics` ({name: "successful" | "attacked"}: the examples the
+  value is averaged over, as TextAttack's metrics do); the trainer then also
+  reports `success_rate_<attack>` = broken / attacked (attacked = correct
+  clean). `prepare(task, model_dir)` runs once before the model is built
+  (e.g. tables that depend on the task's vocabulary).
   """
+
+  per_example_metrics = {}
+
+  def prepare(self, task, model_dir=None) -> None:
+    del task, model_dir
 
   def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
     adversarial = self(model, inputs, labels, rng=rng, loss_fn=loss_fn)
     return model(adversarial, training=False)
+
+  def adversarial_outputs(self, model, inputs, labels, rng, loss_fn):
+    """(adversarial logits, {metric: per-example value})."""
+    return self.adversarial_logits(model, inputs, labels, rng, loss_fn), {}
 
 
 @gin.configurable

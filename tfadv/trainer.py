@@ -284,11 +284,18 @@ class Trainer:
     # (float16: unscaled gradients of confident examples underflow to zero).
     with loss_scaling_by(self.optimizer):
       for name, attack in self.eval_attacks.items():
-        adv_logits = tf.cast(attack.adversarial_logits(
-            self.model, inputs, labels, self._eval_rng, self.per_example_loss), tf.float32)
-        held = tf.logical_and(clean_correct, _correct(labels, adv_logits))
+        adv_logits, extra = attack.adversarial_outputs(
+            self.model, inputs, labels, self._eval_rng, self.per_example_loss)
+        held = tf.logical_and(clean_correct, _correct(labels, tf.cast(adv_logits, tf.float32)))
         sums[f"correct_{name}"] = _weighted_count(held, weights)
         worst = tf.logical_and(worst, held)
+        if attack.per_example_metrics:  # TextAttack's: over attacked or broken examples
+          over = {"attacked": clean_correct,
+                  "successful": tf.logical_and(clean_correct, ~held)}
+          sums[f"attacked_{name}"] = _weighted_count(clean_correct, weights)
+          for metric, among in attack.per_example_metrics.items():
+            sums[f"{name}_{metric}"] = tf.reduce_sum(
+                tf.cast(extra[metric], tf.float32) * weights * tf.cast(over[among], tf.float32))
     if len(self.eval_attacks) > 1:
       # Per example, the worst case over the attacks: correct under all of them.
       sums[f"correct_{WORST_CASE}"] = _weighted_count(worst, weights)
@@ -372,4 +379,12 @@ class Trainer:
     names = list(self.eval_attacks) + ([WORST_CASE] if len(self.eval_attacks) > 1 else [])
     for name in names:
       metrics[f"{self.accuracy_name}_{name}"] = sums[f"correct_{name}"] / counted
+    for name, attack in self.eval_attacks.items():
+      if attack.per_example_metrics:
+        attacked = sums[f"attacked_{name}"]
+        broken = attacked - sums[f"correct_{name}"]
+        metrics[f"success_rate_{name}"] = broken / max(attacked, 1.0)
+        for metric, among in attack.per_example_metrics.items():
+          metrics[f"{name}_{metric}"] = sums[f"{name}_{metric}"] / max(
+              broken if among == "successful" else attacked, 1.0)
     return metrics

@@ -67,6 +67,10 @@ class TextClassificationTask(Task):
   def num_classes(self) -> int:
     return len(self.label_names)
 
+  def vocabulary(self) -> list:
+    """The tokenizer's tokens, by id (after `prepare`)."""
+    return list(self.preprocessor.tokenizer.get_vocabulary())
+
   def prepare(self, model_dir: str) -> None:
     """Loads or creates the label mapping and tokenizer for `model_dir`."""
     if self.preset:  # before anything is written

@@ -1,0 +1,271 @@
+"""The character-substitution attack against a brute-force search, its candidates, its metrics."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfadv.char_substitution import CharSubstitutionAttack, attackable, pinyin_table
+from tfadv.data.vocab import SPECIAL_TOKENS
+from tfadv.experiment import build_trainer
+from tfadv.data.pipeline import distributed_dataset
+
+CJK = list("中钟忠国果过行星航天田甜地第的得")
+VOCAB = list(SPECIAL_TOKENS) + ["a", "b", "1", "2", "，", "。"] + CJK
+V, H, L, N = len(VOCAB), 4, 12, 24
+FIRST_CJK = VOCAB.index(CJK[0])
+
+
+def additive_model(seed=0):
+  """logits = W·Σ_i mask_i E[x_i] + b: the effect of each position adds up, so
+  the first-order gain is exact and greedy equals brute force (2 classes)."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
+  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
+      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
+  return keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(2)(pooled))
+
+
+def texts(seed=0):
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(FIRST_CJK, V, size=(N, L)).astype(np.int32)
+  ids[:, 0] = VOCAB.index("[CLS]")
+  ids[:, 5] = VOCAB.index("，")  # punctuation and a Latin letter stay as they are
+  ids[:, 6] = VOCAB.index("a")
+  mask = np.ones((N, L), bool)
+  mask[::3, 9:] = False  # padding
+  ids[~mask] = 0
+  return {"token_ids": ids, "padding_mask": mask}
+
+
+def random_pinyin(seed=0, width=3):
+  """A small same-sound table over the CJK ids (the test's, not pypinyin's)."""
+  rng = np.random.RandomState(seed)
+  table = np.full((V, width), -1, np.int32)
+  for index in range(FIRST_CJK, V):
+    others = [j for j in range(FIRST_CJK, V) if j != index]
+    table[index] = rng.choice(others, width, replace=False)
+  return table
+
+
+def per_example_ce(labels, logits):
+  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
+def brute_force(model, inputs, labels, candidates, budget):
+  """Fewest changes (≤ budget) that flip each clean-correct example, by trying
+  every set of positions and every candidate at each; None when none does."""
+  ids, mask = inputs["token_ids"], inputs["padding_mask"]
+  clean = np.argmax(model(inputs).numpy(), -1)
+  answers = []
+  for n in range(len(ids)):
+    if clean[n] != labels[n]:
+      answers.append("skipped")
+      continue
+    positions = [i for i in range(L) if mask[n, i] and candidates[n][i]]
+    found = None
+    for size in range(1, budget + 1):
+      trials = []
+      for chosen in itertools.combinations(positions, size):
+        for characters in itertools.product(*(candidates[n][i] for i in chosen)):
+          text = ids[n].copy()
+          text[list(chosen)] = characters
+          trials.append(text)
+      if not trials:
+        break
+      trials = np.stack(trials)
+      logits = model({"token_ids": trials, "padding_mask": np.repeat(
+          mask[n:n + 1], len(trials), 0)}).numpy()
+      if np.any(np.argmax(logits, -1) != labels[n]):
+        found = size
+        break
+    answers.append(found)
+  return answers
+
+
+def candidate_sets(model, inputs, pinyin, k):
+  """Per position: same-sound ids plus the k nearest CJK ids by Euclidean
+  distance in the embedding table (numpy)."""
+  table = model.get_layer("token_embedding").embeddings.numpy()
+  allowed = attackable(VOCAB)
+  sets = []
+  for row in inputs["token_ids"]:
+    per_position = []
+    for token in row:
+      if not allowed[token]:
+        per_position.append([])
+        continue
+      same = [c for c in pinyin[token] if c >= 0]
+      distance = ((table - table[token]) ** 2).sum(-1)
+      order = [c for c in np.argsort(distance, kind="stable") if allowed[c] and c != token]
+      per_position.append(sorted(set(same) | set(order[:k])))
+    sets.append(per_position)
+  return sets
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_greedy_attack_equals_brute_force_on_an_additive_model(budget):
+  model = additive_model()
+  inputs = texts()
+  clean = np.argmax(model(inputs).numpy(), -1)
+  labels = clean.copy()
+  labels[:4] = 1 - labels[:4]  # a few the model gets wrong: skipped
+  pinyin = random_pinyin()
+  attack = CharSubstitutionAttack(budget=budget, max_fraction=1.0, embedding_candidates=2,
+                                  top_k=6)
+  attack.set_vocabulary(VOCAB, pinyin=pinyin)
+  logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                             per_example_ce)
+  want = brute_force(model, inputs, labels, candidate_sets(model, inputs, pinyin, 2), budget)
+  broken = np.argmax(logits.numpy(), -1) != labels
+  changed = extra["changed"].numpy()
+  for n, answer in enumerate(want):
+    if answer == "skipped":
+      assert changed[n] == 0 and extra["queries"].numpy()[n] == 1
+    elif answer is None:
+      assert not broken[n], n
+    else:
+      assert broken[n] and changed[n] == answer, (n, answer, changed[n])
+  assert sum(a not in (None, "skipped") for a in want) >= 3  # the test has teeth
+  assert sum(a is None for a in want) >= 1 or budget == 2
+  # The logits are the attacked texts' own.
+  np.testing.assert_allclose(
+      logits.numpy(), model({**inputs, "token_ids": extra["token_ids"].numpy()}).numpy(), rtol=1e-5)
+
+
+def test_substitutions_stay_on_cjk_characters_of_the_vocabulary():
+  model = additive_model(1)
+  inputs = texts(1)
+  labels = np.argmax(model(inputs).numpy(), -1)
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin(1))
+  logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                             per_example_ce)
+  before, after = inputs["token_ids"], extra["token_ids"].numpy()
+  assert after.shape == before.shape  # length and padding unchanged
+  moved = before != after
+  assert moved.any() and not moved[~inputs["padding_mask"]].any()
+  allowed = attackable(VOCAB)
+  assert allowed[before[moved]].all() and allowed[after[moved]].all()
+  np.testing.assert_array_equal(moved.sum(1), extra["changed"].numpy())
+  held = np.argmax(logits.numpy(), -1) == labels
+  assert held.any()  # an unbroken example keeps its label
+  np.testing.assert_array_equal(
+      np.argmax(model({**inputs, "token_ids": after}).numpy(), -1)[held], labels[held])
+
+
+def test_budget_is_at_most_a_tenth_of_the_characters():
+  model = additive_model(2)
+  inputs = texts(2)  # 9 to 11 characters (special tokens excluded): 0 or 1 change
+  labels = np.argmax(model(inputs).numpy(), -1)
+  attack = CharSubstitutionAttack(budget=2)  # max_fraction 0.1
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin(2))
+  _, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                        per_example_ce)
+  characters = (inputs["padding_mask"] & (inputs["token_ids"] != 2)).sum(1)
+  allowed_changes = np.minimum(2, np.floor(0.1 * characters))
+  assert np.all(extra["changed"].numpy() <= allowed_changes)
+  assert np.all(extra["changed"].numpy()[allowed_changes == 0] == 0)
+  assert np.all(extra["queries"].numpy()[allowed_changes == 0] == 1)
+  # One verified batch of top_k texts per change the budget allows, at most.
+  assert np.all(extra["queries"].numpy() <= 1 + attack.top_k * allowed_changes)
+  assert np.any(extra["queries"].numpy() > 1)
+
+
+def test_a_substitution_that_lowers_the_loss_is_not_kept():
+  """Every text holds the character that is worst for its (true) class, so any
+  substitution lowers the loss: nothing changes, the candidates were queried."""
+  model = additive_model()
+  table = np.zeros((V, H), np.float32)
+  table[FIRST_CJK:, 0] = np.arange(V - FIRST_CJK) + 1.0  # 中 is the lowest CJK value
+  model.get_layer("token_embedding").embeddings.assign(table)
+  dense = model.layers[-1]
+  kernel = np.zeros((H, 2), np.float32)
+  kernel[0] = [-1.0, 1.0]  # logit 1 − logit 0 = 2·Σ values: class 1 everywhere
+  dense.set_weights([kernel, np.zeros(2, np.float32)])
+  inputs = texts()
+  inputs["token_ids"] = np.where(attackable(VOCAB)[inputs["token_ids"]], FIRST_CJK,
+                                 inputs["token_ids"]).astype(np.int32)
+  labels = np.ones(N, np.int32)
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, top_k=4)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin())
+  _, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                        per_example_ce)
+  np.testing.assert_array_equal(extra["token_ids"].numpy(), inputs["token_ids"])
+  assert np.all(extra["changed"].numpy() == 0)
+  assert np.all(extra["queries"].numpy() == 1 + 4)  # one round tried, then stopped
+
+
+def test_pinyin_table_groups_homophones_and_leaves_other_tokens_out():
+  table = pinyin_table(VOCAB, max_candidates=4)
+  index = VOCAB.index
+  assert set(table[index("中")]) - {-1} == {index("钟"), index("忠")}
+  # 行 reads xing and hang: 星 and 航; 的 reads de, di (and others): 得, 地, 第.
+  assert {index("星"), index("航")} <= set(table[index("行")])
+  assert {index("得"), index("地")} <= set(table[index("的")])
+  for token in list(SPECIAL_TOKENS) + ["a", "1", "，"]:
+    assert np.all(table[index(token)] == -1)
+  assert attackable(VOCAB).sum() == len(CJK)
+
+
+def test_trainer_reports_textattack_metrics(mirrored):
+  inputs = texts(3)
+  model_start = additive_model(3)
+  labels = np.argmax(model_start(inputs).numpy(), -1).astype(np.int32)
+  labels[:3] = 1 - labels[:3]
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin(3))
+  logits, extra = attack.adversarial_outputs(model_start, inputs, tf.constant(labels), None,
+                                             per_example_ce)
+  clean = np.argmax(model_start(inputs).numpy(), -1) == labels
+  held = clean & (np.argmax(logits.numpy(), -1) == labels)
+  broken = clean & ~held
+  weights = model_start.get_weights()
+
+  def build():
+    model = additive_model(3)
+    model.set_weights(weights)
+    return model
+
+  for strategy in (tf.distribute.get_strategy(), mirrored):
+    trainer = build_trainer(build, None, global_batch_size=N, strategy=strategy,
+                            split_batch=lambda b: ({k: b[k] for k in ("token_ids",
+                                                                      "padding_mask")},
+                                                   b["label"]),
+                            eval_attacks={"sub": attack})
+    arrays = {**inputs, "label": labels}
+    metrics = trainer.evaluate(iter(distributed_dataset(trainer.strategy, arrays, N,
+                                                        shuffle=False)), 1)
+    assert metrics["accuracy"] == pytest.approx(clean.mean())
+    assert metrics["accuracy_sub"] == pytest.approx(held.mean())  # failed / total
+    assert metrics["success_rate_sub"] == pytest.approx(broken.sum() / clean.sum())
+    assert metrics["sub_changed"] == pytest.approx(extra["changed"].numpy()[broken].mean())
+    assert metrics["sub_queries"] == pytest.approx(extra["queries"].numpy()[clean].mean())
+
+
+def test_attack_compiles_with_xla_to_the_same_substitutions():
+  model = additive_model(4)
+  inputs = {k: tf.constant(v) for k, v in texts(4).items()}
+  labels = tf.constant(np.argmax(model(inputs).numpy(), -1).astype(np.int32))
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin(4))
+  eager = attack.adversarial_outputs(model, inputs, labels, None, per_example_ce)[1]
+  compiled = tf.function(lambda i, y: attack.adversarial_outputs(model, i, y, None,
+                                                                 per_example_ce)[1],
+                         jit_compile=True)
+  got = compiled(inputs, labels)
+  assert "HloModule" in compiled.experimental_get_compiler_ir(inputs, labels)(stage="hlo")
+  # XLA's float sums can order near-tied candidates differently: the same
+  # examples break with the same number of changes and queries, and the texts
+  # agree except where two candidates tie.
+  for key in ("changed", "queries"):
+    np.testing.assert_array_equal(got[key].numpy(), eager[key].numpy())
+  same = np.all(got["token_ids"].numpy() == eager["token_ids"].numpy(), axis=1)
+  assert same.mean() >= 0.9
+  predict = lambda ids: np.argmax(model({**inputs, "token_ids": ids}).numpy(), -1)
+  np.testing.assert_array_equal(predict(got["token_ids"]), predict(eager["token_ids"]))
+  assert eager["changed"].numpy().sum() > 0

@@ -1,0 +1,263 @@
+"""A character-substitution attack on Chinese text classifiers: homophones and embedding neighbours, HotFlip-guided, verified greedily.
+
+An attack that real input can carry out (unlike a perturbation of the
+embeddings): replace at most B characters of a sentence (default 2, and at
+most `max_fraction` = 10% of its characters) by
+
+- characters with the same pinyin, tones ignored (every reading of a
+  polyphonic character; `pypinyin`'s bundled dictionary, offline), and
+- the k nearest characters in the model's own token-embedding table
+  (Euclidean distance, recomputed from the weights being evaluated),
+
+only CJK characters of the model's vocabulary, never special tokens,
+punctuation, digits or Latin letters, each position changed at most once
+(TextAttack's `RepeatModification`). The search follows Wang et al. 2020
+("Towards Evaluating the Robustness of Chinese BERT Classifiers": the
+substitution guided by the embedding gradient) and HotFlip (Ebrahimi et al.
+2018): one backward pass gives g = ∂L/∂(embedding output), and the
+first-order gain of putting character c at position i is (E[c] − E[x_i])·g_i;
+each round verifies the `top_k` best (position, character) pairs in one
+batched forward pass and keeps the one that raises the loss most, if any
+does. An example stops when its prediction flips (success), when no
+candidate raises its loss, or when its budget is spent. Examples the model
+already gets wrong are not attacked (TextAttack's "skipped").
+
+Metrics, as TextAttack defines them (`textattack/metrics/attack_metrics`):
+accuracy under attack = failed / total (the trainer's `accuracy_<name>`),
+attack success rate = successful / (successful + failed)
+(`success_rate_<name>`), mean characters changed over successful attacks
+(`<name>_changed`), mean model queries over attacked examples
+(`<name>_queries`: 1 for the clean prediction, plus one per verified
+candidate; the gradient pass of a round re-runs a text already queried).
+
+Everything is one in-graph computation with static shapes (`budget` rounds,
+`top_k` candidates each), batched, deterministic, under the trainer's
+strategy. The pinyin table depends on the vocabulary only: it is built once
+and cached in the model dir (`char_substitution_pinyin.npz`).
+"""
+
+import hashlib
+import io
+import os
+from typing import List, Optional, Sequence
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from tfadv.attacks import Attack
+from tfadv.data.vocab import SPECIAL_TOKENS, _is_cjk
+
+CACHE = "char_substitution_pinyin.npz"
+
+
+def attackable(vocabulary: Sequence[str]) -> np.ndarray:
+  """[V] bool: the tokens that are one CJK character (positions that may change,
+  and the characters they may become)."""
+  return np.array([len(t) == 1 and _is_cjk(t) and t not in SPECIAL_TOKENS
+                   for t in vocabulary], bool)
+
+
+def pinyin_table(vocabulary: Sequence[str], max_candidates: int) -> np.ndarray:
+  """[V, max_candidates] int32: for each CJK character, the other CJK
+  characters of `vocabulary` sharing a toneless reading, in vocabulary order
+  (a frequency-ordered vocabulary puts common characters first); −1 pads."""
+  from pypinyin import Style, pinyin  # pylint: disable=g-import-not-at-top
+  allowed = attackable(vocabulary)
+  readings, by_reading = {}, {}
+  for index, token in enumerate(vocabulary):
+    if allowed[index]:
+      sounds = set(pinyin(token, style=Style.NORMAL, heteronym=True)[0])
+      sounds = {s for s in sounds if s.isalpha() and s.isascii()}  # a reading, not the char
+      readings[index] = sounds
+      for sound in sounds:
+        by_reading.setdefault(sound, []).append(index)
+  table = np.full((len(vocabulary), max_candidates), -1, np.int32)
+  for index, sounds in readings.items():
+    same = sorted({other for s in sounds for other in by_reading[s]} - {index})
+    table[index, :min(len(same), max_candidates)] = same[:max_candidates]
+  return table
+
+
+def cached_pinyin_table(vocabulary: Sequence[str], max_candidates: int,
+                        model_dir: Optional[str]) -> np.ndarray:
+  """`pinyin_table`, read from / written to `model_dir` when given (keyed by the
+  vocabulary's hash and `max_candidates`)."""
+  key = hashlib.sha256(("\n".join(vocabulary) + f"\n{max_candidates}").encode()).hexdigest()
+  path = os.path.join(model_dir, CACHE) if model_dir else None
+  if path and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+      saved = np.load(io.BytesIO(f.read()))
+    if str(saved["key"]) == key:
+      return saved["table"]
+  table = pinyin_table(vocabulary, max_candidates)
+  if path:  # local or gs://
+    buffer = io.BytesIO()
+    np.savez(buffer, key=key, table=table)
+    with tf.io.gfile.GFile(path, "wb") as f:
+      f.write(buffer.getvalue())
+  return table
+
+
+@gin.configurable
+class CharSubstitutionAttack(Attack):
+  """Greedy character substitutions (homophones + embedding neighbours), HotFlip-guided.
+
+  Args:
+    budget: B, the most characters changed per sentence.
+    max_fraction: and at most this share of the sentence's characters
+      (its real tokens other than special tokens), rounded down.
+    pinyin_candidates: same-pinyin candidates per character.
+    embedding_candidates: k nearest characters in the token-embedding table.
+    top_k: (position, character) pairs verified per round (one batched
+      forward pass of top_k texts per example).
+    token_ids_key, padding_mask_key: the model's inputs.
+    layer_name: the token-embedding layer (keras-hub BERT: `token_embedding`).
+
+  Before use it needs the model's vocabulary: `prepare(task, model_dir)`
+  (the experiment calls it) or `set_vocabulary(tokens)`.
+
+  Example:
+  >>> attack = CharSubstitutionAttack(budget=2)
+  >>> # Experiment.eval_attacks = {"sub2": @CharSubstitutionAttack()} in a text config
+  """
+
+  per_example_metrics = {"changed": "successful", "queries": "attacked"}
+
+  def __init__(self, budget: int = 2, max_fraction: float = 0.1,
+               pinyin_candidates: int = 8, embedding_candidates: int = 8,
+               top_k: int = 8, token_ids_key: str = "token_ids",
+               padding_mask_key: str = "padding_mask",
+               layer_name: str = "token_embedding"):
+    if budget < 1 or top_k < 1:
+      raise ValueError(f"CharSubstitutionAttack: budget={budget} and top_k={top_k} "
+                       "must be >= 1.")
+    self.budget = int(budget)
+    self.max_fraction = float(max_fraction)
+    self.pinyin_candidates = int(pinyin_candidates)
+    self.embedding_candidates = int(embedding_candidates)
+    self.top_k = int(top_k)
+    self.token_ids_key = token_ids_key
+    self.padding_mask_key = padding_mask_key
+    self.layer_name = layer_name
+    self._allowed = self._special = self._pinyin = None
+    self._hook = None
+
+  def prepare(self, task, model_dir: Optional[str] = None) -> None:
+    self.set_vocabulary(task.vocabulary(), model_dir)
+
+  def set_vocabulary(self, vocabulary: List[str], model_dir: Optional[str] = None,
+                     pinyin: Optional[np.ndarray] = None) -> None:
+    """Builds the candidate tables; `pinyin` overrides the same-pinyin table
+    ([V, P] int32, −1 padded; tests)."""
+    vocabulary = list(vocabulary)
+    self._allowed = tf.constant(attackable(vocabulary))
+    self._special = tf.constant([t in SPECIAL_TOKENS for t in vocabulary])
+    if pinyin is None:
+      pinyin = cached_pinyin_table(vocabulary, self.pinyin_candidates, model_dir)
+    self._pinyin = tf.constant(pinyin, tf.int32)
+
+  def _candidates(self, table, ids):
+    """[B, L, P + k] candidate ids (−1: none) of every position."""
+    same_sound = tf.gather(self._pinyin, ids)
+    if self.embedding_candidates == 0:
+      return same_sound
+    vectors = tf.gather(table, ids)  # [B, L, H]
+    # ‖E_c − E_x‖² ordering = ‖E_c‖² − 2 E_c·E_x (‖E_x‖² is the same for every c).
+    distance = (tf.reduce_sum(tf.square(table), -1)[None, None, :]
+                - 2.0 * tf.einsum("blh,vh->blv", vectors, table))
+    vocabulary = tf.shape(table)[0]
+    own = tf.one_hot(ids, vocabulary, on_value=True, off_value=False)
+    distance = tf.where(tf.logical_and(self._allowed[None, None, :], ~own), distance,
+                        np.inf)
+    _, nearest = tf.math.top_k(-distance, k=self.embedding_candidates)
+    usable = tf.gather(self._allowed, nearest)
+    # A neighbour already among the same-sound candidates is not tried twice.
+    repeated = tf.reduce_any(nearest[..., :, None] == same_sound[..., None, :], -1)
+    nearest = tf.where(tf.logical_and(usable, ~repeated), nearest, -1)
+    return tf.concat([same_sound, tf.cast(nearest, tf.int32)], -1)
+
+  def _forward(self, model, inputs, ids):
+    return tf.cast(model({**inputs, self.token_ids_key: ids}, training=False), tf.float32)
+
+  def adversarial_logits(self, model, inputs, labels, rng, loss_fn):
+    return self.adversarial_outputs(model, inputs, labels, rng, loss_fn)[0]
+
+  def adversarial_outputs(self, model, inputs, labels, rng, loss_fn):
+    """(logits of the attacked texts, {"changed", "queries", "token_ids"})."""
+    del rng  # deterministic
+    from tfadv.models.hooks import EmbeddingOutputHook  # pylint: disable=g-import-not-at-top
+    if self._pinyin is None:
+      raise ValueError("CharSubstitutionAttack has no vocabulary: the experiment calls "
+                       "prepare(task, model_dir); outside one call set_vocabulary(tokens).")
+    if self._hook is None or self._hook.model is not model:
+      self._hook = EmbeddingOutputHook(model, self.layer_name)
+    hook = self._hook
+    table = tf.cast(tf.convert_to_tensor(hook.layer.embeddings), tf.float32)
+    inputs = {key: tf.convert_to_tensor(value) for key, value in inputs.items()}
+    ids = tf.cast(inputs[self.token_ids_key], tf.int32)
+    real = tf.cast(inputs[self.padding_mask_key], tf.bool)
+    batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+    characters = tf.reduce_sum(tf.cast(
+        tf.logical_and(real, ~tf.gather(self._special, ids)), tf.float32), 1)
+    budget = tf.minimum(float(self.budget), tf.floor(self.max_fraction * characters + 1e-6))
+    position_ok = tf.logical_and(real, tf.gather(self._allowed, ids))
+    candidates = self._candidates(table, ids)  # fixed by the original text
+    slots = candidates.shape[-1]
+
+    logits = self._forward(model, inputs, ids)
+    loss = loss_fn(labels, logits)
+    labels = tf.cast(labels, tf.int32)
+    active = tf.logical_and(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+                            budget > 0)
+    queries = tf.ones([batch], tf.float32)
+    changed = tf.zeros([batch, length], tf.bool)
+    current = ids
+    k = self.top_k
+    for round_ in range(self.budget):
+      zero = tf.zeros([batch, length, hook.output_dim])
+      with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(zero)
+        with hook.adding(zero):
+          round_loss = tf.reduce_sum(loss_fn(labels, self._forward(model, inputs, current)))
+      gradient = tf.cast(tape.gradient(round_loss, zero), tf.float32)
+      here = tf.gather(table, current)
+      gain = tf.einsum("blch,blh->blc", tf.gather(table, tf.maximum(candidates, 0))
+                       - here[:, :, None, :], gradient)
+      valid = (tf.logical_and(candidates >= 0, position_ok[..., None])
+               & ~changed[..., None] & (candidates != current[..., None]))
+      gain = tf.reshape(tf.where(valid, gain, -np.inf), [batch, length * slots])
+      best_gain, pick = tf.math.top_k(gain, k=k)
+      position = pick // slots
+      character = tf.gather(tf.reshape(candidates, [batch, -1]), pick, batch_dims=1)
+      tried = tf.math.is_finite(best_gain)  # [B, k]
+      texts = tf.where(tf.one_hot(position, length, on_value=True, off_value=False),
+                       character[..., None], current[:, None, :])  # [B, k, L]
+      tiled = {key: tf.repeat(value, k, axis=0) for key, value in inputs.items()}
+      tried_logits = tf.reshape(
+          self._forward(model, tiled, tf.reshape(texts, [batch * k, length])),
+          [batch, k, -1])
+      tried_loss = tf.reshape(loss_fn(tf.repeat(labels, k), tf.reshape(
+          tried_logits, [batch * k, -1])), [batch, k])
+      tried_loss = tf.where(tried, tried_loss, -np.inf)
+      best = tf.argmax(tried_loss, -1, output_type=tf.int32)
+      best_loss = tf.gather(tried_loss, best, batch_dims=1)
+      running = tf.logical_and(active, float(round_) < budget)
+      queries += tf.where(running, tf.reduce_sum(tf.cast(tried, tf.float32), -1), 0.0)
+      keep = tf.logical_and(running, best_loss > loss)
+      current = tf.where(keep[:, None], tf.gather(texts, best, batch_dims=1), current)
+      changed = tf.logical_or(changed, tf.logical_and(keep[:, None], tf.one_hot(
+          tf.gather(position, best, batch_dims=1), length, on_value=True, off_value=False)))
+      logits = tf.where(keep[:, None], tf.gather(tried_logits, best, batch_dims=1), logits)
+      loss = tf.where(keep, best_loss, loss)
+      flipped = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+      active = tf.logical_and(keep, ~flipped)
+    return logits, {"changed": tf.reduce_sum(tf.cast(changed, tf.float32), 1),
+                    "queries": queries, "token_ids": current}
+
+  def get_config(self) -> dict:
+    return {"budget": self.budget, "max_fraction": self.max_fraction,
+            "pinyin_candidates": self.pinyin_candidates,
+            "embedding_candidates": self.embedding_candidates, "top_k": self.top_k,
+            "token_ids_key": self.token_ids_key, "padding_mask_key": self.padding_mask_key,
+            "layer_name": self.layer_name}
