@@ -269,3 +269,58 @@ def test_attack_compiles_with_xla_to_the_same_substitutions():
   predict = lambda ids: np.argmax(model({**inputs, "token_ids": ids}).numpy(), -1)
   np.testing.assert_array_equal(predict(got["token_ids"]), predict(eager["token_ids"]))
   assert eager["changed"].numpy().sum() > 0
+
+
+def test_examples_for_a_reader_show_each_substitution():
+  model = additive_model()
+  inputs = texts()
+  labels = np.argmax(model(inputs).numpy(), -1).astype(np.int32)
+  labels[0] = 1 - labels[0]  # wrong already: skipped
+
+  class Task:  # the parts of the task contract `examples` reads
+    label_names = ["neg", "pos"]
+    vocabulary = staticmethod(lambda: VOCAB)
+    split_batch = staticmethod(lambda b: ({k: b[k] for k in ("token_ids", "padding_mask")},
+                                          b["label"]))
+    per_example_loss = staticmethod(per_example_ce)
+
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin())
+  rows = attack.examples(model, Task, {**inputs, "label": labels}, count=10, batch_size=4)
+  _, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                        per_example_ce)
+  assert len(rows) == 10 and rows[0]["result"] == "skipped"
+  first = inputs["token_ids"][1][inputs["padding_mask"][1]]
+  assert rows[1]["text"] == "".join(VOCAB[i] for i in first[1:])  # [CLS] dropped
+  for n, row in enumerate(rows):
+    assert row["changed"] == int(extra["changed"].numpy()[n])
+    differ = sum(a != b for a, b in zip(row["text"], row["adversarial"]))
+    assert differ == row["changed"] and len(row["text"]) == len(row["adversarial"])
+    assert row["label"] == Task.label_names[labels[n]]
+    assert (row["result"] == "successful") == (row["prediction_after"] != row["label"]
+                                               and row["result"] != "skipped")
+  assert any(row["result"] == "successful" for row in rows)
+
+
+@pytest.mark.slow
+def test_a_text_run_reports_the_attack_and_writes_examples(fewclue_dir, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import builders  # pylint: disable=g-import-not-at-top
+  bindings = builders.tnews_bindings(fewclue_dir, train_steps=20, attack_examples=6)
+  bindings += ["Experiment.eval_attacks = {'sub2': @CharSubstitutionAttack()}"]
+  results = builders.run("train_and_evaluate", tmp_path, tf.distribute.get_strategy(),
+                         bindings)
+  record = json.load(open(tmp_path / "eval_results_dev.json"))
+  for key in ("accuracy_sub2", "success_rate_sub2", "sub2_changed", "sub2_queries"):
+    assert record[key] == pytest.approx(results["eval"][key])
+  assert record["accuracy_sub2"] <= record["accuracy"] and record["sub2_queries"] >= 1
+  cache = tmp_path / "char_substitution_pinyin.npz"
+  assert cache.exists()
+  rows = [json.loads(line) for line in open(tmp_path / "attack_examples_dev_sub2.jsonl",
+                                             encoding="utf-8")]
+  assert len(rows) == 6 and all(row["text"] for row in rows)
+  # Evaluating again reads the cached table (the file is not rewritten).
+  before = os.stat(cache).st_mtime_ns
+  builders.run("evaluate", tmp_path, tf.distribute.get_strategy(), bindings)
+  assert os.stat(cache).st_mtime_ns == before

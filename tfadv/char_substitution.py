@@ -99,6 +99,12 @@ def cached_pinyin_table(vocabulary: Sequence[str], max_candidates: int,
   return table
 
 
+def _detokenize(ids, vocabulary) -> str:
+  """Characters of a token-id row, special tokens dropped (WordPiece `##` joined)."""
+  tokens = [vocabulary[i] for i in ids if vocabulary[i] not in SPECIAL_TOKENS]
+  return "".join(t[2:] if t.startswith("##") else t for t in tokens)
+
+
 @gin.configurable
 class CharSubstitutionAttack(Attack):
   """Greedy character substitutions (homophones + embedding neighbours), HotFlip-guided.
@@ -254,6 +260,39 @@ class CharSubstitutionAttack(Attack):
       active = tf.logical_and(keep, ~flipped)
     return logits, {"changed": tf.reduce_sum(tf.cast(changed, tf.float32), 1),
                     "queries": queries, "token_ids": current}
+
+  def examples(self, model, task, arrays, count: int, batch_size: int = 32):
+    """The first `count` examples of `arrays` (a split's arrays) attacked, as dicts
+    for a reader: original and adversarial text, label, prediction before and
+    after, characters changed, whether the attack succeeded (skipped when the
+    clean prediction was already wrong)."""
+    vocabulary, names = task.vocabulary(), task.label_names
+    inputs_of, labels_of = task.split_batch, None
+    attack = tf.function(lambda inputs, labels: self.adversarial_outputs(
+        model, inputs, labels, None, task.per_example_loss))
+    rows = []
+    for start in range(0, min(count, len(arrays["label"])), batch_size):
+      batch = {k: v[start:min(start + batch_size, count)] for k, v in arrays.items()}
+      inputs, labels_of = inputs_of(batch)
+      inputs = {k: tf.convert_to_tensor(v) for k, v in inputs.items()}
+      labels = tf.convert_to_tensor(labels_of)
+      clean = tf.argmax(model(inputs, training=False), -1).numpy()
+      logits, extra = attack(inputs, labels)
+      after = tf.argmax(logits, -1).numpy()
+      original = inputs[self.token_ids_key].numpy()
+      adversarial = extra["token_ids"].numpy()
+      real = inputs[self.padding_mask_key].numpy().astype(bool)
+      for n in range(len(original)):
+        label = int(labels_of[n])
+        rows.append({
+            "text": _detokenize(original[n][real[n]], vocabulary),
+            "adversarial": _detokenize(adversarial[n][real[n]], vocabulary),
+            "label": names[label], "prediction": names[int(clean[n])],
+            "prediction_after": names[int(after[n])],
+            "changed": int(extra["changed"].numpy()[n]),
+            "result": ("skipped" if clean[n] != label else
+                       "successful" if after[n] != label else "failed")})
+    return rows
 
   def get_config(self) -> dict:
     return {"budget": self.budget, "max_fraction": self.max_fraction,

@@ -121,7 +121,11 @@ class Experiment:
     eval_attacks: `{name: attack}`: evaluation also reports
       `accuracy_<name>` under each attack (robust accuracy), and with two or
       more the per-example worst case: `tfadv.attacks.InputAttack`/`APGD`
-      for image tasks, `EmbeddingOutputAttack` for text tasks.
+      for image tasks, `EmbeddingOutputAttack` and
+      `tfadv.char_substitution.CharSubstitutionAttack` for text tasks.
+    attack_examples: after evaluating, write the evaluated split's first N
+      examples under each attack that can show them (the character
+      substitutions) to `attack_examples_<split>_<attack>.jsonl`.
     mixed_precision: a Keras dtype policy for the model: "mixed_bfloat16"
       (TPU) or "mixed_float16" (GPU): layers compute in 16 bits; variables,
       losses, gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and
@@ -141,13 +145,14 @@ class Experiment:
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
                eval_attacks: Optional[dict] = None,
-               mixed_precision: Optional[str] = None):
+               mixed_precision: Optional[str] = None, attack_examples: int = 0):
     self.task = task
     self.method = method if method is not None else Plain()
     self.train_steps = train_steps
     self.train_epochs = train_epochs
     self.optimizer_fn = optimizer_fn
     self.eval_attacks = dict(eval_attacks or {})
+    self.attack_examples = int(attack_examples)
     self.mixed_precision = mixed_precision
     self.global_batch_size = global_batch_size
     self.eval_batch_size = eval_batch_size or global_batch_size
@@ -266,6 +271,8 @@ class Experiment:
         results["eval"] = controller.evaluate()
       if "eval" in results and controller.is_chief:
         write_eval_records(model_dir, self.task, controller.step, results)
+        if self.attack_examples:
+          self._write_attack_examples(model_dir, print_fn)
       if mode == "export":
         path = self.task.export(self.model, os.path.join(model_dir, "export"))
         print_fn(f"Exported {path}")
@@ -306,6 +313,23 @@ class Experiment:
         repeats_per_batch=self.method.batch_replays,
         augment_fn=self.task.augment_batch)
     return iter(dataset)
+
+  def _write_attack_examples(self, model_dir: str, print_fn) -> None:
+    """`attack_examples_<split>_<attack>.jsonl`: the evaluated split's first
+    `attack_examples` examples under each attack that can show them."""
+    split = self.task.eval_split
+    if "eval" not in self._eval_arrays:
+      self._eval_arrays["eval"] = self.task.arrays("eval")
+    for name, attack in self.eval_attacks.items():
+      if not hasattr(attack, "examples"):
+        continue
+      rows = attack.examples(self.model, self.task, self._eval_arrays["eval"],
+                             self.attack_examples, self.eval_batch_size)
+      path = os.path.join(model_dir, f"attack_examples_{split}_{name}.jsonl")
+      with tf.io.gfile.GFile(path, "w") as f:  # one JSON object a line, UTF-8
+        for row in rows:
+          f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      print_fn(f"Wrote {len(rows)} attacked examples to {path}")
 
   def _eval_iterator(self, split: str):
     # Tokenize each evaluated split once; every evaluation reuses it.
