@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
-from nlp_step_time import make_backbone  # pylint: disable=g-import-not-at-top
+from nlp_step_time import add_model_arguments, make_backbone  # pylint: disable=g-import-not-at-top
 from tfadv.char_substitution import CharSubstitutionAttack
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.data.vocab import SPECIAL_TOKENS
@@ -36,13 +36,7 @@ import keras_hub  # pylint: disable=g-import-not-at-top
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--vocab", type=int, default=6000)
-  parser.add_argument("--length", type=int, default=48)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--classes", type=int, default=15)
+  add_model_arguments(parser, length=48)  # TNEWS's sequence length
   parser.add_argument("--batches", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--budget", type=int, default=2)

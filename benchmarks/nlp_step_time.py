@@ -103,6 +103,17 @@ class ReferenceFGM(keras_hub.models.BertTextClassifier):
     return {"loss": loss}
 
 
+def add_model_arguments(parser, length: int = 128) -> None:
+  """The BERT and batch shape flags `make_backbone` and `make_trainer` read."""
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--hidden", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--vocab", type=int, default=6000)
+  parser.add_argument("--length", type=int, default=length)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--classes", type=int, default=15)
+
+
 def make_backbone(args):
   keras.utils.set_random_seed(0)
   return keras_hub.models.BertBackbone(
@@ -143,13 +154,7 @@ def make_trainer(args, method, jit, strategy=None, sparse_reduce=False):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--vocab", type=int, default=6000)
-  parser.add_argument("--length", type=int, default=128)
-  parser.add_argument("--batch", type=int, default=32)
-  parser.add_argument("--classes", type=int, default=15)
+  add_model_arguments(parser)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--jit", action="store_true", help="XLA-compile the step")

@@ -72,6 +72,14 @@ class Attack:
     return self.adversarial_logits(model, inputs, labels, rng, loss_fn), {}
 
 
+def attack_outputs(attack, model, inputs, labels, rng, loss_fn):
+  """`attack.adversarial_outputs(...)`, also for an attack written to the older,
+  smaller contract (only `adversarial_logits`; no metrics of its own)."""
+  if isinstance(attack, Attack) or hasattr(attack, "adversarial_outputs"):
+    return attack.adversarial_outputs(model, inputs, labels, rng, loss_fn)
+  return attack.adversarial_logits(model, inputs, labels, rng, loss_fn), {}
+
+
 @gin.configurable
 class InputAttack(Attack):
   """Projected gradient ascent on the loss, from a clean or random start.

@@ -188,7 +188,8 @@ class Experiment:
     print_fn = print_fn or functools.partial(print, flush=True)
     self.task.prepare(model_dir)
     for attack in self.eval_attacks.values():  # e.g. tables of the task's vocabulary
-      attack.prepare(self.task, model_dir)
+      if hasattr(attack, "prepare"):
+        attack.prepare(self.task, model_dir)
     if self.train_epochs is not None:
       self.train_steps = self._steps_for_epochs()
     self.trainer = build_trainer(

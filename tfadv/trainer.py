@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfadv import compat, perturbation
+from tfadv.attacks import attack_outputs
 from tfadv.data.pipeline import EXAMPLE_INDEX, REPLAY_INDEX, WEIGHTS
 from tfadv.loss_scaling import loss_scale, loss_scaling_by
 from tfadv.methods.base import Method
@@ -69,18 +70,14 @@ def apply_method(method: Method, model: keras.Model,
   """
   compat.skip_optimizer_all_reduce(optimizer)
   extra = {}
-  if method.uses_example_ids:
-    if example_ids is None:
-      raise ValueError(f"{type(method).__name__} keeps per-example state and needs "
-                       "each batch's example indices (`example_index`, produced by "
-                       "tfadv.data.pipeline.distributed_dataset).")
-    extra["example_ids"] = example_ids
-  if method.uses_replay_index:
-    if replay_index is None:
-      raise ValueError(f"{type(method).__name__} needs each step's replay index "
-                       "(`replay_index`, produced by "
-                       "tfadv.data.pipeline.distributed_dataset).")
-    extra["replay_index"] = replay_index
+  for wanted, keyword, value, what in (
+      (method.uses_example_ids, "example_ids", example_ids, "example indices (`example_index`"),
+      (method.uses_replay_index, "replay_index", replay_index, "replay index (`replay_index`")):
+    if wanted:
+      if value is None:
+        raise ValueError(f"{type(method).__name__} needs each batch's {what}, produced "
+                         "by tfadv.data.pipeline.distributed_dataset).")
+      extra[keyword] = value
   with loss_scaling_by(optimizer), perturbation.epsilon_scaling(epsilon_scale):
     out = method.compute_gradients(model, loss_fn, inputs, labels, weights, **extra)
     scale = loss_scale()
@@ -284,12 +281,12 @@ class Trainer:
     # (float16: unscaled gradients of confident examples underflow to zero).
     with loss_scaling_by(self.optimizer):
       for name, attack in self.eval_attacks.items():
-        adv_logits, extra = attack.adversarial_outputs(
-            self.model, inputs, labels, self._eval_rng, self.per_example_loss)
+        adv_logits, extra = attack_outputs(
+            attack, self.model, inputs, labels, self._eval_rng, self.per_example_loss)
         held = tf.logical_and(clean_correct, _correct(labels, tf.cast(adv_logits, tf.float32)))
         sums[f"correct_{name}"] = _weighted_count(held, weights)
         worst = tf.logical_and(worst, held)
-        if attack.per_example_metrics:  # TextAttack's: over attacked or broken examples
+        if getattr(attack, "per_example_metrics", None):  # TextAttack's: over attacked or broken
           over = {"attacked": clean_correct,
                   "successful": tf.logical_and(clean_correct, ~held)}
           sums[f"attacked_{name}"] = _weighted_count(clean_correct, weights)
@@ -380,7 +377,7 @@ class Trainer:
     for name in names:
       metrics[f"{self.accuracy_name}_{name}"] = sums[f"correct_{name}"] / counted
     for name, attack in self.eval_attacks.items():
-      if attack.per_example_metrics:
+      if getattr(attack, "per_example_metrics", None):
         attacked = sums[f"attacked_{name}"]
         broken = attacked - sums[f"correct_{name}"]
         metrics[f"success_rate_{name}"] = broken / max(attacked, 1.0)
