@@ -586,6 +586,7 @@ def test_embedding_attack_runs_in_inference_mode_and_follows_the_model_it_is_giv
   assert EmbeddingOutputAttack(epsilon=2.0, num_steps=4).step_size == 1.25  # 2.5·ε/K
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True])
 def test_epsilon_ramp_trains_each_step_at_its_share_of_epsilon(jit):
   """adversarial_start_step = 1, epsilon_ramp_steps = 2: step 0 plain, step 1
