@@ -186,7 +186,7 @@ def test_free_on_text_equals_hand_computed_replays_with_each_carry(carry):
       np.testing.assert_allclose(method.memory.numpy(), memory, rtol=1e-5, atol=1e-7)
   # The third pass (a new batch) started from zero only with 'reset'.
   start_norms = np.sqrt((start ** 2).sum(axis=(1, 2)))
-  assert np.all(start_norms == 0) if carry == "reset" else np.all(start_norms > 0.05)
+  assert np.all(start_norms == 0) if carry == "reset" else np.all(start_norms > 0.1)
 
 
 @pytest.mark.slow
