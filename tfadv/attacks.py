@@ -75,7 +75,7 @@ class Attack:
 def attack_outputs(attack, model, inputs, labels, rng, loss_fn):
   """`attack.adversarial_outputs(...)`, also for an attack written to the older,
   smaller contract (only `adversarial_logits`; no metrics of its own)."""
-  if isinstance(attack, Attack) or hasattr(attack, "adversarial_outputs"):
+  if hasattr(attack, "adversarial_outputs"):  # every `Attack`
     return attack.adversarial_outputs(model, inputs, labels, rng, loss_fn)
   return attack.adversarial_logits(model, inputs, labels, rng, loss_fn), {}
 

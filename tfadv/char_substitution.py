@@ -267,13 +267,12 @@ class CharSubstitutionAttack(Attack):
     after, characters changed, whether the attack succeeded (skipped when the
     clean prediction was already wrong)."""
     vocabulary, names = task.vocabulary(), task.label_names
-    inputs_of, labels_of = task.split_batch, None
     attack = tf.function(lambda inputs, labels: self.adversarial_outputs(
         model, inputs, labels, None, task.per_example_loss))
     rows = []
     for start in range(0, min(count, len(arrays["label"])), batch_size):
       batch = {k: v[start:min(start + batch_size, count)] for k, v in arrays.items()}
-      inputs, labels_of = inputs_of(batch)
+      inputs, labels_of = task.split_batch(batch)
       inputs = {k: tf.convert_to_tensor(v) for k, v in inputs.items()}
       labels = tf.convert_to_tensor(labels_of)
       clean = tf.argmax(model(inputs, training=False), -1).numpy()

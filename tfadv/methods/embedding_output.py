@@ -209,10 +209,11 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
   def attack(self, model, loss_fn, inputs, labels, weights, mask):
     """δᴷ for this batch (masked, inside each example's ball)."""
     delta = self._random_start(mask) if self.random_start else self._zeros(mask)
+    epsilon, step_size = ramped(self.epsilon), ramped(self.step_size)  # in force this step
     for _ in range(self.num_steps):
       _, _, g = self._delta_gradient(model, loss_fn, inputs, labels, weights,
                                      delta, mask)
-      delta = project(delta + ramped(self.step_size) * normalize(g * mask), ramped(self.epsilon)) * mask
+      delta = project(delta + step_size * normalize(g * mask), epsilon) * mask
     return tf.stop_gradient(delta)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):

@@ -126,8 +126,9 @@ class FreeTraining(Method):
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     images = tf.convert_to_tensor(inputs)
     delta = tf.convert_to_tensor(self.perturbation)
+    epsilon = ramped(self.epsilon)  # the ε in force this step
     if self.clamp_rule == "project":
-      low, high = feasible_box(images, ramped(self.epsilon), self.clip_min, self.clip_max)
+      low, high = feasible_box(images, epsilon, self.clip_min, self.clip_max)
       delta = tf.clip_by_value(delta, low, high)  # feasible for this batch
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
@@ -145,11 +146,11 @@ class FreeTraining(Method):
     *gradients, delta_gradient = scaled_gradient(tape, loss, variables + [delta])
     delta_gradient = tf.cast(delta_gradient, tf.float32)
     # One backward pass, two uses: the weights' update above, δ's ascent here.
-    moved = delta + ramped(self.epsilon) * tf.sign(delta_gradient)
+    moved = delta + epsilon * tf.sign(delta_gradient)
     if self.clamp_rule == "project":
       moved = tf.clip_by_value(moved, low, high)
     else:
-      moved = tf.clip_by_value(moved, -ramped(self.epsilon), ramped(self.epsilon))
+      moved = tf.clip_by_value(moved, -epsilon, epsilon)
     self.perturbation.assign(keep_if_finite(moved, delta, gradients))
     return MethodOutput(loss=loss, logits=logits, gradients=gradients,
                         metrics={"stuck": stuck_share(delta_gradient)})
@@ -275,11 +276,12 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
                     lambda: self._new_batch_start(inputs, mask),
                     lambda: tf.convert_to_tensor(self.perturbation))
     # On this batch's real tokens, inside the ball.
-    delta = project(start * mask, ramped(self.epsilon))
+    epsilon = ramped(self.epsilon)  # the ε in force this step
+    delta = project(start * mask, epsilon)
     loss, logits, gradients, g = self._full_pass(model, loss_fn, inputs, labels,
                                                  weights, delta, mask)
     # One backward pass, two uses: the weights' update above, δ's ascent here.
-    moved = project(delta + ramped(self.step_size) * normalize(g * mask), ramped(self.epsilon)) * mask
+    moved = project(delta + ramped(self.step_size) * normalize(g * mask), epsilon) * mask
     kept = keep_if_finite(tf.stop_gradient(moved), delta, gradients)
     self.perturbation.assign(kept)
     if self.carry == "token":

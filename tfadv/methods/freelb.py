@@ -83,6 +83,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
     # δ stays a tensor through the K passes; the buffer is written once, at
     # the end.
     total = None
+    epsilon, step_size = ramped(self.epsilon), ramped(self.step_size)  # in force this step
     seeds = random_state_variables(model) if self.sync_dropout else []
     first_seeds = [tf.identity(state) for state in seeds]
     for ascent in range(self.ascent_steps):
@@ -97,7 +98,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
                                                for t, a in zip(total, gradients)]
       # The same backward pass moves δ: no extra pass for the ascent.
       delta = keep_if_finite(tf.stop_gradient(project(
-          delta + ramped(self.step_size) * normalize(g * mask), ramped(self.epsilon)) * mask), delta)
+          delta + step_size * normalize(g * mask), epsilon) * mask), delta)
     # A skipped step (any weight gradient not finite) leaves the buffer as it was.
     self.perturbation.assign(keep_if_finite(delta, self.perturbation, total))
     metrics = {"adv_loss": replica_mean(loss * self.ascent_steps),
