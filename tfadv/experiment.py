@@ -13,6 +13,7 @@ from absl import logging
 
 from tfadv import compat, distribute
 from tfadv.controller import Controller
+from tfadv.data import records
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
@@ -126,6 +127,11 @@ class Experiment:
     attack_examples: after evaluating, write the evaluated split's first N
       examples under each attack that can show them (the character
       substitutions) to `attack_examples_<split>_<attack>.jsonl`.
+    record_store: read the task's examples from this record store
+      (`tfadv.data.records`, written by `python -m tfadv.tools.write_records`
+      from the same config) instead of holding them in memory: rows are read
+      by index as steps need them, in the same order (same weights, exact
+      resume). None: the task's arrays in memory.
     mixed_precision: a Keras dtype policy for the model: "mixed_bfloat16"
       (TPU) or "mixed_float16" (GPU): layers compute in 16 bits; variables,
       losses, gradients, perturbations (FGM's Δ, Free's δ, PGD iterates) and
@@ -145,8 +151,10 @@ class Experiment:
                eval_every: int = 0, max_checkpoints: int = 3,
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
                eval_attacks: Optional[dict] = None,
-               mixed_precision: Optional[str] = None, attack_examples: int = 0):
+               mixed_precision: Optional[str] = None, attack_examples: int = 0,
+               record_store: Optional[str] = None):
     self.task = task
+    self.record_store = record_store
     self.method = method if method is not None else Plain()
     self.train_steps = train_steps
     self.train_epochs = train_epochs
@@ -186,6 +194,9 @@ class Experiment:
       compat.disable_op_determinism()
     self.strategy = strategy
     print_fn = print_fn or functools.partial(print, flush=True)
+    if self.record_store:
+      self.task.record_store = self.record_store
+      records.copy_prepared(self.record_store, model_dir)
     self.task.prepare(model_dir)
     for attack in self.eval_attacks.values():  # e.g. tables of the task's vocabulary
       if hasattr(attack, "prepare"):
@@ -207,8 +218,6 @@ class Experiment:
                                      train_seconds=self.trainer.train_seconds,
                                      random_state=_numbered(random_state_variables(self.model)),
                                      method=_numbered(self.method.variables))
-    self._train_arrays = None
-    self._eval_arrays = {}
     validation = "validation" in self.task.splits
     self.controller = Controller(
         self.trainer, model_dir, checkpoint,
@@ -300,16 +309,13 @@ class Experiment:
 
   def _steps_for_epochs(self) -> int:
     replays = self.method.batch_replays
-    arrays = self.task.arrays("train")
-    n = len(arrays[next(iter(arrays))])
+    n = self.task.num_examples("train")
     batches = math.ceil(self.train_epochs / replays * n / self.global_batch_size)
     return batches * replays
 
   def _train_iterator(self, start_step: int):
-    if self._train_arrays is None:
-      self._train_arrays = self.task.arrays("train")
     dataset = distributed_dataset(
-        self.strategy, self._train_arrays, self.global_batch_size, shuffle=True,
+        self.strategy, self.task.source("train"), self.global_batch_size, shuffle=True,
         seed=self.seed, start_step=start_step,
         repeats_per_batch=self.method.batch_replays,
         augment_fn=self.task.augment_batch)
@@ -319,12 +325,11 @@ class Experiment:
     """`attack_examples_<split>_<attack>.jsonl`: the evaluated split's first
     `attack_examples` examples under each attack that can show them."""
     split = self.task.eval_split
-    if "eval" not in self._eval_arrays:
-      self._eval_arrays["eval"] = self.task.arrays("eval")
+    head = self.task.source("eval").head(self.attack_examples)
     for name, attack in self.eval_attacks.items():
       if not hasattr(attack, "examples"):
         continue
-      rows = attack.examples(self.model, self.task, self._eval_arrays["eval"],
+      rows = attack.examples(self.model, self.task, head,
                              self.attack_examples, self.eval_batch_size)
       path = os.path.join(model_dir, f"attack_examples_{split}_{name}.jsonl")
       with tf.io.gfile.GFile(path, "w") as f:  # one JSON object a line, UTF-8
@@ -333,13 +338,11 @@ class Experiment:
       print_fn(f"Wrote {len(rows)} attacked examples to {path}")
 
   def _eval_iterator(self, split: str):
-    # Tokenize each evaluated split once; every evaluation reuses it.
-    if split not in self._eval_arrays:
-      self._eval_arrays[split] = self.task.arrays(split)
-    arrays = self._eval_arrays[split]
-    n = len(arrays[next(iter(arrays))])
-    num_steps = -(-n // self.eval_batch_size)
-    dataset = distributed_dataset(self.strategy, arrays, self.eval_batch_size,
+    # The task makes each split's source once (tokenized once); every
+    # evaluation reuses it.
+    source = self.task.source(split)
+    num_steps = -(-source.num_examples // self.eval_batch_size)
+    dataset = distributed_dataset(self.strategy, source, self.eval_batch_size,
                                   shuffle=False)
     return iter(dataset), num_steps
 

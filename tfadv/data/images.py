@@ -1,5 +1,10 @@
 """Image classification datasets: TFDS, or local IDX files (MNIST layout).
 
+TFDS datasets prepared in ArrayRecord format are read by random access
+(`tfds.data_source`, `tfadv.data.sources.TfdsSource`): only the rows a step
+needs are read, so a dataset larger than memory (ImageNet) trains. Smaller
+ones can still be loaded whole (`source="tfds_in_memory"`).
+
 Images are kept as uint8 arrays [N, H, W, C]; the task scales them to
 [0, 1] inside the step, so a 60k-image dataset costs 47 MB, not 188 MB.
 
@@ -83,13 +88,18 @@ class ImageDataset(ArrayDataset):
 
   Args:
     name: "fashion_mnist", "mnist" or "cifar10" (TFDS names).
-    source: "idx" (local IDX files; MNIST-style datasets only), "tfds", or
-      "auto": IDX files if `data_dir` or a Debian package has them, else TFDS
-      for datasets without IDX files (CIFAR-10); an MNIST-style dataset whose
-      IDX files are missing is an error naming the package to install (set
-      `source="tfds"` to download it instead).
+    source: "idx" (local IDX files; MNIST-style datasets only), "tfds"
+      (a TFDS dataset prepared in ArrayRecord format, read by random access;
+      `tfds build NAME --file_format=array_record` prepares one),
+      "tfds_in_memory" (any prepared TFDS dataset, loaded whole, downloaded
+      if missing), or "auto": IDX files if `data_dir` or a Debian package has
+      them, else "tfds" for datasets without IDX files (CIFAR-10, ImageNet);
+      an MNIST-style dataset whose IDX files are missing is an error naming
+      the package to install.
     data_dir: directory of the IDX files, or TFDS's data dir.
     num_train, num_eval: keep the first examples of each split (None: all).
+    tfds_eval_split: the TFDS split evaluated ("test"; ImageNet's is
+      "validation").
 
   Example:
   >>> data = ImageDataset("fashion_mnist", source="idx")
@@ -100,26 +110,45 @@ class ImageDataset(ArrayDataset):
 
   def __init__(self, name: str = "fashion_mnist", source: str = "auto",
                data_dir: Optional[str] = None, num_train: Optional[int] = None,
-               num_eval: Optional[int] = None):
-    if source not in ("auto", "idx", "tfds"):
-      raise ValueError(f"ImageDataset.source={source!r}; expected auto, idx or tfds.")
+               num_eval: Optional[int] = None, tfds_eval_split: str = "test"):
+    if source not in ("auto", "idx", "tfds", "tfds_in_memory"):
+      raise ValueError(f"ImageDataset.source={source!r}; expected auto, idx, tfds "
+                       "or tfds_in_memory.")
     self.name = name
     self.source = source
     self.data_dir = data_dir
     self.num_train = num_train
     self.num_eval = num_eval
+    self.tfds_eval_split = tfds_eval_split
 
   @property
   def eval_split(self) -> str:
     """"test" (IDX t10k, TFDS "test"); "test_first<N>" with `num_eval`, so an
     evaluation of a subset is recorded beside the whole test set's, never
     over it (`eval_results_test_first2000.json`)."""
-    return "test" if not self.num_eval else f"test_first{self.num_eval}"
+    base = self.tfds_eval_split
+    return base if not self.num_eval else f"{base}_first{self.num_eval}"
 
   def label_names(self) -> List[str]:
-    if self.name not in LABEL_NAMES:
-      raise ValueError(f"ImageDataset.name={self.name!r}; known: {sorted(LABEL_NAMES)}.")
-    return LABEL_NAMES[self.name]
+    if self.name in LABEL_NAMES:
+      return LABEL_NAMES[self.name]
+    if self._resolved_source() == "tfds":  # the builder's own class names
+      return self.example_source("train").label_names()
+    raise ValueError(f"ImageDataset.name={self.name!r}; known: {sorted(LABEL_NAMES)}, "
+                     "or any TFDS dataset with source='tfds'.")
+
+  def _tfds_split(self, split: str) -> str:
+    tfds_split = "train" if split == "train" else self.tfds_eval_split
+    limit = self.num_train if split == "train" else self.num_eval
+    return f"{tfds_split}[:{limit}]" if limit else tfds_split
+
+  def example_source(self, split: str):
+    """A random-access source of `split` (source "tfds"), else None (arrays)."""
+    self.check_split(split)
+    if self._resolved_source() != "tfds":
+      return None
+    from tfadv.data.sources import TfdsSource  # pylint: disable=g-import-not-at-top
+    return TfdsSource(self.name, self._tfds_split(split), data_dir=self.data_dir)
 
   def _idx_dir(self) -> Optional[str]:
     candidates = [self.data_dir] if self.data_dir else DEFAULT_IDX_DIRS.get(self.name, [])
@@ -151,10 +180,13 @@ class ImageDataset(ArrayDataset):
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
     """{"image": uint8 [N, H, W, C], "label": int32 [N]} of "train" or "eval"."""
     self.check_split(split)
-    if self._resolved_source() == "idx":
+    source = self._resolved_source()
+    if source == "idx":
       images, labels = self._read_idx(split)
-    else:
+    elif source == "tfds_in_memory":
       images, labels = self._read_tfds(split)
+    else:  # "tfds": read the random-access source whole (e.g. for a store)
+      return self.example_source(split).head(self.example_source(split).num_examples)
     limit = self.num_train if split == "train" else self.num_eval
     if limit:
       images, labels = images[:limit], labels[:limit]
@@ -177,7 +209,7 @@ class ImageDataset(ArrayDataset):
 
   def _read_tfds(self, split):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    tfds_split = "train" if split == "train" else "test"
+    tfds_split = "train" if split == "train" else self.tfds_eval_split
     images, labels = tfds.as_numpy(tfds.load(
         self.name, split=tfds_split, batch_size=-1, as_supervised=True,
         data_dir=self.data_dir))

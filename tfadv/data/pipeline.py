@@ -19,10 +19,12 @@ the first; always 0 without replays), so a method that replays batches
 (Free on text) knows a new batch from the step alone.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 import tensorflow as tf
+
+from tfadv.data.sources import ArraySource, ExampleSource
 
 WEIGHTS = "example_weight"
 EXAMPLE_INDEX = "example_index"
@@ -37,16 +39,18 @@ def _per_replica_rows(context: tf.distribute.InputContext, global_batch_size: in
 
 
 def distributed_dataset(strategy: tf.distribute.Strategy,
-                        arrays: Dict[str, np.ndarray], global_batch_size: int,
+                        source: Union[ExampleSource, Dict[str, np.ndarray]],
+                        global_batch_size: int,
                         *, shuffle: bool, seed: int = 0, start_step: int = 0,
                         num_steps: Optional[int] = None,
                         repeats_per_batch: int = 1,
                         augment_fn: Optional[Callable] = None):
-  """Builds the distributed dataset of `arrays` (equal-length numpy arrays).
+  """Builds the distributed dataset of a source's rows.
 
   Args:
     strategy: the strategy whose replicas consume the batches.
-    arrays: features and labels, all with the same first dimension n.
+    source: an `ExampleSource` of n rows, or {name: array} (equal-length
+      numpy arrays, read as an `ArraySource`).
     global_batch_size: examples per step across all replicas.
     shuffle: training order (reshuffled each epoch, endless) when True;
       evaluation order (each example once, in order) when False. The last
@@ -64,18 +68,31 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
       augmentation too is a function of the step alone.
 
   Returns:
-    A distributed dataset yielding dicts with the keys of `arrays` plus
-    `example_weight`, `example_index` (int32: the row of `arrays`) and
+    A distributed dataset yielding dicts with the source's features plus
+    `example_weight`, `example_index` (int32: the row of the source) and
     `replay_index` (int32: the delivery of the batch, 0 to
     `repeats_per_batch` − 1).
   """
-  n = len(next(iter(arrays.values())))
   if global_batch_size % strategy.num_replicas_in_sync:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible "
                      f"by the {strategy.num_replicas_in_sync} replicas.")
+  return strategy.distribute_datasets_from_function(input_fn(
+      source, global_batch_size, shuffle=shuffle, seed=seed, start_step=start_step,
+      num_steps=num_steps, repeats_per_batch=repeats_per_batch, augment_fn=augment_fn))
+
+
+def input_fn(source: Union[ExampleSource, Dict[str, np.ndarray]],
+             global_batch_size: int, *, shuffle: bool, seed: int = 0,
+             start_step: int = 0, num_steps: Optional[int] = None,
+             repeats_per_batch: int = 1, augment_fn: Optional[Callable] = None):
+  """`(InputContext) -> tf.data.Dataset`: one input pipeline's batches (its
+  replicas' rows only), as `distributed_dataset` (which has the arguments)
+  gives each pipeline."""
+  if not isinstance(source, ExampleSource):
+    source = ArraySource(source)
+  n = source.num_examples
   if num_steps is None and not shuffle:
     num_steps = -(-n // global_batch_size)
-  tensors = {k: tf.constant(v) for k, v in arrays.items()}
 
   def dataset_fn(context: tf.distribute.InputContext):
     per_replica, first_replica, local_replicas = _per_replica_rows(
@@ -101,7 +118,7 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
       return tf.where(valid, position, 0), tf.cast(valid, tf.float32), position, replay
 
     def gather(index, weight, position, replay):
-      batch = {k: tf.gather(t, index) for k, t in tensors.items()}
+      batch = source.read(index)
       if augment_fn is not None and shuffle:
         batch = augment_fn(batch, tf.stack([tf.cast(seed, tf.int64), position[0]]))
       batch[WEIGHTS] = weight
@@ -115,4 +132,4 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
           .map(gather, num_parallel_calls=tf.data.AUTOTUNE))
     return ds.prefetch(tf.data.AUTOTUNE)
 
-  return strategy.distribute_datasets_from_function(dataset_fn)
+  return dataset_fn

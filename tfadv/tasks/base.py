@@ -25,9 +25,14 @@ Optional (defaults here):
   eval_split             name of the "eval" split in records ("dev", "test");
   accuracy_name          the progress line's and records' accuracy key;
   input_shape(batch)     per-replica input shape, for methods with buffers;
+  source(split)          where the pipeline reads the split's rows: an
+                         `ArraySource` of `arrays(split)`, or, when the
+                         experiment sets `record_store`, that store's
+                         `RecordSource` (a task need not change to read
+                         from disk: the store holds what `arrays` gives);
   num_examples(split)    examples in a split (the size of a method's
                          per-example memory: the pipeline's `example_index`
-                         of a training batch is a row of `arrays("train")`);
+                         of a training batch is a row of `source("train")`);
   per_example_loss       (labels, logits) -> per-example loss (cross-entropy);
   count_correct          (labels, logits, weights) -> (correct, total);
   augment_batch          (batch, seed) -> batch, or None for no augmentation;
@@ -58,6 +63,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfadv.data.records import RecordSource
+from tfadv.data.sources import ArraySource, ExampleSource
+
 
 def sparse_cross_entropy(labels, logits):
   """Per-example cross-entropy of integer labels and logits."""
@@ -82,6 +90,9 @@ class Task(abc.ABC):
   augment_batch: Optional[Callable] = None
   # The embedding layer an embedding-space evaluation attack perturbs, or None.
   embedding_layer: Optional[str] = None
+  # A record store (`tfadv.data.records`) to read instead of `arrays`; set
+  # by `Experiment.record_store`.
+  record_store: Optional[str] = None
 
   @abc.abstractmethod
   def prepare(self, model_dir: str) -> None:
@@ -116,10 +127,23 @@ class Task(abc.ABC):
     del per_replica_batch
     return None
 
+  def source(self, split: str) -> ExampleSource:
+    """The rows of `split` as the pipeline reads them (made once per split)."""
+    sources = self.__dict__.setdefault("_sources", {})
+    if split not in sources:
+      if self.record_store:
+        sources[split] = RecordSource(self.record_store, split)
+      else:
+        sources[split] = self.make_source(split)
+    return sources[split]
+
+  def make_source(self, split: str) -> ExampleSource:
+    """The in-memory source of `split` (override to read elsewhere, e.g. TFDS)."""
+    return ArraySource(self.arrays(split))
+
   def num_examples(self, split: str) -> int:
-    """The number of examples of `split`: rows of `arrays(split)`."""
-    arrays = self.arrays(split)
-    return len(arrays[next(iter(arrays))])
+    """The number of examples of `split`: rows of `source(split)`."""
+    return self.source(split).num_examples
 
   def per_example_loss(self, labels, logits):
     return sparse_cross_entropy(labels, logits)

@@ -49,7 +49,7 @@ class ImageClassificationTask(Task):
     return len(self.label_names)
 
   def prepare(self, model_dir: str) -> None:
-    self.arrays("train")  # missing data stops the run before anything is written
+    self.source("train")  # missing data stops the run before anything is written
     self.label_names = load_or_save_labels(model_dir, self.dataset.label_names,
                                            self.dataset.name)
 
@@ -58,9 +58,16 @@ class ImageClassificationTask(Task):
       self._arrays[split] = self.dataset.arrays(split)
     return self._arrays[split]
 
+  def make_source(self, split: str):
+    """The dataset's own random-access source (TFDS in ArrayRecord format)
+    where it has one, else its arrays in memory."""
+    source = self.dataset.example_source(split) if hasattr(
+        self.dataset, "example_source") else None
+    return source if source is not None else super().make_source(split)
+
   @property
   def image_shape(self):
-    return self.arrays("train")[IMAGE].shape[1:]
+    return tuple(self.source("train").specs[IMAGE].shape)
 
   def input_shape(self, per_replica_batch: int):
     """Shape of one replica's model inputs (a method's buffers use it)."""

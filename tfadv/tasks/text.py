@@ -77,7 +77,9 @@ class TextClassificationTask(Task):
       self._check_preset()
     # Every split is read (and its labels checked) before training, not
     # after it: a broken record stops the run before anything is written.
-    labels_by_split = {split: self.dataset.examples(split)[1] for split in self.dataset.splits}
+    # (A record store's rows were checked when it was written.)
+    labels_by_split = {} if self.record_store else {
+        split: self.dataset.examples(split)[1] for split in self.dataset.splits}
     self.label_names = load_or_save_labels(
         model_dir, self.dataset.label_names, self.dataset.name)
     for split, labels in labels_by_split.items():
