@@ -32,7 +32,12 @@ configs write them) is uploaded beside the model dir,
 `<model_dir>/inputs/<binding>/<name>`, with `gcloud storage cp -r` (an
 `upload` step, shown in `--dry_run`), and the run is pointed at the upload by
 an extra `--gin_param`. An input that is neither stops the launcher with a
-one-line error naming the binding, before any TPU is created.
+one-line error naming the binding, before any TPU is created. A record store
+(`Experiment.record_store`) must hold its metadata.json and a TFDS data dir
+read by random access (`ImageDataset.source = 'tfds'`) the dataset's
+directory; both are read through ArrayRecord, which reads local files, so
+setup mounts them read-only on every worker with gcsfuse (under ~/inputs/)
+and the run reads the mounts.
 """
 
 import argparse
@@ -49,7 +54,12 @@ ACTIONS = ("create", "upload", "setup", "train", "logs", "delete")
 REMOTE_DIR = "tfadv"
 # Gin bindings that name something the run reads (a directory or a file).
 INPUT_BINDINGS = ("ClueDataset.data_dir", "TextClassificationTask.preset",
-                  "ImageDataset.data_dir", "PretrainingCorpus.data_dir")
+                  "ImageDataset.data_dir", "PretrainingCorpus.data_dir",
+                  "Experiment.record_store")
+# Inputs read through ArrayRecord, which reads local files only: on the
+# workers they are gcsfuse mounts of their gs:// paths (`mount`, in setup).
+ARRAY_RECORD_BINDINGS = ("Experiment.record_store", "ImageDataset.data_dir")
+MOUNT_DIR = "~/inputs"
 
 
 class InputError(ValueError):
@@ -62,7 +72,9 @@ def _is_keras_hub_preset_name(value: str) -> bool:
 
 
 def read_inputs(gin_files, gin_params):
-  """{binding: value} of the `INPUT_BINDINGS` the config sets (not None)."""
+  """{binding: value} of the `INPUT_BINDINGS` the config sets (not None); an
+  `ImageDataset.data_dir` read through TFDS's random access is recorded as
+  `(data_dir, dataset name)`, so its dataset, not only the dir, is checked."""
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv.main import ConfigError, parse_config  # pylint: disable=g-import-not-at-top
   gin.clear_config()
@@ -79,9 +91,33 @@ def read_inputs(gin_files, gin_params):
         continue
       if value is not None:
         found[binding] = value
+    if "ImageDataset.data_dir" in found and _query(gin, "ImageDataset.source") == "tfds":
+      found["ImageDataset.data_dir"] = (found["ImageDataset.data_dir"],
+                                        _query(gin, "ImageDataset.name"))
   finally:
     gin.clear_config()
   return found
+
+
+def _query(gin, binding):
+  try:
+    return gin.query_parameter(binding)
+  except ValueError:
+    return None
+
+
+def input_marker(binding: str, value) -> str:
+  """The path whose existence shows the input is there: a record store's
+  metadata.json, a TFDS dataset's directory, else the path itself."""
+  if isinstance(value, tuple):
+    return value[0].rstrip("/") + "/" + value[1]
+  if binding == "Experiment.record_store":
+    return value.rstrip("/") + "/metadata.json"
+  return value
+
+
+def mount_path(binding: str) -> str:
+  return f"{MOUNT_DIR}/{binding}"
 
 
 def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
@@ -95,7 +131,9 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
 
   Returns:
     uploads: [(local path, gs:// destination)], one `gcloud storage cp -r` each.
-    gin_params: bindings pointing the run at the uploads.
+    gin_params: bindings pointing the run at the uploads, and inputs read
+      through ArrayRecord at their mounts (`mounts`).
+    mounts: [(binding, gs:// path)] to mount on every worker.
 
   Raises:
     InputError: naming the binding of an input that is neither an existing
@@ -104,19 +142,31 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
   if exists is None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     exists = tf.io.gfile.exists
-  uploads, params = [], []
+  uploads, params, mounts = [], [], []
   base = model_dir.rstrip("/") + "/inputs"
   for binding, value in inputs.items():
+    marker_value = value
+    if isinstance(value, tuple):
+      value = value[0]
     if not isinstance(value, str):
       raise InputError(f"{binding} = {value!r}: expected a path string.")
     if value.startswith("gs://"):
+      marker = input_marker(binding, marker_value)
       try:
-        ok = exists(value)
+        ok = exists(marker)
       except Exception as e:  # pylint: disable=broad-except
         raise InputError(f"{binding} = {value!r}: cannot check it ({e}).") from e
       if not ok:
-        raise InputError(f"{binding} = {value!r} does not exist; upload it or bind "
-                         f"{binding} to an existing path.")
+        what = {"Experiment.record_store": "no record store (write one with "
+                "`python -m tfadv.tools.write_records`)"}.get(
+                    binding, "the TFDS dataset is not prepared there (`tfds build "
+                    "--file_format=array_record`)" if marker != value else "")
+        where = f" ({marker}: {what})" if what else ""
+        raise InputError(f"{binding} = {value!r} does not exist{where}; upload it or "
+                         f"bind {binding} to an existing path.")
+      if binding in ARRAY_RECORD_BINDINGS:
+        mounts.append((binding, value))
+        params.append(f'{binding} = "{mount_path(binding)}"')
       continue
     if "://" in value:
       raise InputError(f"{binding} = {value!r}: TPU workers read gs:// paths; "
@@ -129,8 +179,12 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
                        f"bind {binding} to an existing local or gs:// path.")
     destination = f"{base}/{binding}/{os.path.basename(os.path.normpath(local))}"
     uploads.append((local, destination))
-    params.append(f'{binding} = "{destination}"')
-  return uploads, params
+    if binding in ARRAY_RECORD_BINDINGS:
+      mounts.append((binding, destination))
+      params.append(f'{binding} = "{mount_path(binding)}"')
+    else:
+      params.append(f'{binding} = "{destination}"')
+  return uploads, params, mounts
 
 
 def num_hosts(accelerator_type: str) -> int:
@@ -159,7 +213,23 @@ def gcloud(args, *words):
   return command
 
 
-def commands(args, tarball: str, uploads=(), input_params=()):
+def mount_command(mounts) -> str:
+  """Shell commands that gcsfuse-mount each (binding, gs://bucket/dir) read-only."""
+  steps = ["(command -v gcsfuse >/dev/null || (export GCSFUSE_REPO=gcsfuse-$(lsb_release -c -s)"
+           " && echo \"deb https://packages.cloud.google.com/apt $GCSFUSE_REPO main\" | "
+           "sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -s "
+           "https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && "
+           "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse))"]
+  for binding, path in mounts:
+    bucket, _, prefix = path[len("gs://"):].partition("/")
+    only = f"--only-dir={shlex.quote(prefix.rstrip('/'))} " if prefix.strip("/") else ""
+    steps.append(f"mkdir -p {mount_path(binding)} && (mountpoint -q {mount_path(binding)} || "
+                 f"gcsfuse -o ro --implicit-dirs {only}{shlex.quote(bucket)} "
+                 f"{mount_path(binding)})")
+  return " && ".join(steps)
+
+
+def commands(args, tarball: str, uploads=(), input_params=(), mounts=()):
   """{action: [command, ...]} for the requested actions."""
   version = args.version or runtime_version(args.accelerator_type, args.tf_version)
   create = gcloud(args, "create", args.name) + [
@@ -187,7 +257,9 @@ def commands(args, tarball: str, uploads=(), input_params=()):
                  + ([f"--project={args.project}"] if args.project else [])
                  for local, destination in uploads],
       "setup": [gcloud(args, "scp", tarball, f"{args.name}:~/tfadv.tar.gz") + ["--worker=all"],
-                gcloud(args, "ssh", args.name) + ["--worker=all", f"--command={install}"]],
+                gcloud(args, "ssh", args.name) + ["--worker=all", f"--command={install}"]]
+               + ([gcloud(args, "ssh", args.name) + [
+                   "--worker=all", f"--command={mount_command(mounts)}"]] if mounts else []),
       "train": [gcloud(args, "ssh", args.name) + [f"--worker={0 if pod else 'all'}",
                                                   f"--command={train}"]],
       "logs": [gcloud(args, "ssh", args.name) + ["--worker=0",
@@ -249,16 +321,16 @@ def main(argv=None, exists=None):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tarball = "tfadv.tar.gz" if args.dry_run else (
       pack_checkout(root) if "setup" in args.action else "")
-  uploads, input_params = [], []
+  uploads, input_params, mounts = [], [], []
   if "train" in args.action:
     try:
-      uploads, input_params = resolve_inputs(
+      uploads, input_params, mounts = resolve_inputs(
           read_inputs(args.gin_file, args.gin_param), args.model_dir, root,
           exists=exists)
     except InputError as e:
       print(f"tpu_vm: {e}", file=sys.stderr)
       return 2
-  plan = commands(args, tarball, uploads, input_params)
+  plan = commands(args, tarball, uploads, input_params, mounts)
   print(f"# {args.accelerator_type}: {num_hosts(args.accelerator_type)} host(s), runtime "
         f"{args.version or runtime_version(args.accelerator_type, args.tf_version)}")
   for action in args.action:

@@ -182,3 +182,41 @@ def train(trainer_, arrays, steps, global_batch, seed=3, replays=1):
   ds = distributed_dataset(trainer_.strategy, arrays, global_batch, shuffle=True,
                            seed=seed, repeats_per_batch=replays)
   return trainer_.train(iter(ds), steps)
+
+
+# --- a synthetic ImageNet-format TFDS dataset (ArrayRecord) -----------------
+
+def write_synthetic_imagenet(data_dir, num_train=64, num_validation=16, size=64,
+                             num_classes=1000):
+  """Prepares `synthetic_imagenet` in `data_dir` as ImageNet's TFDS builder
+  lays it out: JPEG images of varying size (`Image(shape=(None, None, 3))`),
+  1,000 class labels, "train" and "validation", in ArrayRecord format. Each
+  image's class shows as a bright horizontal band. Returns `data_dir`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class SyntheticImagenet(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+              "label": tfds.features.ClassLabel(names=[f"n{i:08d}" for i in range(num_classes)]),
+          }), supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(num_train, 0),
+              "validation": self._generate_examples(num_validation, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.RandomState(seed)
+      for i in range(n):
+        height, width = size + 8 * (i % 3), size + 16 * (i % 2)  # varying sizes
+        label = int(rng.randint(0, 4))
+        image = rng.randint(0, 80, (height, width, 3)).astype(np.uint8)
+        image[label * height // 4:(label + 1) * height // 4] += 150
+        yield i, {"image": image, "label": label}
+
+  SyntheticImagenet(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return str(data_dir)

@@ -187,6 +187,8 @@ def test_a_missing_or_foreign_store_stops_with_one_line_naming_the_fix(tmp_path,
   assert message.startswith("tfadv: No record store at") and "write_records" in message
   assert not os.path.exists(tmp_path / "run" / "checkpoint")
   records.write_store(str(tmp_path / "s"), {"train": random_arrays(3)})
+  with pytest.raises((IndexError, tf.errors.OpError), match="outside 0..2"):  # no wrong row
+    records.RecordSource(str(tmp_path / "s"), "train").read(tf.constant([1, 3], tf.int64))
   with pytest.raises(MissingInputError, match="has no split 'eval'"):
     records.RecordSource(str(tmp_path / "s"), "eval")
   with pytest.raises(InputDataError, match="already holds a record store"):

@@ -233,17 +233,18 @@ def test_tpu_inputs_resolve_against_a_fake_bucket(tmp_path):
 
   inputs = {"ClueDataset.data_dir": "gs://data/clue/tnews",
             "TextClassificationTask.preset": str(preset)}
-  uploads, params = tpu_vm.resolve_inputs(inputs, "gs://b/run/", REPO, exists=exists)
+  uploads, params, mounts = tpu_vm.resolve_inputs(inputs, "gs://b/run/", REPO, exists=exists)
+  assert mounts == []
   assert seen == ["gs://data/clue/tnews"]  # checked, kept as it is
   assert uploads == [(str(preset), "gs://b/run/inputs/TextClassificationTask.preset/preset")]
   assert params == ['TextClassificationTask.preset = '
                     '"gs://b/run/inputs/TextClassificationTask.preset/preset"']
   # A keras-hub preset name is downloaded by the workers themselves.
   assert tpu_vm.resolve_inputs({"TextClassificationTask.preset": "bert_base_zh"},
-                               "gs://b/run", REPO, exists=exists) == ([], [])
+                               "gs://b/run", REPO, exists=exists) == ([], [], [])
   # Relative local paths are read against the checkout, as the configs write them.
-  uploads, _ = tpu_vm.resolve_inputs({"ClueDataset.data_dir": "configs"}, "gs://b/run",
-                                     REPO, exists=exists)
+  uploads, _, _ = tpu_vm.resolve_inputs({"ClueDataset.data_dir": "configs"}, "gs://b/run",
+                                        REPO, exists=exists)
   assert uploads == [(os.path.join(REPO, "configs"), "gs://b/run/inputs/ClueDataset.data_dir/configs")]
   bad = [({"ClueDataset.data_dir": "gs://data/clue/iflytek"}, "does not exist"),
          ({"ClueDataset.data_dir": str(tmp_path / "absent")}, "not found"),
@@ -253,6 +254,48 @@ def test_tpu_inputs_resolve_against_a_fake_bucket(tmp_path):
     with pytest.raises(tpu_vm.InputError, match=message) as info:
       tpu_vm.resolve_inputs(inputs, "gs://b/run", REPO, exists=exists)
     assert str(info.value).startswith(next(iter(inputs)))  # names the binding
+
+
+def test_tpu_launcher_checks_a_store_and_a_tfds_dataset_and_mounts_them(capsys, tmp_path):
+  bucket = {"gs://b/stores/tnews/metadata.json", "gs://b/tfds/imagenet2012"}
+  seen = []
+
+  def exists(path):
+    seen.append(path)
+    return path in bucket
+
+  inputs = {"Experiment.record_store": "gs://b/stores/tnews",
+            "ImageDataset.data_dir": ("gs://b/tfds", "imagenet2012")}
+  uploads, params, mounts = tpu_vm.resolve_inputs(inputs, "gs://b/run", REPO, exists=exists)
+  assert seen == ["gs://b/stores/tnews/metadata.json", "gs://b/tfds/imagenet2012"]
+  assert uploads == [] and mounts == [("Experiment.record_store", "gs://b/stores/tnews"),
+                                      ("ImageDataset.data_dir", "gs://b/tfds")]
+  assert params == ['Experiment.record_store = "~/inputs/Experiment.record_store"',
+                    'ImageDataset.data_dir = "~/inputs/ImageDataset.data_dir"']
+  for inputs, message in [
+      ({"Experiment.record_store": "gs://b/stores/absent"}, "write_records"),
+      ({"ImageDataset.data_dir": ("gs://b/tfds", "cifar10")}, "tfds build")]:
+    with pytest.raises(tpu_vm.InputError, match=message):
+      tpu_vm.resolve_inputs(inputs, "gs://b/run", REPO, exists=exists)
+  # The ImageNet config: its TFDS dir checked before anything is created, then
+  # mounted on every worker by setup.
+  code = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run", "--accelerator_type=v4-32",
+                      "--gin_file=configs/imagenet_free4_resnet50.gin",
+                      "--gin_param=ImageDataset.data_dir = 'gs://b/tfds'",
+                      "--model_dir=gs://b/runs/free4"], exists=exists)
+  lines = capsys.readouterr().out.splitlines()
+  assert code == 0
+  setup = [line for line in lines if "gcsfuse -o ro" in line]
+  assert len(setup) == 1 and "--worker=all" in setup[0] and "--only-dir=tfds" in setup[0]
+  train = next(line for line in lines if "tfadv.main" in line)
+  assert "ImageDataset.data_dir = \"~/inputs/ImageDataset.data_dir\"" in train.replace("'", "")
+  assert "imagenet_free4_resnet50.gin" in train
+  missing = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run",
+                         "--gin_file=configs/imagenet_free4_resnet50.gin",
+                         "--gin_param=ImageDataset.data_dir = 'gs://b/elsewhere'",
+                         "--model_dir=gs://b/runs/free4"], exists=exists)
+  assert missing == 2
+  assert "tfds build" in capsys.readouterr().err
 
 
 def test_tpu_launcher_stops_before_creating_anything(capsys):

@@ -343,7 +343,7 @@ class Experiment:
     source = self.task.source(split)
     num_steps = -(-source.num_examples // self.eval_batch_size)
     dataset = distributed_dataset(self.strategy, source, self.eval_batch_size,
-                                  shuffle=False)
+                                  shuffle=False, eval_fn=self.task.preprocess_eval)
     return iter(dataset), num_steps
 
 

@@ -100,6 +100,9 @@ class ImageDataset(ArrayDataset):
     num_train, num_eval: keep the first examples of each split (None: all).
     tfds_eval_split: the TFDS split evaluated ("test"; ImageNet's is
       "validation").
+    download: with source "tfds", download and prepare (in ArrayRecord
+      format) a dataset TFDS can fetch itself (CIFAR-10) when it is missing;
+      False: a missing dataset is an error naming `tfds build`.
 
   Example:
   >>> data = ImageDataset("fashion_mnist", source="idx")
@@ -110,7 +113,8 @@ class ImageDataset(ArrayDataset):
 
   def __init__(self, name: str = "fashion_mnist", source: str = "auto",
                data_dir: Optional[str] = None, num_train: Optional[int] = None,
-               num_eval: Optional[int] = None, tfds_eval_split: str = "test"):
+               num_eval: Optional[int] = None, tfds_eval_split: str = "test",
+               download: bool = True):
     if source not in ("auto", "idx", "tfds", "tfds_in_memory"):
       raise ValueError(f"ImageDataset.source={source!r}; expected auto, idx, tfds "
                        "or tfds_in_memory.")
@@ -120,6 +124,7 @@ class ImageDataset(ArrayDataset):
     self.num_train = num_train
     self.num_eval = num_eval
     self.tfds_eval_split = tfds_eval_split
+    self.download = download
 
   @property
   def eval_split(self) -> str:
@@ -148,7 +153,8 @@ class ImageDataset(ArrayDataset):
     if self._resolved_source() != "tfds":
       return None
     from tfadv.data.sources import TfdsSource  # pylint: disable=g-import-not-at-top
-    return TfdsSource(self.name, self._tfds_split(split), data_dir=self.data_dir)
+    return TfdsSource(self.name, self._tfds_split(split), data_dir=self.data_dir,
+                      download=self.download)
 
   def _idx_dir(self) -> Optional[str]:
     candidates = [self.data_dir] if self.data_dir else DEFAULT_IDX_DIRS.get(self.name, [])

@@ -44,7 +44,8 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
                         *, shuffle: bool, seed: int = 0, start_step: int = 0,
                         num_steps: Optional[int] = None,
                         repeats_per_batch: int = 1,
-                        augment_fn: Optional[Callable] = None):
+                        augment_fn: Optional[Callable] = None,
+                        eval_fn: Optional[Callable] = None):
   """Builds the distributed dataset of a source's rows.
 
   Args:
@@ -66,6 +67,8 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
     augment_fn: `(per_replica_batch, seed) -> batch`, applied to training
       batches with a seed [2] derived from the batch's position, so that
       augmentation too is a function of the step alone.
+    eval_fn: `(per_replica_batch) -> batch`, applied to evaluation batches
+      (decoding and a centre crop, for a source of encoded images).
 
   Returns:
     A distributed dataset yielding dicts with the source's features plus
@@ -78,13 +81,15 @@ def distributed_dataset(strategy: tf.distribute.Strategy,
                      f"by the {strategy.num_replicas_in_sync} replicas.")
   return strategy.distribute_datasets_from_function(input_fn(
       source, global_batch_size, shuffle=shuffle, seed=seed, start_step=start_step,
-      num_steps=num_steps, repeats_per_batch=repeats_per_batch, augment_fn=augment_fn))
+      num_steps=num_steps, repeats_per_batch=repeats_per_batch, augment_fn=augment_fn,
+      eval_fn=eval_fn))
 
 
 def input_fn(source: Union[ExampleSource, Dict[str, np.ndarray]],
              global_batch_size: int, *, shuffle: bool, seed: int = 0,
              start_step: int = 0, num_steps: Optional[int] = None,
-             repeats_per_batch: int = 1, augment_fn: Optional[Callable] = None):
+             repeats_per_batch: int = 1, augment_fn: Optional[Callable] = None,
+             eval_fn: Optional[Callable] = None):
   """`(InputContext) -> tf.data.Dataset`: one input pipeline's batches (its
   replicas' rows only), as `distributed_dataset` (which has the arguments)
   gives each pipeline."""
@@ -121,6 +126,8 @@ def input_fn(source: Union[ExampleSource, Dict[str, np.ndarray]],
       batch = source.read(index)
       if augment_fn is not None and shuffle:
         batch = augment_fn(batch, tf.stack([tf.cast(seed, tf.int64), position[0]]))
+      elif eval_fn is not None and not shuffle:
+        batch = eval_fn(batch)
       batch[WEIGHTS] = weight
       batch[EXAMPLE_INDEX] = tf.cast(index, tf.int32)
       batch[REPLAY_INDEX] = tf.cast(replay, tf.int32)

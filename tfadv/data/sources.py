@@ -121,10 +121,12 @@ class TfdsSource(PythonReadSource):
     split: the TFDS split ("train", "test", "validation", "train[:1000]").
     data_dir: TFDS's data dir (None: TFDS's default).
     features: {tfadv name: TFDS feature name}; default image/label.
+    download: download and prepare (ArrayRecord) a dataset TFDS can fetch
+      itself when it is not prepared; False: that is an error.
   """
 
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
-               features: Optional[Dict[str, str]] = None):
+               features: Optional[Dict[str, str]] = None, download: bool = False):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name, self.split, self.data_dir = name, split, data_dir
     self.features = features or {"image": "image", "label": "label"}
@@ -134,6 +136,8 @@ class TfdsSource(PythonReadSource):
       raise MissingInputError(
           f"TFDS has no dataset {name!r}: import the module that defines its "
           "builder, or check ImageDataset.name.") from None
+    if not builder.is_prepared() and download:
+      builder.download_and_prepare(file_format="array_record")
     if not builder.is_prepared():
       raise MissingInputError(
           f"TFDS dataset {name} is not prepared in {builder.data_dir}: run "

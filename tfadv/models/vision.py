@@ -6,9 +6,11 @@
   and Rice et al.'s CIFAR-10 model).
 - `wide_resnet`: Zagoruyko & Komodakis's WRN-depth-width; Madry's and
   Shafahi's CIFAR-10 model is WRN-32-10.
+- `resnet50`: ResNet-50 (ImageNet; Shafahi et al.'s Free-4 model).
 
-All take images in [0, 1] and return logits; none has preprocessing inside,
-so an exported model is a plain Keras model other tools can attack.
+All take images in [0, 1] and return logits (ResNet-50 standardizes the
+channels in its first layer), so an exported model is a plain Keras model
+other tools can attack.
 """
 
 from typing import Sequence
@@ -113,3 +115,34 @@ def wide_resnet(input_shape: Sequence[int], num_classes: int, depth: int = 28,
   x = layers.GlobalAveragePooling2D()(x)
   logits = layers.Dense(num_classes, name="logits")(x)
   return keras.Model(inputs, logits, name=f"wrn_{depth}_{width}")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@gin.configurable
+def resnet50(input_shape: Sequence[int], num_classes: int,
+             mean: Sequence[float] = IMAGENET_MEAN,
+             std: Sequence[float] = IMAGENET_STD) -> keras.Model:
+  """He et al.'s ResNet-50 (`keras.applications.ResNet50`, random weights),
+  the ImageNet model of Shafahi et al.'s Free-m and Wong et al.'s FGSM-RS.
+
+  It takes [0, 1] images like every model here; the per-channel
+  standardization their code applies after the perturbed image is clamped
+  (`in1.sub_(mean).div_(std)`) is the model's first layer, so the attack's
+  ε stays in pixel units.
+
+  Example:
+  >>> model = resnet50((224, 224, 3), 1000)
+  >>> model(np.zeros((1, 224, 224, 3), "float32")).shape
+  (1, 1000)
+  """
+  inputs = keras.Input(tuple(input_shape), name="image")
+  x = layers.Normalization(mean=list(mean), variance=[s * s for s in std],
+                           name="standardize")(inputs)
+  body = keras.applications.ResNet50(
+      weights=None, include_top=True, input_shape=tuple(input_shape),
+      classes=num_classes, classifier_activation=None)
+  logits = body(x)
+  return keras.Model(inputs, logits, name="resnet50")

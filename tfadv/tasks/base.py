@@ -36,6 +36,8 @@ Optional (defaults here):
   per_example_loss       (labels, logits) -> per-example loss (cross-entropy);
   count_correct          (labels, logits, weights) -> (correct, total);
   augment_batch          (batch, seed) -> batch, or None for no augmentation;
+  preprocess_eval        batch -> batch for evaluation batches (decoding, a
+                         centre crop), or None;
   embedding_layer        the layer an embedding-space evaluation attack
                          perturbs (text tasks), or None;
   finish_training        a hook at the end of training (pretraining writes
@@ -88,6 +90,8 @@ class Task(abc.ABC):
   dataset = None
   # (batch, seed) -> batch: random augmentation of training batches, or None.
   augment_batch: Optional[Callable] = None
+  # batch -> batch: deterministic preprocessing of evaluation batches, or None.
+  preprocess_eval: Optional[Callable] = None
   # The embedding layer an embedding-space evaluation attack perturbs, or None.
   embedding_layer: Optional[str] = None
   # A record store (`tfadv.data.records`) to read instead of `arrays`; set

@@ -1,0 +1,133 @@
+"""TFDS random access and the ImageNet path: a synthetic ImageNet-format TFDS
+dataset (JPEG images of varying size, 1,000 classes, ArrayRecord), the
+inception crop and centre crop, and both ImageNet configs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import builders
+from builders import REPO
+from tfadv.data.images import ImageDataset
+from tfadv.data.sources import TfdsSource
+from tfadv.errors import MissingInputError
+from tfadv.tasks.image import ImageClassificationTask
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return builders.write_synthetic_imagenet(tmp_path_factory.mktemp("tfds"))
+
+
+def test_tfds_source_reads_rows_by_index_as_tfds_decodes_them(tfds_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = TfdsSource("synthetic_imagenet", "train", data_dir=tfds_dir)
+  assert source.num_examples == 64 and source.specs["image"].dtype == tf.string
+  assert len(source.label_names()) == 1000
+  indices = [5, 0, 63, 5]
+  batch = source.read(tf.constant(indices, tf.int64))
+  encoded = tfds.data_source("synthetic_imagenet", split="train", data_dir=tfds_dir,
+                             decoders={"image": tfds.decode.SkipDecoding()})
+  decoded = tfds.data_source("synthetic_imagenet", split="train", data_dir=tfds_dir)
+  for row, index in enumerate(indices):
+    assert batch["image"][row].numpy() == encoded[index]["image"]  # the stored bytes
+    assert int(batch["label"][row]) == int(decoded[index]["label"])
+    # TensorFlow's JPEG decoder and TFDS's (PIL) round differently.
+    ours = tf.io.decode_jpeg(batch["image"][row]).numpy().astype(int)
+    assert ours.shape == decoded[index]["image"].shape
+    assert np.abs(ours - decoded[index]["image"]).mean() < 2.0
+
+
+def test_a_missing_or_tfrecord_tfds_dataset_is_one_line_naming_tfds_build(tmp_path):
+  with pytest.raises(MissingInputError, match="tfds build synthetic_imagenet"):
+    TfdsSource("synthetic_imagenet", "train", data_dir=str(tmp_path / "empty"))
+
+
+def coordinate_image(height, width):
+  """uint8 [h, w, 3]: row (×255/(h−1)), column (×255/(w−1)) and a constant."""
+  rows = np.round(np.linspace(0, 255, height))[:, None].repeat(width, 1)
+  cols = np.round(np.linspace(0, 255, width))[None, :].repeat(height, 0)
+  return np.stack([rows, cols, np.full_like(rows, 128)], -1).astype(np.uint8)
+
+
+def test_random_resized_crop_takes_8_to_100_percent_at_aspect_3_4_to_4_3_then_flips():
+  task = ImageClassificationTask(ImageDataset("unused"), crop="inception", image_size=32)
+  height, width = 180, 240
+  image = tf.constant(coordinate_image(height, width))
+  areas, flips, seen = [], 0, set()
+  for i in range(60):
+    crop = task.augment_batch({"image": image[None]}, tf.constant([7, i], tf.int64))["image"][0]
+    crop = crop.numpy().astype(float)
+    assert crop.shape == (32, 32, 3)
+    rows = crop[:, :, 0].mean(1) * (height - 1) / 255  # the source row of each output row
+    cols = crop[:, :, 1].mean(0) * (width - 1) / 255
+    flipped = cols[0] > cols[-1]
+    flips += flipped
+    crop_h = (rows[-1] - rows[0]) * 32 / 31
+    crop_w = abs(cols[-1] - cols[0]) * 32 / 31
+    area = crop_h * crop_w / (height * width)
+    areas.append(area)
+    assert 0.06 <= area <= 1.02, area  # 8–100 %, up to resampling at the edges
+    assert 3 / 4 * 0.85 <= crop_w / crop_h <= 4 / 3 * 1.15 or area > 0.9, (crop_w, crop_h)
+    seen.add(tuple(np.round(crop[0, 0]).tolist()))
+  assert 15 <= flips <= 45  # a fair coin
+  assert min(areas) < 0.3 and max(areas) > 0.6  # the whole range is drawn from
+  assert len(seen) > 40  # crops differ by seed
+  again = task.augment_batch({"image": image[None]}, tf.constant([7, 3], tf.int64))["image"]
+  first = task.augment_batch({"image": image[None]}, tf.constant([7, 3], tf.int64))["image"]
+  np.testing.assert_array_equal(again.numpy(), first.numpy())  # a function of the seed
+
+
+def test_centre_crop_resizes_the_shorter_side_and_keeps_the_middle():
+  task = ImageClassificationTask(ImageDataset("unused"), crop="inception", image_size=32,
+                                 resize_size=40)
+  height, width = 100, 160  # shorter side 100 → 40: 40 × 64, centre 32 × 32
+  image = tf.constant(coordinate_image(height, width))
+  crop = task.preprocess_eval({"image": image[None]})["image"][0].numpy().astype(float)
+  rows = crop[:, 0, 0] * (height - 1) / 255
+  cols = crop[0, :, 1] * (width - 1) / 255
+  # Output row r samples source row (r + 4 + 0.5) * 100/40 − 0.5 (4 rows cut
+  # off each side); column c samples ((c + 16 + 0.5) * 160/64 − 0.5).
+  np.testing.assert_allclose(rows, (np.arange(32) + 4.5) * 2.5 - 0.5, atol=1.5)
+  np.testing.assert_allclose(cols, (np.arange(32) + 16.5) * 2.5 - 0.5, atol=1.5)
+
+
+# The configs as they are (ResNet-50, the crops, bfloat16, their methods and
+# attacks), smaller: 32² crops of the 64² images, batches of 8, 8 steps, 2
+# attack steps, lr 0.1 → 1e-3 (ResNet-50 from scratch diverges at 0.1 on
+# batches of 8), and without XLA (compiling ResNet-50 on this CPU takes
+# minutes; every method's XLA step is tested on small models).
+SMALL = ["ImageClassificationTask.image_size = 32", "ImageClassificationTask.resize_size = 36",
+         "Experiment.global_batch_size = 8", "Experiment.eval_batch_size = 8",
+         "Experiment.train_epochs = None", "Experiment.train_steps = 8",
+         "Experiment.steps_per_loop = 4", "Experiment.checkpoint_every = 8",
+         "pgd10/InputAttack.num_steps = 2", "pgd50/InputAttack.num_steps = 2",
+         "sgd_momentum.learning_rate = 1e-3", "Experiment.jit_compile = False"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["imagenet_free4_resnet50", "imagenet_pgd_resnet50"])
+def test_imagenet_configs_train_and_evaluate_end_to_end_on_synthetic_imagenet(
+    tmp_path, tfds_dir, config):
+  params = SMALL + ["ImageDataset.name = 'synthetic_imagenet'",
+                    f"ImageDataset.data_dir = '{tfds_dir}'"]
+  command = [sys.executable, "-m", "tfadv.main",
+             f"--gin_file={os.path.join(REPO, 'configs', config + '.gin')}",
+             f"--model_dir={tmp_path}", "--mode=train_and_evaluate"] + [
+                 f"--gin_param={p}" for p in params]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = json.load(open(tmp_path / "eval_results_validation.json"))
+  assert records["step"] == 8
+  for key in ("accuracy", "accuracy_pgd10", "accuracy_pgd50"):
+    assert 0.0 <= records[key] <= 1.0, records
+  assert np.isfinite(records["loss"]), records
+  config_text = open(tmp_path / "operative_config.gin").read()
+  assert "mixed_bfloat16" in config_text and "'inception'" in config_text
+  assert len(json.load(open(tmp_path / "labels.json"))["labels"]) == 1000
