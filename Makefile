@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test test-fast benchmark clean pretrain mutation
+.PHONY: install demo test test-fast test-lowest benchmark clean pretrain mutation
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ $(PRESET)/config.json: | install
 # (210 tests, 2026-11-30); each worker has its own two logical CPU devices.
 test: install
 	$(PY) -m pytest -q -n 2 tests
+
+# The unit tests against the lowest declared versions (TensorFlow 2.16.1, the
+# TPU launcher's default runtime; launch/constraints-tf2.16.txt), in their own venv.
+LOWEST ?= .venv-lowest
+$(LOWEST)/.installed: pyproject.toml launch/constraints-tf2.16.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -c launch/constraints-tf2.16.txt -e '.[test,plot]'
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -c "import tensorflow as tf, keras, keras_hub; print('TF', tf.__version__, 'keras', keras.__version__, 'keras-hub', keras_hub.__version__)"
+	$(LOWEST)/bin/python -m pytest -q -m "not slow" tests
 
 # Unit tests only (no training runs, subprocesses or multi-worker): < 2 minutes.
 test-fast: install

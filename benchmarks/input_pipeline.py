@@ -125,7 +125,8 @@ def throughput(args) -> None:
           arrays={"image": rng.randint(0, 256, (60000, 28, 28, 1)).astype(np.uint8),
                   "label": rng.randint(0, 10, 60000).astype(np.int32)},
           model=lambda: small_cnn((28, 28, 1), 10), batch=args.cnn_batch,
-          split=lambda b: (tf.cast(b["image"], tf.float32) / 255.0, b["label"])),
+          split=lambda b: (tf.cast(b["image"], tf.float32) / 255.0, b["label"]),
+          steps=args.steps),
   }
   parser = argparse.ArgumentParser()
   add_model_arguments(parser)
@@ -138,7 +139,7 @@ def throughput(args) -> None:
               "label": rng.randint(0, bert_args.classes, n).astype(np.int32)},
       model=lambda: keras_hub.models.BertTextClassifier(
           make_backbone(bert_args), num_classes=bert_args.classes, preprocessor=None),
-      batch=bert_args.batch,
+      batch=bert_args.batch, steps=args.bert_steps,
       split=lambda b: ({k: b[k] for k in ("token_ids", "segment_ids", "padding_mask")},
                        b["label"]))
   print(f"{os.cpu_count()} CPUs, TF {tf.__version__}, jit_compile={args.jit}")
@@ -167,7 +168,7 @@ def throughput(args) -> None:
                               split_batch=case["split"], jit_compile=args.jit)
       iterator = iter(distributed_dataset(trainer.strategy, source, case["batch"],
                                           shuffle=True, seed=1))
-      seconds = best_step_time(trainer, iterator, args.steps, args.repeats)
+      seconds = best_step_time(trainer, iterator, case["steps"], args.repeats)
       results[f"{name}/train/{kind}"] = case["batch"] / seconds
     for part in ("input_only", "train"):
       memory_rate = results[f"{name}/{part}/memory"]
@@ -187,7 +188,8 @@ def main():
   parser.add_argument("--store_mb", type=int, default=400)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--cnn_batch", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--steps", type=int, default=30, help="CNN steps per timed loop")
+  parser.add_argument("--bert_steps", type=int, default=8, help="BERT steps per timed loop")
   parser.add_argument("--input_batches", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--jit", action="store_true")

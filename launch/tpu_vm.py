@@ -238,9 +238,12 @@ def commands(args, tarball: str, uploads=(), input_params=(), mounts=()):
     create.append("--spot")
   elif args.preemptible:
     create.append("--preemptible")
+  # On the default runtime, also the constraints `make test-lowest` tests under.
+  lowest = (f" -c ~/{REMOTE_DIR}/launch/constraints-tf2.16.txt"
+            if (args.version or version).startswith("tpu-vm-tf-2.16.") else "")
   install = (f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/tfadv.tar.gz -C ~/{REMOTE_DIR} && "
              f"pip freeze > ~/tpu-constraints.txt && "
-             f"pip install -q -c ~/tpu-constraints.txt -e ~/{REMOTE_DIR}")
+             f"pip install -q -c ~/tpu-constraints.txt{lowest} -e ~/{REMOTE_DIR}")
   main_args = [f"--gin_file={f}" for f in args.gin_file]
   main_args += [f"--gin_param={p}" for p in list(args.gin_param) + list(input_params)]
   pod = num_hosts(args.accelerator_type) > 1

@@ -141,6 +141,7 @@ def fashion_store(tmp_path_factory, idx_dir):
   return str(out)
 
 
+@pytest.mark.slow
 def test_training_on_a_store_gives_bit_identical_weights_to_memory(tmp_path, idx_dir,
                                                                    fashion_store):
   params = ["Experiment.train_epochs = None", "Experiment.train_steps = 24"]
@@ -159,6 +160,7 @@ def test_training_on_a_store_gives_bit_identical_weights_to_memory(tmp_path, idx
       open(tmp_path / "memory" / "labels.json"))["labels"]
 
 
+@pytest.mark.slow
 def test_a_text_task_trains_on_its_store_to_the_same_weights(fewclue_dir, tmp_path):
   from tfadv import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from tfadv.tools import write_records  # pylint: disable=g-import-not-at-top

@@ -193,7 +193,9 @@ def test_tpu_dry_run_for_a_v4_8(capsys, preset):
                       "--version=tpu-vm-tf-2.16.1-pjrt --spot")
   assert lines[3].startswith("gcloud compute tpus tpu-vm scp tfadv.tar.gz 'adv:~/tfadv.tar.gz'")
   assert "--worker=all" in lines[3] and "--worker=all" in lines[4]
-  assert "pip install -q -c ~/tpu-constraints.txt -e ~/tfadv" in lines[4]
+  # The runtime's own packages, and the constraints `make test-lowest` tests under.
+  assert ("pip install -q -c ~/tpu-constraints.txt "
+          "-c ~/tfadv/launch/constraints-tf2.16.txt -e ~/tfadv") in lines[4]
   train = lines[5]
   assert "--worker=all" in train and "--tpu=local" in train
   assert "python3 -m tfadv.main --gin_file=configs/iflytek_fgm.gin" in train
