@@ -35,9 +35,12 @@ an extra `--gin_param`. An input that is neither stops the launcher with a
 one-line error naming the binding, before any TPU is created. A record store
 (`Experiment.record_store`) must hold its metadata.json and a TFDS data dir
 read by random access (`ImageDataset.source = 'tfds'`) the dataset's
-directory; both are read through ArrayRecord, which reads local files, so
-setup mounts them read-only on every worker with gcsfuse (under ~/inputs/)
-and the run reads the mounts.
+directory. On a single host both may be read through ArrayRecord, which
+reads local files, so setup mounts them read-only with gcsfuse (under
+/tmp/tfadv_inputs/) and the run reads the mounts. On a pod slice the input
+pipelines run on each host's TPU server without Python: TFDS random access
+is refused before anything is created, and a store must have the "fixed"
+layout, which TensorFlow reads from gs:// itself (the run checks).
 """
 
 import argparse
@@ -56,10 +59,13 @@ REMOTE_DIR = "tfadv"
 INPUT_BINDINGS = ("ClueDataset.data_dir", "TextClassificationTask.preset",
                   "ImageDataset.data_dir", "PretrainingCorpus.data_dir",
                   "Experiment.record_store")
-# Inputs read through ArrayRecord, which reads local files only: on the
-# workers they are gcsfuse mounts of their gs:// paths (`mount`, in setup).
+# Inputs that may be read through ArrayRecord, which reads local files only:
+# on a single host they are gcsfuse mounts of their gs:// paths (`mount`, in
+# setup). On a pod slice the input pipelines run on each host's TPU server,
+# without Python: a store must have the "fixed" layout (TensorFlow reads it
+# from gs:// itself) and TFDS random access is refused.
 ARRAY_RECORD_BINDINGS = ("Experiment.record_store", "ImageDataset.data_dir")
-MOUNT_DIR = "~/inputs"
+MOUNT_DIR = "/tmp/tfadv_inputs"
 
 
 class InputError(ValueError):
@@ -120,7 +126,7 @@ def mount_path(binding: str) -> str:
   return f"{MOUNT_DIR}/{binding}"
 
 
-def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
+def resolve_inputs(inputs, model_dir: str, root: str, exists=None, pod: bool = False):
   """(uploads, gin_params) that make every input readable from `model_dir`'s bucket.
 
   Args:
@@ -128,6 +134,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
     model_dir: the run's gs:// model dir; uploads go under `<model_dir>/inputs/`.
     root: the checkout, against which relative local paths are read.
     exists: `path -> bool` for gs:// paths (default `tf.io.gfile.exists`).
+    pod: a pod slice (input pipelines without Python; nothing is mounted).
 
   Returns:
     uploads: [(local path, gs:// destination)], one `gcloud storage cp -r` each.
@@ -147,6 +154,11 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
   for binding, value in inputs.items():
     marker_value = value
     if isinstance(value, tuple):
+      if pod:
+        raise InputError(
+            f"{binding} = {value[0]!r}: TFDS random access reads in Python, which a "
+            "pod slice's input pipelines lack; use a single-host slice (v4-8), or a "
+            "record store written with `write_records --layout=fixed`.")
       value = value[0]
     if not isinstance(value, str):
       raise InputError(f"{binding} = {value!r}: expected a path string.")
@@ -164,7 +176,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
         where = f" ({marker}: {what})" if what else ""
         raise InputError(f"{binding} = {value!r} does not exist{where}; upload it or "
                          f"bind {binding} to an existing path.")
-      if binding in ARRAY_RECORD_BINDINGS:
+      if binding in ARRAY_RECORD_BINDINGS and not pod:
         mounts.append((binding, value))
         params.append(f'{binding} = "{mount_path(binding)}"')
       continue
@@ -179,7 +191,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None):
                        f"bind {binding} to an existing local or gs:// path.")
     destination = f"{base}/{binding}/{os.path.basename(os.path.normpath(local))}"
     uploads.append((local, destination))
-    if binding in ARRAY_RECORD_BINDINGS:
+    if binding in ARRAY_RECORD_BINDINGS and not pod:
       mounts.append((binding, destination))
       params.append(f'{binding} = "{mount_path(binding)}"')
     else:
@@ -329,7 +341,7 @@ def main(argv=None, exists=None):
     try:
       uploads, input_params, mounts = resolve_inputs(
           read_inputs(args.gin_file, args.gin_param), args.model_dir, root,
-          exists=exists)
+          exists=exists, pod=num_hosts(args.accelerator_type) > 1)
     except InputError as e:
       print(f"tpu_vm: {e}", file=sys.stderr)
       return 2

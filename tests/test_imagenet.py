@@ -131,3 +131,40 @@ def test_imagenet_configs_train_and_evaluate_end_to_end_on_synthetic_imagenet(
   config_text = open(tmp_path / "operative_config.gin").read()
   assert "mixed_bfloat16" in config_text and "'inception'" in config_text
   assert len(json.load(open(tmp_path / "labels.json"))["labels"]) == 1000
+
+
+def test_a_fixed_store_written_from_tfds_streams_the_jpegs_and_feeds_a_pod_slice(
+    tmp_path, tfds_dir, monkeypatch):
+  """ImageNet on a pod slice: `write_records --layout=fixed` from the TFDS
+  config (variable-size JPEGs kept encoded), read by TensorFlow ops alone,
+  which the pod check accepts; the crops train from it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tfadv import distribute  # pylint: disable=g-import-not-at-top
+  from tfadv import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from tfadv.data import records  # pylint: disable=g-import-not-at-top
+  from tfadv.tools import write_records  # pylint: disable=g-import-not-at-top
+  bindings = SMALL + ["ImageDataset.name = 'synthetic_imagenet'",
+                      f"ImageDataset.data_dir = '{tfds_dir}'",
+                      "ImageClassificationTask.model_fn = @small_cnn",
+                      "Experiment.eval_attacks = {}", "Experiment.train_steps = 2",
+                      "Experiment.mixed_precision = None"]
+  builders.configure(bindings, ["configs/imagenet_free4_resnet50.gin"])
+  task = experiment_lib.Experiment().task  # pylint: disable=no-value-for-parameter
+  write_records.write(task, str(tmp_path / "store"), layout="fixed",
+                      shard_bytes=100_000)
+  metadata = records.read_metadata(str(tmp_path / "store"))
+  assert metadata["features"]["image"]["encoding"] == "bytes"
+  assert metadata["splits"]["train"]["blocks"] > 1  # rows across block files
+  source = records.RecordSource(str(tmp_path / "store"), "train")
+  encoded = tfds.data_source("synthetic_imagenet", split="train", data_dir=tfds_dir,
+                             decoders={"image": tfds.decode.SkipDecoding()})
+  rows = source.read(tf.constant([63, 0, 31], tf.int64))
+  for row, index in enumerate([63, 0, 31]):
+    assert rows["image"][row].numpy() == encoded[index]["image"]
+    assert int(rows["label"][row]) == int(encoded[index]["label"])
+  monkeypatch.setattr(distribute, "input_runs_without_python", lambda strategy: True)
+  result = builders.run("train", tmp_path / "run", tf.distribute.get_strategy(), bindings + [
+      f"Experiment.record_store = '{tmp_path / 'store'}'",
+      f"ImageDataset.data_dir = '{tmp_path / 'absent'}'"],
+      ["configs/imagenet_free4_resnet50.gin"])
+  assert int(result["experiment"].trainer.global_step.numpy()) == 2

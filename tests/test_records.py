@@ -32,13 +32,19 @@ def idx_dir(tmp_path_factory):
   return write_tiny_fashion_idx(tmp_path_factory.mktemp("idx"), num_train=256)
 
 
-@pytest.mark.parametrize("encoding", ["raw", "png"])
-def test_store_rows_equal_the_rows_written_in_any_order_across_shards(tmp_path, encoding):
+@pytest.mark.parametrize("layout,encoding", [("array_record", "raw"), ("array_record", "png"),
+                                             ("fixed", "raw")])
+def test_store_rows_equal_the_rows_written_in_any_order_across_shards(tmp_path, layout,
+                                                                    encoding):
   arrays = random_arrays()
   records.write_store(str(tmp_path / "s"), {"train": arrays, "eval": random_arrays(5, 1)},
-                      encodings={"image": encoding}, shard_bytes=300, labels=["a", "b"])
+                      encodings={"image": encoding}, shard_bytes=300, labels=["a", "b"],
+                      layout=layout, block_bytes=300)
   metadata = records.read_metadata(str(tmp_path / "s"))
-  assert len(metadata["splits"]["train"]["shards"]) > 3  # rows spread over shards
+  assert metadata["layout"] == layout
+  pieces = metadata["splits"]["train"].get("shards") or range(
+      metadata["splits"]["train"]["blocks"])
+  assert len(pieces) > 3  # rows spread over shards (blocks)
   assert metadata["prepared"] == ["labels.json"]
   source = records.RecordSource(str(tmp_path / "s"), "train")
   assert source.num_examples == 37
@@ -53,9 +59,11 @@ def test_store_rows_equal_the_rows_written_in_any_order_across_shards(tmp_path, 
   assert records.store_labels(str(tmp_path / "s")) == ["a", "b"]
 
 
-def test_pipeline_reads_the_same_batches_from_a_store_as_from_memory(tmp_path, mirrored):
+@pytest.mark.parametrize("layout", ["array_record", "fixed"])
+def test_pipeline_reads_the_same_batches_from_a_store_as_from_memory(tmp_path, mirrored, layout):
   arrays = random_arrays(50)
-  records.write_store(str(tmp_path / "s"), {"train": arrays}, shard_bytes=500)
+  records.write_store(str(tmp_path / "s"), {"train": arrays}, shard_bytes=500, layout=layout,
+                      block_bytes=500)
   source = records.RecordSource(str(tmp_path / "s"), "train")
   for strategy in (tf.distribute.get_strategy(), mirrored):
     for shuffle in (True, False):
@@ -196,13 +204,41 @@ def test_a_missing_or_foreign_store_stops_with_one_line_naming_the_fix(tmp_path,
   with pytest.raises(InputDataError, match="already holds a record store"):
     records.write_store(str(tmp_path / "s"), {"train": random_arrays(3)})
   with pytest.raises(MissingInputError, match="gcloud storage cp"):
-    records.RecordSource("gs://bucket/store", "train")
+    records.ArrayRecordSource("gs://bucket/store", "train")  # before any network
   os.remove(next(p for p in (tmp_path / "s").iterdir() if p.suffix == ".array_record"))
   with pytest.raises(MissingInputError, match="is missing"):
     records.RecordSource(str(tmp_path / "s"), "train")
+  with pytest.raises(ValueError, match="fixed layout stores raw features"):
+    records.write_store(str(tmp_path / "f"), {"train": random_arrays(3)},
+                        encodings={"image": "png"}, layout="fixed")
+  records.write_store(str(tmp_path / "f"), {"train": random_arrays(3)}, layout="fixed")
+  with pytest.raises((IndexError, tf.errors.OpError), match="outside 0..2"):
+    records.RecordSource(str(tmp_path / "f"), "train").read(tf.constant([1, 3], tf.int64))
 
 
-LONG = ["Experiment.train_epochs = None", "Experiment.train_steps = 1500",
+def test_a_pod_slice_refuses_sources_read_in_python_and_takes_the_fixed_layout(
+    tmp_path, idx_dir, monkeypatch, fashion_store):
+  from tfadv import distribute, errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(distribute, "input_runs_without_python", lambda strategy: True)
+  bindings = builders.tiny_fashion_bindings(idx_dir)
+  params = ["Experiment.train_epochs = None", "Experiment.train_steps = 2"]
+  strategy = tf.distribute.get_strategy()
+  with pytest.raises(errors.SettingError, match="write_records --layout=fixed"):
+    builders.run("train", tmp_path / "a", strategy, bindings + params + [
+        f"Experiment.record_store = '{fashion_store}'"], gin_files=["configs/fashion_mnist_plain.gin"])
+  assert not (tmp_path / "a" / "checkpoint").exists()
+  fixed = tmp_path / "fixed"
+  source = records.RecordSource(fashion_store, "train")
+  evaluation = records.RecordSource(fashion_store, "eval")
+  records.write_store(str(fixed), {"train": source.head(source.num_examples),
+                                   "eval": evaluation.head(evaluation.num_examples)},
+                      layout="fixed", labels=records.store_labels(fashion_store))
+  result = builders.run("train", tmp_path / "b", strategy, bindings + params + [
+      f"Experiment.record_store = '{fixed}'"], gin_files=["configs/fashion_mnist_plain.gin"])
+  assert int(result["experiment"].trainer.global_step.numpy()) == 2
+
+
+LONG = ["Experiment.train_epochs = None", "Experiment.train_steps = 800",
         "Experiment.steps_per_loop = 100", "Experiment.checkpoint_every = 200"]
 
 
@@ -216,14 +252,14 @@ def test_sigkill_and_rerun_on_a_store_match_the_uninterrupted_run(tmp_path, idx_
   proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:
-    if "step 700/1500" in line:
+    if "step 500/800" in line:
       break
   proc.kill()
   proc.wait()
   step = int(tf.train.latest_checkpoint(str(tmp_path / "killed")).rsplit("-", 1)[1])
-  assert 0 < step < 1500
+  assert 0 < step < 800
   resumed = run(command)
-  assert resumed.returncode == 0 and f"Training from step {step} to 1500" in resumed.stdout
+  assert resumed.returncode == 0 and f"Training from step {step} to 800" in resumed.stdout
   a, b = checkpoint_values(tmp_path / "whole"), checkpoint_values(tmp_path / "killed")
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -272,16 +272,26 @@ def test_tpu_launcher_checks_a_store_and_a_tfds_dataset_and_mounts_them(capsys, 
   assert seen == ["gs://b/stores/tnews/metadata.json", "gs://b/tfds/imagenet2012"]
   assert uploads == [] and mounts == [("Experiment.record_store", "gs://b/stores/tnews"),
                                       ("ImageDataset.data_dir", "gs://b/tfds")]
-  assert params == ['Experiment.record_store = "~/inputs/Experiment.record_store"',
-                    'ImageDataset.data_dir = "~/inputs/ImageDataset.data_dir"']
+  assert params == ['Experiment.record_store = "/tmp/tfadv_inputs/Experiment.record_store"',
+                    'ImageDataset.data_dir = "/tmp/tfadv_inputs/ImageDataset.data_dir"']
+  # A pod slice's input pipelines run without Python: a store is read from
+  # gs:// by TensorFlow itself (the "fixed" layout; the run checks), TFDS
+  # random access is refused.
+  _, params, mounts = tpu_vm.resolve_inputs(
+      {"Experiment.record_store": "gs://b/stores/tnews"}, "gs://b/run", REPO, exists=exists,
+      pod=True)
+  assert mounts == [] and params == []
+  with pytest.raises(tpu_vm.InputError, match="single-host slice"):
+    tpu_vm.resolve_inputs({"ImageDataset.data_dir": ("gs://b/tfds", "imagenet2012")},
+                          "gs://b/run", REPO, exists=exists, pod=True)
   for inputs, message in [
       ({"Experiment.record_store": "gs://b/stores/absent"}, "write_records"),
       ({"ImageDataset.data_dir": ("gs://b/tfds", "cifar10")}, "tfds build")]:
     with pytest.raises(tpu_vm.InputError, match=message):
       tpu_vm.resolve_inputs(inputs, "gs://b/run", REPO, exists=exists)
   # The ImageNet config: its TFDS dir checked before anything is created, then
-  # mounted on every worker by setup.
-  code = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run", "--accelerator_type=v4-32",
+  # mounted by setup.
+  code = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run", "--accelerator_type=v4-8",
                       "--gin_file=configs/imagenet_free4_resnet50.gin",
                       "--gin_param=ImageDataset.data_dir = 'gs://b/tfds'",
                       "--model_dir=gs://b/runs/free4"], exists=exists)
@@ -290,7 +300,8 @@ def test_tpu_launcher_checks_a_store_and_a_tfds_dataset_and_mounts_them(capsys, 
   setup = [line for line in lines if "gcsfuse -o ro" in line]
   assert len(setup) == 1 and "--worker=all" in setup[0] and "--only-dir=tfds" in setup[0]
   train = next(line for line in lines if "tfadv.main" in line)
-  assert "ImageDataset.data_dir = \"~/inputs/ImageDataset.data_dir\"" in train.replace("'", "")
+  assert '--gin_param=ImageDataset.data_dir = "/tmp/tfadv_inputs/ImageDataset.data_dir"' \
+      in shlex.split([w for w in shlex.split(train) if w.startswith("--command=")][0])
   assert "imagenet_free4_resnet50.gin" in train
   missing = tpu_vm.main(["--name=adv", "--zone=z", "--dry_run",
                          "--gin_file=configs/imagenet_free4_resnet50.gin",

@@ -144,22 +144,25 @@ def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):
   assert "Experiment.seed = 1" in models["plain"][1].params
   assert "EmbeddingOutputFGM.epsilon = 0.01" in models["output FGM, ε = 0.01"][0].params
   # Finished runs (fabricated): read back, nothing started.
-  values = {"fgm_output_eps0.01_seed0": (0.80, 0.81, 0.66), "fgm_output_eps0.01_seed1": (0.79, 0.80, 0.64),
-            "plain_seed0": (0.80, 0.80, 0.61), "plain_seed1": (0.81, 0.79, 0.60)}
-  for name, (validation, test, attacked) in values.items():
+  values = {"fgm_output_eps0.01_seed0": (0.80, 0.81, 0.66, 0.5),
+            "fgm_output_eps0.01_seed1": (0.79, 0.80, 0.64, 0.4),
+            "plain_seed0": (0.80, 0.80, 0.61, 0.3), "plain_seed1": (0.81, 0.79, 0.60, None)}
+  for name, (validation, test, attacked, substituted) in values.items():
     (tmp_path / name).mkdir()
-    (tmp_path / name / "eval_results_test.json").write_text(json.dumps({
-        "accuracy": test, "accuracy_pgd5": attacked, "split": "test", "step": 500,
-        "best": {"step": 500, "metrics": {"accuracy": validation}}}))
+    record = {"accuracy": test, "accuracy_pgd5": attacked, "split": "test", "step": 500,
+              "best": {"step": 500, "metrics": {"accuracy": validation}}}
+    if substituted is not None:  # plain_seed1: a run from before the column
+      record["accuracy_sub2"] = substituted
+    (tmp_path / name / "eval_results_test.json").write_text(json.dumps(record))
     (tmp_path / name / "wall_seconds.txt").write_text("100\n")
   proc = subprocess.run([sys.executable, "-m", "tfadv.tools.demo", f"--work_dir={tmp_path}"],
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "started" not in proc.stdout
   assert "| output FGM, ε = 0.01 | 79.50% (80.00, 79.00) | 80.50% (81.00, 80.00) | " \
-         "65.00% (66.00, 64.00) |" in proc.stdout
-  assert "| plain | 80.50% (80.00, 81.00) | 79.50% (80.00, 79.00) | 60.50% (61.00, 60.00) |" \
-      in proc.stdout
+         "65.00% (66.00, 64.00) | 45.00% (50.00, 40.00) |" in proc.stdout
+  assert "| plain | 80.50% (80.00, 81.00) | 79.50% (80.00, 79.00) | 60.50% (61.00, 60.00) " \
+         "| – |" in proc.stdout
   # Progress: every 100th step line (step, loss, ETA) and each validation, by run name.
   printed = []
   show = demo.progress_printer(models["plain"][0], threading.Lock(), printed.append)

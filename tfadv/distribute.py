@@ -79,3 +79,13 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """Whether this process writes checkpoints and summaries (TF's own answer:
   the chief, or worker 0 of a cluster without one)."""
   return bool(strategy.extended.should_checkpoint)
+
+
+def input_runs_without_python(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the strategy's input pipelines run where Python cannot: on the
+  TPU servers of the other hosts of a pod slice, under TensorFlow's
+  single-client model (worker 0's process drives every host; the others
+  run no Python, tensorflow/tensorflow#24099). A single TPU VM, GPUs, CPUs
+  and multi-worker runs (a Python process per worker) run it in Python."""
+  return (isinstance(strategy, tf.distribute.TPUStrategy)
+          and int(getattr(strategy.extended, "num_hosts", 1)) > 1)

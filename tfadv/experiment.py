@@ -11,10 +11,11 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfadv import compat, distribute
+from tfadv import compat, distribute, errors
 from tfadv.controller import Controller
 from tfadv.data import records
 from tfadv.data.pipeline import distributed_dataset
+from tfadv.data.sources import PythonReadSource
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
 from tfadv.models.state import random_state_variables
@@ -198,6 +199,7 @@ class Experiment:
       self.task.record_store = self.record_store
       records.copy_prepared(self.record_store, model_dir)
     self.task.prepare(model_dir)
+    self._check_input_runs(strategy)
     for attack in self.eval_attacks.values():  # e.g. tables of the task's vocabulary
       if hasattr(attack, "prepare"):
         attack.prepare(self.task, model_dir)
@@ -291,6 +293,22 @@ class Experiment:
       controller.close()
     results["accuracy_name"] = self.trainer.accuracy_name
     return results
+
+  def _check_input_runs(self, strategy) -> None:
+    """A source read by Python (an ArrayRecord store, TFDS random access)
+    cannot feed input pipelines that run without Python (a TPU pod slice):
+    one line naming the fix, before anything is written."""
+    if not distribute.input_runs_without_python(strategy):
+      return
+    for split in self.task.splits:
+      source = self.task.source(split)
+      if isinstance(source, PythonReadSource):
+        raise errors.SettingError(
+            f"{type(source).__name__} reads {split} rows in Python, but on a TPU pod "
+            "slice each host's input pipeline runs without Python (TensorFlow's "
+            "single-client model): write a store with `python -m tfadv.tools."
+            "write_records --layout=fixed` and set Experiment.record_store, or run on "
+            "a single-host slice (v4-8).")
 
   def hparams(self) -> dict:
     """The run's method and its settings, for TensorBoard's HParams dashboard."""

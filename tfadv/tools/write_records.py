@@ -6,9 +6,11 @@
 
 The task of the config prepares itself into DIR (its labels.json, a
 vocabulary: what a run then copies into its model dir), and each of its
-splits is written as the task's `arrays` give it (tokenized text, uint8
-images), so training on the store gives the same weights as training in
-memory. `--out` may be `gs://` (written locally, then copied). Your own
+splits is written as the task's `source` gives it (tokenized text, uint8
+images; a TFDS dataset's encoded images, streamed in chunks, never held
+whole), so training on the store gives the same weights as training in
+memory. `--layout=fixed` writes rows TensorFlow reads by itself (for TPU
+pod slices, whose input pipelines run without Python; gs:// directly). `--out` may be `gs://` (written locally, then copied). Your own
 data: a `Task` (or a `tfadv.data.base` dataset under an existing task) and a
 gin file naming it; or `tfadv.data.records.write_store` from arrays.
 """
@@ -30,10 +32,14 @@ flags.DEFINE_list("splits", None, "Splits to write (default: the task's).")
 flags.DEFINE_integer("shard_mb", 256, "About this many MB of rows per shard.")
 flags.DEFINE_list("encode_png", [], "Features (uint8 images) stored as PNG "
                   "instead of raw bytes.")
+flags.DEFINE_enum("layout", "array_record", ["array_record", "fixed"],
+                  "array_record: ArrayRecord shards (read through Python); fixed: "
+                  "fixed-length rows read by TensorFlow ops alone (TPU pod slices, "
+                  "gs:// directly; raw features only).")
 
 
-def write(task, out: str, splits=None, shard_mb: int = 256, encode_png=(),
-          description: str = "") -> str:
+def write(task, out: str, splits=None, shard_bytes: int = 256 << 20, encode_png=(),
+          description: str = "", layout: str = "array_record") -> str:
   """Prepares `task` into `out` and writes its splits there; returns `out`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfadv.data import records  # pylint: disable=g-import-not-at-top
@@ -46,9 +52,9 @@ def write(task, out: str, splits=None, shard_mb: int = 256, encode_png=(),
   prepared = [p.rstrip("/") for p in prepared if not tf.io.gfile.isdir(os.path.join(out, p))]
   splits = list(splits or task.splits)
   return records.write_store(
-      out, {split: (lambda split=split: task.arrays(split)) for split in splits},
-      encodings={k: "png" for k in encode_png}, shard_bytes=shard_mb << 20,
-      description=description, prepared=prepared)
+      out, {split: (lambda split=split: task.source(split)) for split in splits},
+      encodings={k: "png" for k in encode_png}, shard_bytes=shard_bytes,
+      description=description, prepared=prepared, layout=layout)
 
 
 def main(argv):
@@ -65,8 +71,8 @@ def main(argv):
   start = time.time()
   try:
     task = experiment.Experiment().task
-    write(task, FLAGS.out, FLAGS.splits, FLAGS.shard_mb, FLAGS.encode_png,
-          description=gin.config_str())
+    write(task, FLAGS.out, FLAGS.splits, FLAGS.shard_mb << 20, FLAGS.encode_png,
+          description=gin.config_str(), layout=FLAGS.layout)
   except (errors.MissingInputError, errors.InputDataError) as e:
     print(f"tfadv: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     sys.exit(2)
