@@ -112,11 +112,10 @@ def _block_name(split: str, block: int) -> str:
 
 def _write_blocks(local_dir, split, n, chunk, order, features, block_bytes, chunk_rows):
   """Writes a split in the fixed layout; returns its metadata entry."""
-  sizes = [len(_encode(v, features[k]["encoding"])) for k, v in
-           ((k, chunk(0, 1)[k][0]) for k in order)] if n else [0]
-  variable = features[order[-1]]["encoding"] == "bytes" if order else False
+  variable = features[order[-1]]["encoding"] == "bytes"
   # Rows per block from the first rows' size (variable rows: their mean).
   sample = chunk(0, min(n, 64))
+  sizes = [len(_encode(sample[k][0], features[k]["encoding"])) for k in order]
   mean_row = max(1, sum(_nbytes(sample[k]) for k in order) // max(1, min(n, 64)))
   rows_per_block = max(1, block_bytes // mean_row)
   begins, ends = np.zeros(n, np.int64), np.zeros(n, np.int64)
