@@ -133,6 +133,7 @@ def test_imagenet_configs_train_and_evaluate_end_to_end_on_synthetic_imagenet(
   assert len(json.load(open(tmp_path / "labels.json"))["labels"]) == 1000
 
 
+@pytest.mark.slow
 def test_a_fixed_store_written_from_tfds_streams_the_jpegs_and_feeds_a_pod_slice(
     tmp_path, tfds_dir, monkeypatch):
   """ImageNet on a pod slice: `write_records --layout=fixed` from the TFDS

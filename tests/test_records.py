@@ -216,6 +216,7 @@ def test_a_missing_or_foreign_store_stops_with_one_line_naming_the_fix(tmp_path,
     records.RecordSource(str(tmp_path / "f"), "train").read(tf.constant([1, 3], tf.int64))
 
 
+@pytest.mark.slow
 def test_a_pod_slice_refuses_sources_read_in_python_and_takes_the_fixed_layout(
     tmp_path, idx_dir, monkeypatch, fashion_store):
   from tfadv import distribute, errors  # pylint: disable=g-import-not-at-top
