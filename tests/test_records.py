@@ -123,9 +123,12 @@ def test_each_host_reads_only_its_replicas_rows_and_together_the_one_host_batch(
 
 
 def write_records_command(out, idx_dir, *extra, gin_file=PLAIN):
+  """The command line; `extra` holds gin bindings and (leading "--") flags."""
+  flags = [e for e in extra if e.startswith("--")]
+  bindings = [e for e in extra if not e.startswith("--")]
   return ([sys.executable, "-m", "tfadv.tools.write_records", f"--gin_file={gin_file}",
-           f"--out={out}"]
-          + [f"--gin_param={p}" for p in builders.tiny_fashion_bindings(idx_dir) + list(extra)])
+           f"--out={out}", *flags]
+          + [f"--gin_param={p}" for p in builders.tiny_fashion_bindings(idx_dir) + bindings])
 
 
 def run(command, **kwargs):
@@ -229,11 +232,9 @@ def test_a_pod_slice_refuses_sources_read_in_python_and_takes_the_fixed_layout(
         f"Experiment.record_store = '{fashion_store}'"], gin_files=["configs/fashion_mnist_plain.gin"])
   assert not (tmp_path / "a" / "checkpoint").exists()
   fixed = tmp_path / "fixed"
-  source = records.RecordSource(fashion_store, "train")
-  evaluation = records.RecordSource(fashion_store, "eval")
-  records.write_store(str(fixed), {"train": source.head(source.num_examples),
-                                   "eval": evaluation.head(evaluation.num_examples)},
-                      layout="fixed", labels=records.store_labels(fashion_store))
+  written = run(write_records_command(fixed, idx_dir, "--layout=fixed"))
+  assert written.returncode == 0, written.stderr[-2000:]
+  assert "train: 256 rows in" in written.stdout and "block(s)" in written.stdout
   result = builders.run("train", tmp_path / "b", strategy, bindings + params + [
       f"Experiment.record_store = '{fixed}'"], gin_files=["configs/fashion_mnist_plain.gin"])
   assert int(result["experiment"].trainer.global_step.numpy()) == 2

@@ -10,7 +10,8 @@ splits is written as the task's `source` gives it (tokenized text, uint8
 images; a TFDS dataset's encoded images, streamed in chunks, never held
 whole), so training on the store gives the same weights as training in
 memory. `--layout=fixed` writes rows TensorFlow reads by itself (for TPU
-pod slices, whose input pipelines run without Python; gs:// directly). `--out` may be `gs://` (written locally, then copied). Your own
+pod slices, whose input pipelines run without Python; gs:// directly).
+`--out` may be `gs://` (written locally, then copied). Your own
 data: a `Task` (or a `tfadv.data.base` dataset under an existing task) and a
 gin file naming it; or `tfadv.data.records.write_store` from arrays.
 """
@@ -35,7 +36,7 @@ flags.DEFINE_list("encode_png", [], "Features (uint8 images) stored as PNG "
 flags.DEFINE_enum("layout", "array_record", ["array_record", "fixed"],
                   "array_record: ArrayRecord shards (read through Python); fixed: "
                   "fixed-length rows read by TensorFlow ops alone (TPU pod slices, "
-                  "gs:// directly; raw features only).")
+                  "gs:// directly; raw features and at most one variable-length string).")
 
 
 def write(task, out: str, splits=None, shard_bytes: int = 256 << 20, encode_png=(),
@@ -78,7 +79,9 @@ def main(argv):
     sys.exit(2)
   metadata = records.read_metadata(FLAGS.out)
   for split, info in metadata["splits"].items():
-    print(f"{split}: {info['num_examples']} rows in {len(info['shards'])} shard(s)")
+    files = (f"{len(info['shards'])} shard(s)" if "shards" in info
+             else f"{info['blocks']} block(s)")
+    print(f"{split}: {info['num_examples']} rows in {files}")
   print(f"Wrote {FLAGS.out} in {time.time() - start:.1f} s")
 
 
