@@ -91,11 +91,8 @@ def read_inputs(gin_files, gin_params):
   found = {}
   try:
     for binding in INPUT_BINDINGS:
-      try:
-        value = gin.query_parameter(binding)
-      except ValueError:  # not bound
-        continue
-      if value is not None:
+      value = _query(gin, binding)
+      if value is not None:  # bound, and not to None
         found[binding] = value
     if "ImageDataset.data_dir" in found and _query(gin, "ImageDataset.source") == "tfds":
       found["ImageDataset.data_dir"] = (found["ImageDataset.data_dir"],
@@ -108,7 +105,7 @@ def read_inputs(gin_files, gin_params):
 def _query(gin, binding):
   try:
     return gin.query_parameter(binding)
-  except ValueError:
+  except ValueError:  # not bound
     return None
 
 
@@ -252,7 +249,7 @@ def commands(args, tarball: str, uploads=(), input_params=(), mounts=()):
     create.append("--preemptible")
   # On the default runtime, also the constraints `make test-lowest` tests under.
   lowest = (f" -c ~/{REMOTE_DIR}/launch/constraints-tf2.16.txt"
-            if (args.version or version).startswith("tpu-vm-tf-2.16.") else "")
+            if version.startswith("tpu-vm-tf-2.16.") else "")
   install = (f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/tfadv.tar.gz -C ~/{REMOTE_DIR} && "
              f"pip freeze > ~/tpu-constraints.txt && "
              f"pip install -q -c ~/tpu-constraints.txt{lowest} -e ~/{REMOTE_DIR}")

@@ -192,7 +192,8 @@ class ImageDataset(ArrayDataset):
     elif source == "tfds_in_memory":
       images, labels = self._read_tfds(split)
     else:  # "tfds": read the random-access source whole (e.g. for a store)
-      return self.example_source(split).head(self.example_source(split).num_examples)
+      whole = self.example_source(split)
+      return whole.head(whole.num_examples)
     limit = self.num_train if split == "train" else self.num_eval
     if limit:
       images, labels = images[:limit], labels[:limit]

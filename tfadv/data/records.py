@@ -65,9 +65,8 @@ WRITE_HINT = "write one with `python -m tfadv.tools.write_records --gin_file=...
 LAYOUTS = ("array_record", "fixed")
 
 
-def _shard_name(split: str, shard: int, num_shards: int, layout: str = "array_record") -> str:
-  suffix = "array_record" if layout == "array_record" else "bin"
-  return f"{split}-{shard:05d}-of-{num_shards:05d}.{suffix}"
+def _shard_name(split: str, shard: int, num_shards: int) -> str:
+  return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
 def _encode(value, encoding: str) -> bytes:
@@ -221,7 +220,7 @@ def write_store(out_dir: str,
     shards = []
     for shard in range(num_shards):
       begin, end = shard * n // num_shards, (shard + 1) * n // num_shards
-      name = _shard_name(split, shard, num_shards, layout)
+      name = _shard_name(split, shard, num_shards)
       writer = array_record_module.ArrayRecordWriter(
           os.path.join(local_dir, name), "group_size:1")
       for start in range(begin, end, chunk_rows):
