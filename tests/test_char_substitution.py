@@ -320,7 +320,25 @@ def test_a_text_run_reports_the_attack_and_writes_examples(fewclue_dir, tmp_path
   rows = [json.loads(line) for line in open(tmp_path / "attack_examples_dev_sub2.jsonl",
                                              encoding="utf-8")]
   assert len(rows) == 6 and all(row["text"] for row in rows)
-  # Evaluating again reads the cached table (the file is not rewritten).
+  # Evaluating again reads the cached table (the file is not rewritten); with
+  # an eval_tag (the methods table's attack pass, its bindings) the evaluation
+  # has its own records and the training's are untouched.
   before = os.stat(cache).st_mtime_ns
-  builders.run("evaluate", tmp_path, tf.distribute.get_strategy(), bindings)
+  training = (tmp_path / "eval_results_dev.json").read_text()
+  tagged = builders.tnews_bindings(fewclue_dir, train_steps=20, attack_examples=3) + [
+      "Experiment.eval_attacks = {'sub1': @sub1/CharSubstitutionAttack(), "
+      "'sub2': @sub2/CharSubstitutionAttack()}",
+      "sub1/CharSubstitutionAttack.budget = 1", "sub2/CharSubstitutionAttack.budget = 2",
+      "Experiment.eval_tag = 'attacks'"]
+  again = builders.run("evaluate", tmp_path, tf.distribute.get_strategy(), tagged)
   assert os.stat(cache).st_mtime_ns == before
+  assert (tmp_path / "eval_results_dev.json").read_text() == training
+  record = json.load(open(tmp_path / "eval_results_dev_attacks.json"))
+  assert record["tag"] == "attacks" and record["split"] == "dev"
+  assert record["accuracy"] == pytest.approx(json.loads(training)["accuracy"])
+  assert record["accuracy_sub2"] <= record["accuracy_sub1"] <= record["accuracy"]
+  for key in ("accuracy_sub1", "accuracy_sub2", "sub1_queries", "sub2_changed"):
+    assert record[key] == pytest.approx(again["eval"][key])
+  for name in ("sub1", "sub2"):
+    rows = (tmp_path / f"attack_examples_dev_attacks_{name}.jsonl").read_text().splitlines()
+    assert len(rows) == 3

@@ -45,6 +45,16 @@ def test_command_line_config_error_exits_2_with_message():
   assert "config error" in proc.stderr and "Experiment.trian_steps" in proc.stderr
 
 
+def test_an_eval_tag_that_cannot_name_a_file_is_refused_in_one_line():
+  from tfadv.errors import SettingError  # pylint: disable=g-import-not-at-top
+  from tfadv.experiment import Experiment, eval_record_path  # pylint: disable=g-import-not-at-top
+  for bad in ("../dev", "a b", "_x", "a/b"):
+    with pytest.raises(SettingError, match="Experiment.eval_tag"):
+      Experiment(task=None, eval_tag=bad)
+  assert eval_record_path("m", "dev", "sub-2.v1") == os.path.join("m", "eval_results_dev_sub-2.v1.json")
+  assert eval_record_path("m", "dev") == os.path.join("m", "eval_results_dev.json")
+
+
 def test_strategy_factory():
   assert distribute.make_strategy("default") is tf.distribute.get_strategy()
   mirrored = distribute.make_strategy("mirrored", num_cpu_devices=2)

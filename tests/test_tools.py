@@ -136,6 +136,117 @@ def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
   assert "EmbeddingFGM.epsilon = 0.3" in params
 
 
+def test_candidates_within_the_tie_band_go_to_the_smallest_epsilon():
+  # Means 36.1 / 38.9 / 6.7: 1 is best, 0.3 is within a 3.6-point band of it.
+  by_eps = {0.3: [0.352, 0.380, 0.352], 1.0: [0.369, 0.363, 0.436], 3.0: [0.067] * 3}
+  assert runs.choose_best(by_eps) == 1.0
+  assert runs.choose_best(by_eps, tie=0.036) == 0.3
+  assert runs.choose_best(by_eps, tie=0.02) == 1.0  # 2.8 points apart: no tie
+  # The band is measured from the best mean, not chained from candidate to candidate.
+  assert runs.choose_best({0.1: [0.30], 0.3: [0.33], 1.0: [0.36]}, tie=0.04) == 0.3
+  assert runs.versus([39.0, 41.0, 43.0], [35.0, 36.0, 37.0]) == (5.0, 3.0, "better")
+  assert runs.versus([35.0, 36.0, 37.0], [39.0, 41.0, 43.0])[2] == "worse"
+  assert runs.versus([36.0, 41.0, 46.0], [35.0, 36.0, 37.0])[2] == "inside the spread"
+
+
+def _tool(work, out, data, *flags):
+  argv = [sys.executable, "-m", "tfadv.tools.methods_table", f"--work_dir={work}",
+          f"--out_dir={out}", f"--data_dir={data}", "--tasks=tnews", "--seeds=0,1",
+          *flags]
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout, (out / "results.md").read_text()
+
+
+def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spread(tmp_path):
+  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
+  work.mkdir()
+  (data / "tnews").mkdir(parents=True)
+  for seed, (plain, control) in enumerate(((0.30, 0.31), (0.32, 0.35))):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, plain)
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.43, 0.36)  # within 3 points
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.45, 0.40)
+    _finished_run(work, f"tnews_fgm_random_eps0.3_seed{seed}", 0.40, control)
+  flags = ["--methods=plain,fgm,fgm_random", "--select=fgm:0.3,1",
+           "--variant=fgm_random=fgm:EmbeddingFGM.direction = 'random'",
+           "--same_epsilon=fgm_random:fgm", "--section=c", "--report",
+           "--compare=fgm:fgm_random"]
+  stdout, text = _tool(work, out, data, *flags, "--tie=tnews:3")
+  assert "tnews fgm: ε = 0.3 chosen on validation." in stdout
+  assert "means within 3 points on TNEWS of the best tie with it" in text
+  # fgm 36.00 ± 0 vs plain 31.00 ± 1.41: +5.00 beyond 1.41; vs its control
+  # 33.00 ± 2.83: +3.00, just beyond 2.83; the control vs plain: +2.00 inside 4.24.
+  assert "| TNEWS | fgm | plain | +5.00 | 1.41 | better |" in text
+  assert "| TNEWS | fgm | fgm_random | +3.00 | 2.83 | better |" in text
+  assert "| TNEWS | fgm_random | plain | +2.00 | 4.24 | inside the spread |" in text
+  stdout, text = _tool(work, out, data, *flags, "--tie=tnews:1")
+  assert "tnews fgm: ε = 1 chosen on validation." in stdout  # 2 points apart
+  with pytest.raises(AssertionError, match="--tie="):
+    _tool(work, out, data, *flags, "--tie=tnews")
+
+
+def _attack_record(work, name, clean, under1, under2, success2=0.5):
+  path = work / name
+  (path / "eval_results_dev_attacks.json").write_text(json.dumps({
+      "step": 300, "split": "dev", "tag": "attacks", "loss": 2.0, "accuracy": clean,
+      "accuracy_sub1": under1, "accuracy_sub2": under2, "success_rate_sub1": 0.25,
+      "success_rate_sub2": success2, "sub1_changed": 1.0, "sub2_changed": 1.5,
+      "sub1_queries": 9.0, "sub2_queries": 17.0}))
+  (path / "wall_seconds_dev_attacks.txt").write_text("60.0\n")
+
+
+def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path):
+  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
+  work.mkdir()
+  (data / "tnews").mkdir(parents=True)
+  for seed in (0, 1):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.31)
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.36)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  _attack_record(work, "tnews_plain_seed0", 0.31, 0.20, 0.10)
+  _attack_record(work, "tnews_plain_seed1", 0.31, 0.22, 0.12)
+  _attack_record(work, "tnews_fgm_eps0.3_seed0", 0.36, 0.30, 0.20, success2=0.4)
+  _attack_record(work, "tnews_fgm_eps1_seed0", 0.40, 0.39, 0.38)  # not chosen: unread
+  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=a",
+           "--attack_budgets=1,2", "--attack_only", "--report"]
+  stdout, text = _tool(work, out, data, *flags)
+  assert "Wrote the attack section" in stdout
+  section = runs.read_section(str(out / "results.md"), "a-attacks")
+  assert "<!-- a -->" not in text  # --attack_only leaves the table's own section alone
+  head = ("| method | clean | under B=1 | success B=1 | chars B=1 | queries B=1 | "
+          "under B=2 | success B=2 | chars B=2 | queries B=2 |")
+  assert head in section
+  assert ("| plain (n=2) | 31.00 ± 0.00 | 21.00 ± 1.41 | 25.00 ± 0.00 | 1.00 ± 0.00 | "
+          "9.00 ± 0.00 | 11.00 ± 1.41 | 50.00 ± 0.00 | 1.50 ± 0.00 | 17.00 ± 0.00 |") in section
+  assert "| fgm (n=1) | 36.00 ± 0.00 | 30.00 ± 0.00 | 25.00 ± 0.00 |" in section
+  assert "38.00" not in section  # the unchosen ε = 1 run
+  assert "| TNEWS | fgm | plain | +9.00 | 1.41 | better |" in section
+  assert "dev accuracy under the 2-character attack" in section
+  assert "| tnews | fgm | 0 | 36.00 | 30.00 | 20.00 | 60 s |" in section
+  assert "Not evaluated yet (1 runs" in section
+  # The evaluation the pass starts: the training run's config and bindings, the
+  # scoped attacks, its own records (its own process: flags clash here).
+  probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
+           "r = t.attack_run(t.NlpRun('tnews', 'fgm', 1, 0.3, selected=True)); "
+           "print(r.gin_file, r.model_dir, r.mode, r.params, "
+           "r._wall_path('dev'), sep='\\n')")
+  proc = subprocess.run([sys.executable, "-c", probe, f"--work_dir={work}",
+                         "--attack_budgets=1,2", "--attack_examples=7"],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  gin_file, model_dir, mode, params, wall = proc.stdout.strip().split("\n")[-5:]
+  assert gin_file.endswith("tnews_fgm.gin") and mode == "evaluate"
+  assert model_dir.endswith("tnews_fgm_eps0.3_seed1")
+  assert wall.endswith("wall_seconds_dev_attacks.txt")
+  for binding in ("Experiment.eval_attacks = {'sub1': @sub1/CharSubstitutionAttack(), "
+                  "'sub2': @sub2/CharSubstitutionAttack()}",
+                  "sub1/CharSubstitutionAttack.budget = 1",
+                  "sub2/CharSubstitutionAttack.budget = 2",
+                  "Experiment.attack_examples = 7", "Experiment.eval_tag = 'attacks'",
+                  "EmbeddingFGM.epsilon = 0.3", "Experiment.seed = 1"):
+    assert binding in params
+
+
 def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):
   from tfadv.tools import demo  # pylint: disable=g-import-not-at-top
   models = demo.plan(str(tmp_path), 0.01, ["0", "1"])

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import re
 import os
 from typing import Callable, Optional
 
@@ -128,6 +129,11 @@ class Experiment:
     attack_examples: after evaluating, write the evaluated split's first N
       examples under each attack that can show them (the character
       substitutions) to `attack_examples_<split>_<attack>.jsonl`.
+    eval_tag: a name for this evaluation, added to its records
+      (`eval_results_<split>_<tag>.json`, `attack_examples_<split>_<tag>_<attack>.jsonl`):
+      a later `--mode=evaluate` of a trained model under other settings
+      (e.g. the character attacks of `methods_table --attack_budgets`) is kept
+      beside the training's own `eval_results_<split>.json`, not written over it.
     record_store: read the task's examples from this record store
       (`tfadv.data.records`, written by `python -m tfadv.tools.write_records`
       from the same config) instead of holding them in memory: rows are read
@@ -153,7 +159,7 @@ class Experiment:
                train_epochs: Optional[float] = None, optimizer_fn=adamw,
                eval_attacks: Optional[dict] = None,
                mixed_precision: Optional[str] = None, attack_examples: int = 0,
-               record_store: Optional[str] = None):
+               eval_tag: str = "", record_store: Optional[str] = None):
     self.task = task
     self.record_store = record_store
     self.method = method if method is not None else Plain()
@@ -162,6 +168,10 @@ class Experiment:
     self.optimizer_fn = optimizer_fn
     self.eval_attacks = dict(eval_attacks or {})
     self.attack_examples = int(attack_examples)
+    if eval_tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", eval_tag):
+      raise errors.SettingError(f"Experiment.eval_tag = {eval_tag!r}: use letters, "
+                                "digits, '.' and '-' (it names files).")
+    self.eval_tag = eval_tag
     self.mixed_precision = mixed_precision
     self.global_batch_size = global_batch_size
     self.eval_batch_size = eval_batch_size or global_batch_size
@@ -282,7 +292,7 @@ class Experiment:
       if mode in ("evaluate", "train_and_evaluate"):
         results["eval"] = controller.evaluate()
       if "eval" in results and controller.is_chief:
-        write_eval_records(model_dir, self.task, controller.step, results)
+        write_eval_records(model_dir, self.task, controller.step, results, self.eval_tag)
         if self.attack_examples:
           self._write_attack_examples(model_dir, print_fn)
       if mode == "export":
@@ -342,7 +352,7 @@ class Experiment:
   def _write_attack_examples(self, model_dir: str, print_fn) -> None:
     """`attack_examples_<split>_<attack>.jsonl`: the evaluated split's first
     `attack_examples` examples under each attack that can show them."""
-    split = self.task.eval_split
+    split = record_name(self.task.eval_split, self.eval_tag)
     head = self.task.source("eval").head(self.attack_examples)
     for name, attack in self.eval_attacks.items():
       if not hasattr(attack, "examples"):
@@ -370,12 +380,18 @@ def _numbered(variables) -> tf.train.Checkpoint:
   return tf.train.Checkpoint(**{f"v{i}": v for i, v in enumerate(variables)})
 
 
-def eval_record_path(model_dir: str, split: str) -> str:
-  """Where the evaluation of `split` is recorded: `eval_results_<split>.json`."""
-  return os.path.join(model_dir, f"eval_results_{split}.json")
+def record_name(split: str, tag: str = "") -> str:
+  """The name of an evaluation's records: the split, then its `eval_tag` if any."""
+  return f"{split}_{tag}" if tag else split
 
 
-def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
+def eval_record_path(model_dir: str, split: str, tag: str = "") -> str:
+  """Where the evaluation of `split` is recorded: `eval_results_<split>[_<tag>].json`."""
+  return os.path.join(model_dir, f"eval_results_{record_name(split, tag)}.json")
+
+
+def write_eval_records(model_dir: str, task, step: int, results: dict,
+                       tag: str = "") -> None:
   """Machine-readable records of the final evaluation, for tables and sweeps.
 
   Every evaluation writes `eval_results_<split>.json`, the split named by the
@@ -384,10 +400,12 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
   adds a record beside the others. Training (`train_and_evaluate`) also
   writes `eval_results.json`, the run's own record, which nothing else
   overwrites; it also keeps the last training loop's metrics as
-  `train_<name>` (e.g. `train_stuck`, Free's and ATTA's stuck share).
+  `train_<name>` (e.g. `train_stuck`, Free's and ATTA's stuck share). A
+  `tag` (`Experiment.eval_tag`) names the split's record
+  `eval_results_<split>_<tag>.json` and is kept in it.
   """
   split = task.eval_split
-  record = {"step": step, "split": split,
+  record = {"step": step, "split": split, **({"tag": tag} if tag else {}),
             **{k: float(v) for k, v in results["eval"].items()}}
   for key in ("train_seconds", "best"):
     if key in results:
@@ -395,7 +413,7 @@ def write_eval_records(model_dir: str, task, step: int, results: dict) -> None:
   for key, value in results.get("train", {}).items():
     if isinstance(value, (int, float)) or hasattr(value, "dtype"):
       record[f"train_{key}"] = float(value)
-  paths = [eval_record_path(model_dir, split)]
+  paths = [eval_record_path(model_dir, split, tag)]
   if "train" in results:
     paths.append(os.path.join(model_dir, "eval_results.json"))
   for path in paths:

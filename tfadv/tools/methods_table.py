@@ -30,6 +30,21 @@ on each task, once `fgm`'s candidates have all finished (the controls
 table's random-direction rows: the adversarial method's ε, same norm). A
 variant can also be `--select`ed like any method.
 
+`--tie=tnews:3.6` makes ε candidates within 3.6 points of the best mean
+validation accuracy a tie on TNEWS, won by the smallest ε (the controls
+table's pre-registered rule: the binomial standard error of one validation
+accuracy at the split's size). `--compare=fgm:fgm_random` adds, per task,
+whether `fgm` beats `fgm_random` by more than the seeds' spread (the sum of
+the two standard deviations), as every method is against plain.
+
+`--attack_budgets=1,2` adds the attack pass: each chosen run is evaluated
+again on all of dev under the character-substitution attack
+(`tfadv.char_substitution.CharSubstitutionAttack`, budget B) with TextAttack's
+metrics, in its own section (`<section>-attacks`), with the first
+`--attack_examples` attacked examples of each run written beside it.
+`--attack_only` runs that pass alone, over the runs finished so far, beside an
+invocation still training.
+
 `--report` starts no run: it writes the section from the runs already
 finished (a method's ε is chosen once all its candidates have run) and lists
 the runs still to come, for a table split across sessions.
@@ -78,6 +93,26 @@ flags.DEFINE_bool("report", False, "Start no run: write the section from the run
 flags.DEFINE_string("section", None, "The section of results.md (and the plot's name) "
                     "this table writes; default by --preset.")
 flags.DEFINE_string("title", None, "The section's title.")
+flags.DEFINE_multi_string("tie", [], "task:points: on that task, ε candidates whose mean "
+                          "validation accuracies are within POINTS of the best tie with "
+                          "it, and the smallest tied ε is chosen (e.g. the standard "
+                          "error of one validation accuracy at the split's size).")
+flags.DEFINE_multi_string("compare", [], "METHOD:OTHER: the section says, per task, whether "
+                          "METHOD beats OTHER by more than the seeds' spread (e.g. "
+                          "fgm:fgm_random, an adversarial method against its random "
+                          "control); every method is also compared with plain.")
+flags.DEFINE_list("attack_budgets", [], "The attack pass: each chosen run of "
+                  "--attack_methods is evaluated again on dev (`--mode=evaluate`, its "
+                  "best checkpoint) under the character-substitution attack with each "
+                  "budget B (CharSubstitutionAttack, names sub<B>), into "
+                  "eval_results_dev_attacks.json; its own section, <section>-attacks. "
+                  "Empty: no attack pass.")
+flags.DEFINE_list("attack_methods", None, "Methods the attack pass evaluates (default: "
+                  "every method of the table).")
+flags.DEFINE_integer("attack_examples", 20, "Dev examples each attack evaluation writes "
+                     "under each budget (attack_examples_dev_attacks_sub<B>.jsonl).")
+flags.DEFINE_bool("attack_only", False, "Start no training run (another invocation "
+                  "trains them): only the attack pass, over the runs finished so far.")
 
 TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 
@@ -148,6 +183,31 @@ def task_bindings(task: str):
   return bindings
 
 
+def ties():
+  """{task: tie band in accuracy points} of the --tie flags."""
+  found = {}
+  for spec in FLAGS.tie:
+    task, sep, points = spec.partition(":")
+    try:
+      found[task.strip()] = float(points)
+    except ValueError:
+      sep = ""
+    if not sep or found.get(task.strip(), -1) < 0:
+      raise app.UsageError(f"--tie={spec!r}: expected TASK:POINTS, e.g. tnews:3.6.")
+  return found
+
+
+def comparisons():
+  """[(METHOD, OTHER)]: every method against plain, then the --compare pairs."""
+  pairs = [(method, "plain") for method in FLAGS.methods if method != "plain"]
+  for spec in FLAGS.compare:
+    method, sep, other = spec.partition(":")
+    if not sep or method.strip() not in FLAGS.methods or other.strip() not in FLAGS.methods:
+      raise app.UsageError(f"--compare={spec!r}: expected METHOD:OTHER, both in --methods.")
+    pairs.append((method.strip(), other.strip()))
+  return pairs
+
+
 def parse_epsilons(spec: str, flag: str):
   return runs.parse_method_values(spec, flag, sorted(runs.EPSILON_BINDING) + sorted(variants()))
 
@@ -215,8 +275,13 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
       cells.append(cell)
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   if chosen:
+    band = ties()
+    tie_note = ("; means within " + ", ".join(f"{p:g} points on {TASK_TITLES.get(t, t)}"
+                                             for t, p in band.items())
+                + " of the best tie with it, and the smallest tied ε wins") if band else ""
     lines += ["", "ε chosen per task on the validation split (mean validation accuracy "
-              "of the best checkpoints over the seeds; dev never used to choose):", "",
+              "of the best checkpoints over the seeds; dev never used to choose"
+              f"{tie_note}):", "",
               runs.CHOSEN_HEADER,
               "|---|---|---|---|"]
     for (task, method), epsilon in sorted(chosen.items()):
@@ -226,6 +291,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
           by_eps.setdefault(run.epsilon, []).append(100 * validation_accuracy(record))
       cells = ", ".join(f"{e:g}: {runs.mean_std(v)[0]:.2f}" for e, v in sorted(by_eps.items()))
       lines.append(f"| {task} | {method} | {epsilon:g} | {cells} |")
+  lines += _comparison_lines(groups, tasks, "accuracy", "dev accuracy")
   lines += ["", f"![methods table]({_plot_name()})", ""]
   if selection:
     lines += ["Every ε candidate (the chosen ones are marked):", ""]
@@ -248,6 +314,108 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   section = FLAGS.section or (
       "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table")
   runs.replace_section(path, section, "\n".join(lines))
+
+
+def _comparison_lines(groups, tasks, key, what):
+  """Per task, each comparison of `comparisons()` on `key` (a record's
+  metric) over the seeds: the difference of means against the spread."""
+  rows = []
+  for task in tasks:
+    for method, other in comparisons():
+      mine, theirs = groups.get((task, method)), groups.get((task, other))
+      if not (mine and theirs):
+        continue
+      diff, spread, verdict = runs.versus([100 * r[key] for r in mine],
+                                          [100 * r[key] for r in theirs])
+      rows.append(f"| {TASK_TITLES.get(task, task)} | {method} | {other} | {diff:+.2f} | "
+                  f"{spread:.2f} | {verdict} |")
+  if not rows:
+    return []
+  return ["", f"Does each method beat the other by more than the seeds' spread ({what}, "
+          "points; spread = the sum of the two sample standard deviations, so "
+          "\"better\" means the mean ± std intervals do not overlap)?", "",
+          "| task | method | against | difference of means | spread | verdict |",
+          "|---|---|---|---|---|---|", *rows]
+
+
+ATTACK_TAG = "attacks"
+
+
+def attack_run(run: NlpRun) -> runs.Run:
+  """`run`'s best checkpoint evaluated on dev under the character attack,
+  one `sub<B>` attack per --attack_budgets budget."""
+  names = {f"sub{int(b)}": int(b) for b in FLAGS.attack_budgets}
+  attacks = ", ".join(f"'{name}': @{name}/CharSubstitutionAttack()" for name in names)
+  params = [f"Experiment.eval_attacks = {{{attacks}}}",
+            *(f"{name}/CharSubstitutionAttack.budget = {b}" for name, b in names.items()),
+            f"Experiment.attack_examples = {FLAGS.attack_examples}"]
+  evaluation = runs.Run(run.name, run.gin_file, run.params + params, FLAGS.work_dir,
+                        mode="evaluate", tag=ATTACK_TAG)
+  evaluation.task, evaluation.method, evaluation.seed = run.task, run.method, run.seed
+  return evaluation
+
+
+def write_attack_markdown(evaluated, missing, path):
+  """The attack pass's section: TextAttack's metrics per task and method."""
+  budgets = [int(b) for b in FLAGS.attack_budgets]
+  groups = {}
+  for run, record in evaluated:
+    groups.setdefault((run.task, run.method), []).append(record)
+  tasks = list(dict.fromkeys(task for task, _ in groups))
+  title = FLAGS.title or "Text methods"
+  lines = [f"## {title}: under the character-substitution attack", "",
+           "Produced by (the table's command with the attack pass):", "", "```",
+           runs.command_line("tfadv.tools.methods_table").replace(" --report", ""), "```", "",
+           "Each chosen run's best checkpoint (the one its dev accuracy is reported "
+           "for) is evaluated again on every dev record (`--mode=evaluate`, "
+           f"`Experiment.eval_tag = '{ATTACK_TAG}'`). The attack "
+           "(`CharSubstitutionAttack`) replaces at most B characters, and at most "
+           "10% of the sentence's, by same-pinyin characters or the model's nearest "
+           "characters in its token-embedding table, greedily, guided by the "
+           "embedding gradient and verified by forward passes. Metrics as TextAttack "
+           "defines them: under attack = failed / all examples; success rate = "
+           "successful / (successful + failed), examples wrong before the attack "
+           "(skipped) left out; characters changed per successful attack; queries = "
+           "forward passes per attacked example. Mean ± sample std over seeds (n).", ""]
+  head = ["method", "clean"]
+  for b in budgets:
+    head += [f"under B={b}", f"success B={b}", f"chars B={b}", f"queries B={b}"]
+  for task in tasks:
+    lines += [f"**{TASK_TITLES.get(task, task)}** (dev, %):", "",
+              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for (t, method), records in groups.items():
+      if t != task:
+        continue
+      cells = [_mean_std_cell(records, "accuracy", 100)]
+      for b in budgets:
+        cells += [_mean_std_cell(records, f"accuracy_sub{b}", 100),
+                  _mean_std_cell(records, f"success_rate_sub{b}", 100),
+                  _mean_std_cell(records, f"sub{b}_changed", 1),
+                  _mean_std_cell(records, f"sub{b}_queries", 1)]
+      lines.append(f"| {method} (n={len(records)}) | " + " | ".join(cells) + " |")
+    lines.append("")
+  if budgets:
+    lines += _comparison_lines(groups, tasks, f"accuracy_sub{max(budgets)}",
+                               f"dev accuracy under the {max(budgets)}-character attack")
+  lines += ["", "Every attack evaluation:", "",
+            "| task | method | seed | clean | " + " | ".join(
+                f"under B={b}" for b in budgets) + " | wall time |",
+            "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
+  for run, record in evaluated:
+    lines.append(f"| {run.task} | {run.method} | {run.seed} | "
+                 f"{100 * record['accuracy']:.2f} | " + " | ".join(
+                     f"{100 * record[f'accuracy_sub{b}']:.2f}" for b in budgets)
+                 + f" | {record['wall_seconds']:.0f} s |")
+  if missing:
+    lines += ["", f"Not evaluated yet ({len(missing)} runs; the same command without "
+              "`--report` evaluates them, once their runs have finished)."]
+  section = (FLAGS.section or "text-methods-table") + "-attacks"
+  runs.replace_section(path, section, "\n".join(lines))
+
+
+def _mean_std_cell(records, key, scale):
+  mean, std = runs.mean_std([scale * r[key] for r in records])
+  return f"{mean:.2f} ± {std:.2f}"
 
 
 def _run_rows(rows, variant):
@@ -323,7 +491,8 @@ def choose(finished, missing=()):
   """{(task, method): ε} of the selected methods, by mean validation accuracy.
 
   A method is chosen for a task only once every ε candidate has run with
-  every seed (`missing` holds the runs still to come).
+  every seed (`missing` holds the runs still to come); means within the
+  task's `--tie` band of the best tie, and the smallest tied ε wins.
   """
   pending = {(run.task, run.method) for run in missing if run.selected}
   candidates = {}
@@ -331,22 +500,47 @@ def choose(finished, missing=()):
     if run.selected and (run.task, run.method) not in pending:
       candidates.setdefault((run.task, run.method), {}).setdefault(
           run.epsilon, []).append(validation_accuracy(record))
-  return {key: runs.choose_best(by_eps) for key, by_eps in candidates.items()}
+  band = ties()
+  return {key: runs.choose_best(by_eps, tie=band.get(key[0], 0.0) / 100)
+          for key, by_eps in candidates.items()}
 
 
-def run_all(planned):
-  """Results of `planned` (in order), `--jobs` at a time, each job on its own core."""
+def run_all(planned, start=True, describe=None):
+  """Results of `planned` (in order), `--jobs` at a time, each job on its own
+  core; with `start` False, only those already finished (None for the rest)."""
   def one(numbered, cpus):
     i, run = numbered
-    if FLAGS.report:
+    if not start:
       return run.finished("dev")
     run.cpus = cpus
     record = run.result("dev")
-    print(f"[{i}/{len(planned)}] {run.name}: dev accuracy {100 * record['accuracy']:.2f}% "
-          f"({record['wall_seconds']:.0f} s)", flush=True)
+    text = describe(record) if describe else f"dev accuracy {100 * record['accuracy']:.2f}%"
+    print(f"[{i}/{len(planned)}] {run.name}: {text} ({record['wall_seconds']:.0f} s)",
+          flush=True)
     return record
 
   return runs.run_pinned(one, list(enumerate(planned, 1)), FLAGS.jobs)
+
+
+def attack_pass(finished, chosen):
+  """Evaluates (or reads back) each chosen run of --attack_methods under the
+  attacks; writes the section. Runs whose training has not finished wait."""
+  methods = FLAGS.attack_methods or FLAGS.methods
+  evaluations = [attack_run(run) for run, _ in finished
+                 if run.method in methods and (not run.selected or run.epsilon == chosen.get(
+                     (run.task, run.method)))]
+  budgets = [int(b) for b in FLAGS.attack_budgets]
+
+  def describe(record):
+    return f"dev accuracy {100 * record['accuracy']:.2f}%, " + ", ".join(
+        f"under {b} characters {100 * record[f'accuracy_sub{b}']:.2f}%" for b in budgets)
+
+  records = run_all(evaluations, start=not FLAGS.report, describe=describe)
+  evaluated = [(run, r) for run, r in zip(evaluations, records) if r is not None]
+  missing = [run for run, r in zip(evaluations, records) if r is None]
+  path = os.path.join(FLAGS.out_dir, "results.md")
+  write_attack_markdown(evaluated, missing, path)
+  print(f"Wrote the attack section of {path} ({len(evaluated)} evaluations).", flush=True)
 
 
 def main(argv):
@@ -356,13 +550,14 @@ def main(argv):
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
   planned = planned_runs()
-  records = run_all(planned)
+  train = not (FLAGS.report or FLAGS.attack_only)
+  records = run_all(planned, start=train)
   finished = [(run, record) for run, record in zip(planned, records) if record is not None]
   missing = [run for run, record in zip(planned, records) if record is None]
   chosen = choose(finished, missing)
   if FLAGS.same_epsilon:  # the runs at another method's chosen ε
     ready, pending = dependent_runs(chosen)
-    more = run_all(ready)
+    more = run_all(ready, start=train)
     finished += [(run, record) for run, record in zip(ready, more) if record is not None]
     missing += [run for run, record in zip(ready, more) if record is None] + pending
     chosen = choose(finished, missing)
@@ -377,12 +572,17 @@ def main(argv):
     groups.setdefault((run.task, run.variant), []).append(record)
   total = sum(record["wall_seconds"] for _, record in finished)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
+  if FLAGS.attack_only:  # the table's own section is its training invocation's
+    attack_pass(finished, chosen)
+    return
   write_markdown(groups, finished, selection, chosen, total, time.time() - start,
                  os.path.join(FLAGS.out_dir, "results.md"), missing)
   if groups:  # nothing to plot before the first run finishes
     plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
   print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
         f"({total / 60:.1f} min of runs).")
+  if FLAGS.attack_budgets:
+    attack_pass(finished, chosen)
 
 
 if __name__ == "__main__":

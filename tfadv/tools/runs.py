@@ -39,12 +39,17 @@ class Run:
   (`mode="evaluate"`) a further evaluation of a trained model dir."""
 
   def __init__(self, name: str, gin_file: str, params: Sequence[str], work_dir: str,
-               mode: str = "train_and_evaluate"):
+               mode: str = "train_and_evaluate", tag: str = ""):
     self.name = name
     self.gin_file = gin_file
     self.params = list(params)
     self.model_dir = os.path.join(work_dir, name)
     self.mode = mode
+    # An evaluation's `Experiment.eval_tag`: its records are its own
+    # (`eval_results_<split>_<tag>.json`), beside the training's.
+    self.tag = tag
+    if tag:
+      self.params.append(f"Experiment.eval_tag = '{tag}'")
     self.cpus = None  # CPU cores to pin the run to (taskset), or all
 
   def command(self) -> List[str]:
@@ -56,8 +61,12 @@ class Run:
 
   def _wall_path(self, split: str) -> str:
     # A training run's wall time; a later evaluation's has its own file.
-    name = "wall_seconds.txt" if self.mode != "evaluate" else f"wall_seconds_{split}.txt"
+    name = ("wall_seconds.txt" if self.mode != "evaluate"
+            else f"wall_seconds_{self._record(split)}.txt")
     return os.path.join(self.model_dir, name)
+
+  def _record(self, split: str) -> str:
+    return f"{split}_{self.tag}" if self.tag else split
 
   def result(self, split: str, on_line: Optional[Callable[[str], None]] = None) -> dict:
     """The run's evaluation of `split`; trains and evaluates unless a finished
@@ -97,7 +106,7 @@ class Run:
   def finished(self, split: str) -> Optional[dict]:
     """The run's finished evaluation of `split` (with its wall time), or None
     while the run has not finished; starts nothing."""
-    path = os.path.join(self.model_dir, f"eval_results_{split}.json")
+    path = os.path.join(self.model_dir, f"eval_results_{self._record(split)}.json")
     wall_path = self._wall_path(split)
     if not os.path.exists(path) and os.path.exists(wall_path) and self.mode != "evaluate":
       path = os.path.join(self.model_dir, "eval_results.json")
@@ -157,14 +166,38 @@ def parse_method_values(spec: str, flag: str, methods: Sequence[str]):
   return method, (tasks.split(",") if tasks else None), values
 
 
-def choose_best(accuracies_by_value) -> float:
+def choose_best(accuracies_by_value, tie: float = 0.0) -> float:
   """The value (an ε, say) of the best mean accuracy; the smaller on a tie.
+
+  Means closer than `tie` to the best one tie with it (e.g. the standard
+  error of one accuracy at the validation split's size, as the controls
+  table's protocol fixes in advance): the smallest of the tied values wins.
 
   >>> choose_best({0.3: [0.50, 0.52], 1.0: [0.53, 0.49], 3.0: [0.40]})
   0.3
+  >>> choose_best({0.3: [0.36], 1.0: [0.39], 3.0: [0.07]}, tie=0.036)
+  0.3
   """
-  return min(accuracies_by_value,
-             key=lambda value: (-round(mean_std(accuracies_by_value[value])[0], 12), value))
+  means = {value: round(mean_std(accs)[0], 12) for value, accs in accuracies_by_value.items()}
+  best = max(means.values())
+  return min(value for value, mean in means.items() if mean > best - tie or mean == best)
+
+
+def versus(values, baseline):
+  """(difference of means, spread, verdict) of two groups of per-seed numbers.
+
+  The spread is the sum of the two sample standard deviations: a difference
+  beyond it means the mean ± std intervals do not overlap ("better" /
+  "worse"); otherwise it is "inside the spread".
+
+  >>> versus([39.0, 41.0, 43.0], [35.0, 36.0, 37.0])
+  (5.0, 3.0, 'better')
+  """
+  (mean, std), (base, base_std) = mean_std(values), mean_std(baseline)
+  spread = std + base_std
+  verdict = ("better" if mean - base > spread else
+             "worse" if base - mean > spread else "inside the spread")
+  return mean - base, spread, verdict
 
 
 def mean_std(values):
