@@ -59,12 +59,16 @@ REMOTE_DIR = "tfadv"
 INPUT_BINDINGS = ("ClueDataset.data_dir", "TextClassificationTask.preset",
                   "ImageDataset.data_dir", "PretrainingCorpus.data_dir",
                   "Experiment.record_store")
-# Inputs that may be read through ArrayRecord, which reads local files only:
-# on a single host they are gcsfuse mounts of their gs:// paths (`mount`, in
-# setup). On a pod slice the input pipelines run on each host's TPU server,
-# without Python: a store must have the "fixed" layout (TensorFlow reads it
-# from gs:// itself) and TFDS random access is refused.
-ARRAY_RECORD_BINDINGS = ("Experiment.record_store", "ImageDataset.data_dir")
+# The raw data a record store replaces: a run with `Experiment.record_store`
+# never reads them, so they are neither checked nor uploaded.
+DATA_BINDINGS = ("ClueDataset.data_dir", "ImageDataset.data_dir", "PretrainingCorpus.data_dir")
+# A record store and a TFDS dir read by random access may be read through
+# ArrayRecord, which reads local files only: on a single host they are
+# gcsfuse mounts of their gs:// paths (`mount`, in setup); other inputs (CLUE
+# files, IDX files, a preset) are read from gs:// by TensorFlow. On a pod
+# slice the input pipelines run on each host's TPU server, without Python: a
+# store must have the "fixed" layout (TensorFlow reads it from gs:// itself)
+# and TFDS random access is refused.
 MOUNT_DIR = "/tmp/tfadv_inputs"
 
 
@@ -80,7 +84,8 @@ def _is_keras_hub_preset_name(value: str) -> bool:
 def read_inputs(gin_files, gin_params):
   """{binding: value} of the `INPUT_BINDINGS` the config sets (not None); an
   `ImageDataset.data_dir` read through TFDS's random access is recorded as
-  `(data_dir, dataset name)`, so its dataset, not only the dir, is checked."""
+  `(data_dir, dataset name)`, so its dataset, not only the dir, is checked.
+  With a record store the raw data's bindings (`DATA_BINDINGS`) are left out."""
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv.main import ConfigError, parse_config  # pylint: disable=g-import-not-at-top
   gin.clear_config()
@@ -94,6 +99,8 @@ def read_inputs(gin_files, gin_params):
       value = _query(gin, binding)
       if value is not None:  # bound, and not to None
         found[binding] = value
+    if "Experiment.record_store" in found:  # the store holds the rows
+      found = {k: v for k, v in found.items() if k not in DATA_BINDINGS}
     if "ImageDataset.data_dir" in found and _query(gin, "ImageDataset.source") == "tfds":
       found["ImageDataset.data_dir"] = (found["ImageDataset.data_dir"],
                                         _query(gin, "ImageDataset.name"))
@@ -150,6 +157,8 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None, pod: bool = F
   base = model_dir.rstrip("/") + "/inputs"
   for binding, value in inputs.items():
     marker_value = value
+    # Read through ArrayRecord (local files only): mounted on a single host.
+    mount = not pod and (binding == "Experiment.record_store" or isinstance(value, tuple))
     if isinstance(value, tuple):
       if pod:
         raise InputError(
@@ -173,7 +182,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None, pod: bool = F
         where = f" ({marker}: {what})" if what else ""
         raise InputError(f"{binding} = {value!r} does not exist{where}; upload it or "
                          f"bind {binding} to an existing path.")
-      if binding in ARRAY_RECORD_BINDINGS and not pod:
+      if mount:
         mounts.append((binding, value))
         params.append(f'{binding} = "{mount_path(binding)}"')
       continue
@@ -188,7 +197,7 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None, pod: bool = F
                        f"bind {binding} to an existing local or gs:// path.")
     destination = f"{base}/{binding}/{os.path.basename(os.path.normpath(local))}"
     uploads.append((local, destination))
-    if binding in ARRAY_RECORD_BINDINGS and not pod:
+    if mount:
       mounts.append((binding, destination))
       params.append(f'{binding} = "{mount_path(binding)}"')
     else:

@@ -164,6 +164,12 @@ def test_a_fixed_store_written_from_tfds_streams_the_jpegs_and_feeds_a_pod_slice
     assert rows["image"][row].numpy() == encoded[index]["image"]
     assert int(rows["label"][row]) == int(encoded[index]["label"])
   monkeypatch.setattr(distribute, "input_runs_without_python", lambda strategy: True)
+  # The config's own TFDS random access reads in Python: refused, nothing written.
+  from tfadv import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.SettingError, match="TfdsSource reads train rows in Python"):
+    builders.run("train", tmp_path / "tfds", tf.distribute.get_strategy(), bindings,
+                 ["configs/imagenet_free4_resnet50.gin"])
+  assert not (tmp_path / "tfds" / "checkpoint").exists()
   result = builders.run("train", tmp_path / "run", tf.distribute.get_strategy(), bindings + [
       f"Experiment.record_store = '{tmp_path / 'store'}'",
       f"ImageDataset.data_dir = '{tmp_path / 'absent'}'"],

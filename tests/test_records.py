@@ -182,6 +182,15 @@ def test_a_text_task_trains_on_its_store_to_the_same_weights(fewclue_dir, tmp_pa
   write_records.write(task, str(tmp_path / "store"))
   metadata = records.read_metadata(str(tmp_path / "store"))
   assert {"labels.json", "vocab.txt"} <= set(metadata["prepared"]), metadata["prepared"]
+  # Writing another dataset there is refused, saying so, before its `prepare`
+  # reads or writes anything in the store.
+  before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()}
+  builders.configure(bindings + [f"ClueDataset.data_dir = '{fewclue_dir}/iflytek'"])
+  other = experiment_lib.Experiment().task  # pylint: disable=no-value-for-parameter
+  with pytest.raises(InputDataError, match="already holds a record store"):
+    write_records.write(other, str(tmp_path / "store"))
+  assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "store").iterdir()} == before
+  builders.configure(bindings)
   strategy = tf.distribute.get_strategy()
   memory = builders.run("train", tmp_path / "memory", strategy, bindings)
   stored = builders.run("train", tmp_path / "stored", strategy, bindings + [

@@ -259,7 +259,7 @@ def test_tpu_inputs_resolve_against_a_fake_bucket(tmp_path):
 
 
 def test_tpu_launcher_checks_a_store_and_a_tfds_dataset_and_mounts_them(capsys, tmp_path):
-  bucket = {"gs://b/stores/tnews/metadata.json", "gs://b/tfds/imagenet2012"}
+  bucket = {"gs://b/stores/tnews/metadata.json", "gs://b/tfds/imagenet2012", "gs://b/idx"}
   seen = []
 
   def exists(path):
@@ -284,6 +284,17 @@ def test_tpu_launcher_checks_a_store_and_a_tfds_dataset_and_mounts_them(capsys, 
   with pytest.raises(tpu_vm.InputError, match="single-host slice"):
     tpu_vm.resolve_inputs({"ImageDataset.data_dir": ("gs://b/tfds", "imagenet2012")},
                           "gs://b/run", REPO, exists=exists, pod=True)
+  # IDX files on gs:// (not TFDS random access) are read by TensorFlow itself:
+  # checked, not mounted.
+  _, params, mounts = tpu_vm.resolve_inputs({"ImageDataset.data_dir": "gs://b/idx"},
+                                            "gs://b/run", REPO, exists=exists)
+  assert mounts == [] and params == []
+  # A run on a record store never reads the raw data: its dir is no input.
+  raw = tpu_vm.read_inputs(["configs/tnews_fgm.gin"], [])
+  stored = tpu_vm.read_inputs(["configs/tnews_fgm.gin"],
+                              ["Experiment.record_store = 'gs://b/stores/tnews'"])
+  assert "ClueDataset.data_dir" in raw and "ClueDataset.data_dir" not in stored
+  assert set(stored) == {"Experiment.record_store", "TextClassificationTask.preset"}
   for inputs, message in [
       ({"Experiment.record_store": "gs://b/stores/absent"}, "write_records"),
       ({"ImageDataset.data_dir": ("gs://b/tfds", "cifar10")}, "tfds build")]:

@@ -16,7 +16,6 @@ from tfadv import compat, distribute, errors
 from tfadv.controller import Controller
 from tfadv.data import records
 from tfadv.data.pipeline import distributed_dataset
-from tfadv.data.sources import PythonReadSource
 from tfadv.methods.base import Method
 from tfadv.methods.plain import Plain
 from tfadv.models.state import random_state_variables
@@ -312,7 +311,7 @@ class Experiment:
       return
     for split in self.task.splits:
       source = self.task.source(split)
-      if isinstance(source, PythonReadSource):
+      if source.reads_in_python:
         raise errors.SettingError(
             f"{type(source).__name__} reads {split} rows in Python, but on a TPU pod "
             "slice each host's input pipeline runs without Python (TensorFlow's "

@@ -47,12 +47,13 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
-from tfadv.data.sources import ArraySource, ExampleSource, PythonReadSource
+from tfadv.data.sources import (ArraySource, ExampleSource, PythonReadSource, decode_images,
+                                decode_raw)
 from tfadv.errors import InputDataError, MissingInputError
 
 FORMAT = "tfadv-records-1"
@@ -112,15 +113,14 @@ def _block_name(split: str, block: int) -> str:
 def _write_blocks(local_dir, split, n, chunk, order, features, block_bytes, chunk_rows):
   """Writes a split in the fixed layout; returns its metadata entry."""
   variable = features[order[-1]]["encoding"] == "bytes"
-  # Rows per block from the first rows' size (variable rows: their mean).
-  sample = chunk(0, min(n, 64))
-  sizes = [len(_encode(sample[k][0], features[k]["encoding"])) for k in order]
-  mean_row = max(1, sum(_nbytes(sample[k]) for k in order) // max(1, min(n, 64)))
-  rows_per_block = max(1, block_bytes // mean_row)
   begins, ends = np.zeros(n, np.int64), np.zeros(n, np.int64)
-  block, buffer, position = 0, [], 0
+  block, buffer, position, rows_per_block = 0, [], 0, None
   for start in range(0, n, chunk_rows):
     rows = chunk(start, min(n, start + chunk_rows))
+    if rows_per_block is None:  # from the first rows' size (variable rows: their mean)
+      first = min(len(rows[order[0]]), 64)
+      mean_row = max(1, sum(_nbytes(rows[k][:first]) for k in order) // max(1, first))
+      rows_per_block = max(1, block_bytes // mean_row)
     for j in range(len(rows[order[0]])):
       i = start + j
       row = b"".join(_encode(rows[k][j], features[k]["encoding"]) for k in order)
@@ -131,8 +131,7 @@ def _write_blocks(local_dir, split, n, chunk, order, features, block_bytes, chun
         with open(os.path.join(local_dir, _block_name(split, block)), "wb") as f:
           f.write(b"".join(buffer))
         block, buffer, position = block + 1, [], 0
-  info = {"num_examples": n, "rows_per_block": rows_per_block, "blocks": block,
-          "row_bytes": None if variable else int(sum(sizes))}
+  info = {"num_examples": n, "rows_per_block": rows_per_block or 1, "blocks": block}
   if variable:
     info["offsets"] = f"{split}.offsets.npy"
     np.save(os.path.join(local_dir, info["offsets"]), np.stack([begins, ends], 1))
@@ -172,9 +171,7 @@ def write_store(out_dir: str,
   encodings = dict(encodings or {})
   if layout not in LAYOUTS:
     raise ValueError(f"write_store: layout {layout!r}; expected one of {LAYOUTS}.")
-  if tf.io.gfile.exists(os.path.join(out_dir, METADATA)):
-    raise InputDataError(f"{out_dir} already holds a record store; remove it or "
-                         "choose another --out.")
+  check_new_store(out_dir)
   remote = "://" in out_dir
   local_dir = tempfile.mkdtemp(prefix="tfadv_store_") if remote else out_dir
   os.makedirs(local_dir, exist_ok=True)
@@ -247,6 +244,13 @@ def write_store(out_dir: str,
   return out_dir
 
 
+def check_new_store(out_dir: str) -> None:
+  """Refuses (one line) to write where a store already is: none is overwritten."""
+  if tf.io.gfile.exists(os.path.join(out_dir, METADATA)):
+    raise InputDataError(f"{out_dir} already holds a record store; remove it or "
+                         "choose another --out.")
+
+
 def copy_prepared(store: str, model_dir: str) -> None:
   """Copies what the task's `prepare` wrote beside the store (labels.json, a
   vocabulary) into `model_dir`, where missing, so the run labels and
@@ -291,18 +295,26 @@ def RecordSource(store: str, split: str):  # pylint: disable=invalid-name
   return (FixedRecordSource if layout == "fixed" else ArrayRecordSource)(store, split)
 
 
-def _split_info(store: str, split: str, metadata: dict):
+def _split_metadata(store: str, split: str) -> Tuple[dict, dict, Dict[str, tf.TensorSpec]]:
+  """(the store's metadata, the split's entry, {feature: TensorSpec})."""
+  metadata = read_metadata(store)
   if split not in metadata["splits"]:
     raise MissingInputError(f"Record store {store} has no split {split!r} (it has "
                             f"{sorted(metadata['splits'])}); {WRITE_HINT}.")
-  info = metadata["splits"][split]
+  specs = {name: tf.TensorSpec(spec["shape"], tf.as_dtype(spec["dtype"]))
+           for name, spec in metadata["features"].items()}
+  return metadata, metadata["splits"][split], specs
+
+
+def _shard_files(store: str, info: dict):
+  """The split's shard paths (each checked) and each shard's first row."""
   files = [os.path.join(store, s["file"]) for s in info["shards"]]
   for path in files:
     if not tf.io.gfile.exists(path):
       raise MissingInputError(f"Record store {store}: shard {path} is missing; "
                               "copy the whole store, or write it again.")
   starts = np.cumsum([0] + [s["num_examples"] for s in info["shards"]])
-  return int(info["num_examples"]), files, starts
+  return files, starts
 
 
 class ArrayRecordSource(PythonReadSource):
@@ -326,13 +338,11 @@ class ArrayRecordSource(PythonReadSource):
           "the bucket (gcsfuse) and pass that path, or write the store with "
           "--layout=fixed (read from gs:// directly).")
     self.store, self.split = store, split
-    metadata = read_metadata(store)
-    self.num_examples, self._files, starts = _split_info(store, split, metadata)
+    metadata, info, self.specs = _split_metadata(store, split)
+    self.num_examples = int(info["num_examples"])
+    self._files, starts = _shard_files(store, info)
     self._starts = starts[:-1]
     self.features = metadata["features"]
-    self.specs = {}
-    for name, spec in self.features.items():
-      self.specs[name] = tf.TensorSpec(spec["shape"], tf.as_dtype(spec["dtype"]))
     self._local = threading.local()
 
   def _readers(self):
@@ -364,19 +374,12 @@ class ArrayRecordSource(PythonReadSource):
         name: tf.io.FixedLenFeature([], tf.string) for name in self.features})
     batch = {}
     for name, spec in self.features.items():
-      tensor_spec = self.specs[name]
       if spec["encoding"] == "bytes":  # kept encoded, for the task's decoding
         batch[name] = parsed[name]
       elif spec["encoding"] == "raw":
-        flat = tf.io.decode_raw(parsed[name], tensor_spec.dtype)
-        batch[name] = tf.reshape(flat, tf.concat(
-            [tf.shape(serialized), tf.constant(spec["shape"], tf.int32)], 0))
-        batch[name].set_shape(serialized.shape.concatenate(tensor_spec.shape))
+        batch[name] = decode_raw(parsed[name], self.specs[name])
       else:
-        batch[name] = tf.map_fn(
-            lambda s, shape=tensor_spec.shape: tf.ensure_shape(
-                tf.io.decode_image(s, channels=shape[-1], expand_animations=False), shape),
-            parsed[name], fn_output_signature=tensor_spec)
+        batch[name] = decode_images(parsed[name], self.specs[name])
     return batch
 
 
@@ -396,11 +399,7 @@ class FixedRecordSource(ExampleSource):
 
   def __init__(self, store: str, split: str, parallel_reads: int = 16):
     self.store, self.split = store, split
-    metadata = read_metadata(store)
-    if split not in metadata["splits"]:
-      raise MissingInputError(f"Record store {store} has no split {split!r} (it has "
-                              f"{sorted(metadata['splits'])}); {WRITE_HINT}.")
-    info = metadata["splits"][split]
+    metadata, info, self.specs = _split_metadata(store, split)
     self.num_examples = int(info["num_examples"])
     self.rows_per_block = int(info["rows_per_block"])
     last = os.path.join(store, _block_name(split, int(info["blocks"]) - 1))
@@ -408,14 +407,12 @@ class FixedRecordSource(ExampleSource):
       raise MissingInputError(f"Record store {store}: block {last} is missing; copy "
                               "the whole store, or write it again.")
     self.features = metadata["features"]
-    self.specs = {name: tf.TensorSpec(spec["shape"], tf.as_dtype(spec["dtype"]))
-                  for name, spec in self.features.items()}
     self._variable = [k for k in sorted(self.features)
                       if self.features[k]["encoding"] == "bytes"]
     self._fixed = [k for k in sorted(self.features) if k not in self._variable]
     self._sizes = [int(np.prod(self.specs[k].shape, dtype=np.int64)) *
                    self.specs[k].dtype.size for k in self._fixed]
-    self._row_bytes = info.get("row_bytes")
+    self._row_bytes = sum(self._sizes)  # fixed-size rows: their features' bytes
     self._offsets = None
     if "offsets" in info:
       with tf.io.gfile.GFile(os.path.join(store, info["offsets"]), "rb") as f:
@@ -451,11 +448,8 @@ class FixedRecordSource(ExampleSource):
                      parallel_iterations=self.parallel_reads)
     batch, offset = {}, 0
     for name, size in zip(self._fixed, self._sizes):
-      flat = tf.io.decode_raw(tf.strings.substr(rows, offset, size), self.specs[name].dtype)
+      batch[name] = decode_raw(tf.strings.substr(rows, offset, size), self.specs[name])
       offset += size
-      batch[name] = tf.reshape(flat, tf.concat(
-          [tf.shape(indices), tf.constant(self.features[name]["shape"], tf.int32)], 0))
-      batch[name].set_shape(indices.shape.concatenate(self.specs[name].shape))
     for name in self._variable:
       batch[name] = tf.strings.substr(rows, tf.fill(tf.shape(rows), offset),
                                       tf.strings.length(rows) - offset)

@@ -48,6 +48,9 @@ class ExampleSource(abc.ABC):
 
   num_examples: int
   specs: Dict[str, tf.TensorSpec]
+  # True where `read` calls Python (a `tf.numpy_function`): such a source
+  # cannot feed an input pipeline that runs without Python (a TPU pod slice's).
+  reads_in_python: bool = False
 
   @abc.abstractmethod
   def read(self, indices: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -94,6 +97,8 @@ class PythonReadSource(ExampleSource):
   `tf.data` map, which the pipeline runs in parallel ahead of the step.
   """
 
+  reads_in_python = True
+
   def _read_serialized(self, indices: np.ndarray) -> List[bytes]:
     raise NotImplementedError
 
@@ -108,7 +113,24 @@ class PythonReadSource(ExampleSource):
     return self._decode(serialized)
 
 
-class TfdsSource(PythonReadSource):
+def decode_images(encoded: tf.Tensor, spec: tf.TensorSpec) -> tf.Tensor:
+  """[b] encoded images (PNG, JPEG) -> [b, *spec.shape] `spec.dtype`, in graph."""
+  return tf.map_fn(
+      lambda s: tf.ensure_shape(tf.io.decode_image(s, channels=spec.shape[-1],
+                                                   expand_animations=False), spec.shape),
+      encoded, fn_output_signature=tf.TensorSpec(spec.shape, spec.dtype))
+
+
+def decode_raw(data: tf.Tensor, spec: tf.TensorSpec) -> tf.Tensor:
+  """[b] strings of raw little-endian values -> [b, *spec.shape] `spec.dtype`."""
+  flat = tf.io.decode_raw(data, spec.dtype)
+  shape = tf.concat([tf.shape(data), tf.constant(spec.shape.as_list(), tf.int32)], 0)
+  tensor = tf.reshape(flat, shape)
+  tensor.set_shape(data.shape.concatenate(spec.shape))
+  return tensor
+
+
+class TfdsSource(ExampleSource):
   """A TFDS dataset prepared in ArrayRecord format, read by `tfds.data_source`.
 
   Images stay encoded on disk and are decoded in the input graph
@@ -168,6 +190,8 @@ class TfdsSource(PythonReadSource):
         self.specs[ours] = tf.TensorSpec(feature.shape, tf.as_dtype(feature.np_dtype))
     self._lock = threading.Lock()
 
+  reads_in_python = True  # tfds.data_source, through tf.numpy_function
+
   def label_names(self) -> List[str]:
     return list(self.info.features[self.features.get("label", "label")].names)
 
@@ -194,10 +218,7 @@ class TfdsSource(PythonReadSource):
       spec = self.specs[name]
       if spec.dtype == tf.uint8:  # encoded fixed-size image: decode in graph
         column.set_shape(indices.shape)
-        column = tf.map_fn(
-            lambda s, shape=spec.shape: tf.ensure_shape(
-                tf.io.decode_image(s, channels=shape[-1], expand_animations=False),
-                shape), column, fn_output_signature=tf.TensorSpec(spec.shape, tf.uint8))
+        column = decode_images(column, spec)
       else:
         column.set_shape(indices.shape.concatenate(spec.shape))
       batch[name] = column

@@ -533,7 +533,8 @@ def attack_pass(finished, chosen):
 
   def describe(record):
     return f"dev accuracy {100 * record['accuracy']:.2f}%, " + ", ".join(
-        f"under {b} characters {100 * record[f'accuracy_sub{b}']:.2f}%" for b in budgets)
+        f"under {b} character{'s' if b > 1 else ''} {100 * record[f'accuracy_sub{b}']:.2f}%"
+        for b in budgets)
 
   records = run_all(evaluations, start=not FLAGS.report, describe=describe)
   evaluated = [(run, r) for run, r in zip(evaluations, records) if r is not None]

@@ -44,9 +44,7 @@ def write(task, out: str, splits=None, shard_bytes: int = 256 << 20, encode_png=
   """Prepares `task` into `out` and writes its splits there; returns `out`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfadv.data import records  # pylint: disable=g-import-not-at-top
-  if tf.io.gfile.exists(os.path.join(out, records.METADATA)):
-    raise records.InputDataError(f"{out} already holds a record store; remove it "
-                                 "or choose another --out.")
+  records.check_new_store(out)  # before `prepare` writes anything there
   before = set(tf.io.gfile.listdir(out)) if tf.io.gfile.isdir(out) else set()
   task.prepare(out)
   prepared = sorted(set(tf.io.gfile.listdir(out)) - before)
