@@ -50,6 +50,14 @@ def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():
       runs.parse_method_values(bad, "select", methods)
 
 
+def _workspace(tmp_path):
+  """(work dir, out dir, data dir with an empty tnews/) of a table's test."""
+  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
+  work.mkdir()
+  (data / "tnews").mkdir(parents=True)
+  return work, out, data
+
+
 def _finished_run(work_dir, name, validation, dev, step=300):
   path = work_dir / name
   path.mkdir()
@@ -61,9 +69,7 @@ def _finished_run(work_dir, name, validation, dev, step=300):
 
 def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   """ε by mean validation accuracy even where dev disagrees; each run in one list."""
-  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
-  work.mkdir()
-  (data / "tnews").mkdir(parents=True)
+  work, out, data = _workspace(tmp_path)
   for seed, dev in enumerate((0.30, 0.32)):
     _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
     # ε = 0.3 wins on validation (0.45 vs 0.41) while ε = 1 is better on dev.
@@ -101,9 +107,7 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
 def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
   """A --variant with --same_epsilon waits for its method's choice, then runs
   (here: is read back) at exactly that ε, with its own bindings, as its own row."""
-  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
-  work.mkdir()
-  (data / "tnews").mkdir(parents=True)
+  work, out, data = _workspace(tmp_path)
   for seed in (0, 1):
     _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
     _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
@@ -159,9 +163,7 @@ def _tool(work, out, data, *flags):
 
 
 def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spread(tmp_path):
-  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
-  work.mkdir()
-  (data / "tnews").mkdir(parents=True)
+  work, out, data = _workspace(tmp_path)
   for seed, (plain, control) in enumerate(((0.30, 0.31), (0.32, 0.35))):
     _finished_run(work, f"tnews_plain_seed{seed}", 0.40, plain)
     _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.43, 0.36)  # within 3 points
@@ -196,9 +198,7 @@ def _attack_record(work, name, clean, under1, under2, success2=0.5):
 
 
 def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path):
-  work, out, data = tmp_path / "runs", tmp_path / "docs", tmp_path / "data"
-  work.mkdir()
-  (data / "tnews").mkdir(parents=True)
+  work, out, data = _workspace(tmp_path)
   for seed in (0, 1):
     _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.31)
     _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.36)
