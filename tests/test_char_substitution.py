@@ -320,6 +320,12 @@ def test_a_text_run_reports_the_attack_and_writes_examples(fewclue_dir, tmp_path
   rows = [json.loads(line) for line in open(tmp_path / "attack_examples_dev_sub2.jsonl",
                                              encoding="utf-8")]
   assert len(rows) == 6 and all(row["text"] for row in rows)
+  # Spread over dev (which lists its records grouped by label), not its first 6.
+  task = results["experiment"].task
+  labels = task.source("eval").rows(np.arange(task.source("eval").num_examples))["label"]
+  spaced = np.linspace(0, len(labels) - 1, 6).round().astype(int)
+  assert [row["label"] for row in rows] == [task.label_names[labels[i]] for i in spaced]
+  assert len({row["label"] for row in rows}) > 1 and len(set(labels[:6])) == 1
   # Evaluating again reads the cached table (the file is not rewritten); with
   # an eval_tag (the methods table's attack pass, its bindings) the evaluation
   # has its own records and the training's are untouched.

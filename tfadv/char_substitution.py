@@ -262,7 +262,7 @@ class CharSubstitutionAttack(Attack):
                     "queries": queries, "token_ids": current}
 
   def examples(self, model, task, arrays, count: int, batch_size: int = 32):
-    """The first `count` examples of `arrays` (a split's arrays) attacked, as dicts
+    """The first `count` examples of `arrays` (a split's rows) attacked, as dicts
     for a reader: original and adversarial text, label, prediction before and
     after, characters changed, whether the attack succeeded (skipped when the
     clean prediction was already wrong)."""

@@ -125,9 +125,9 @@ class Experiment:
       more the per-example worst case: `tfadv.attacks.InputAttack`/`APGD`
       for image tasks, `EmbeddingOutputAttack` and
       `tfadv.char_substitution.CharSubstitutionAttack` for text tasks.
-    attack_examples: after evaluating, write the evaluated split's first N
-      examples under each attack that can show them (the character
-      substitutions) to `attack_examples_<split>_<attack>.jsonl`.
+    attack_examples: after evaluating, write N of the evaluated split's
+      examples, evenly spaced over it, under each attack that can show them
+      (the character substitutions) to `attack_examples_<split>_<attack>.jsonl`.
     eval_tag: a name for this evaluation, added to its records
       (`eval_results_<split>_<tag>.json`, `attack_examples_<split>_<tag>_<attack>.jsonl`):
       a later `--mode=evaluate` of a trained model under other settings
@@ -349,10 +349,11 @@ class Experiment:
     return iter(dataset)
 
   def _write_attack_examples(self, model_dir: str, print_fn) -> None:
-    """`attack_examples_<split>_<attack>.jsonl`: the evaluated split's first
-    `attack_examples` examples under each attack that can show them."""
+    """`attack_examples_<split>_<attack>.jsonl`: `attack_examples` examples
+    of the evaluated split, evenly spaced, under each attack that can show them."""
     split = record_name(self.task.eval_split, self.eval_tag)
-    head = self.task.source("eval").head(self.attack_examples)
+    # Spread over the split: files grouped by label (CLUE's dev) show every class.
+    head = self.task.source("eval").spread(self.attack_examples)
     for name, attack in self.eval_attacks.items():
       if not hasattr(attack, "examples"):
         continue

@@ -22,7 +22,8 @@ Contract (`ExampleSource`):
   num_examples          rows of the split;
   specs                 {name: tf.TensorSpec} of one example's features;
   read(indices)         int64 [b] -> {name: [b, ...]}, in graph;
-  head(count)           the first `count` rows as numpy arrays (for the
+  head(count)           the first `count` rows as numpy arrays;
+  spread(count)         `count` rows evenly spaced over the split (the
                         attacked examples a reader sees).
 
 Example:
@@ -56,11 +57,20 @@ class ExampleSource(abc.ABC):
   def read(self, indices: tf.Tensor) -> Dict[str, tf.Tensor]:
     """{name: [len(indices), ...]}: the rows at `indices` (int64 [b]), in graph."""
 
+  def rows(self, indices) -> Dict[str, np.ndarray]:
+    """The rows at `indices` as numpy arrays."""
+    return {k: v.numpy() for k, v in
+            self.read(tf.constant(np.asarray(indices, np.int64))).items()}
+
   def head(self, count: int) -> Dict[str, np.ndarray]:
     """The first `count` rows as numpy arrays."""
-    count = min(count, self.num_examples)
-    return {k: v.numpy() for k, v in
-            self.read(tf.range(count, dtype=tf.int64)).items()}
+    return self.rows(np.arange(min(count, self.num_examples)))
+
+  def spread(self, count: int) -> Dict[str, np.ndarray]:
+    """`count` rows evenly spaced over the split, in order (all of them when
+    it has no more): a sample of a file grouped by label shows every part."""
+    n = self.num_examples
+    return self.rows(np.unique(np.linspace(0, n - 1, min(count, n)).round()))
 
 
 class ArraySource(ExampleSource):
