@@ -339,6 +339,10 @@ def test_a_text_run_reports_the_attack_and_writes_examples(fewclue_dir, tmp_path
   again = builders.run("evaluate", tmp_path, tf.distribute.get_strategy(), tagged)
   assert os.stat(cache).st_mtime_ns == before
   assert (tmp_path / "eval_results_dev.json").read_text() == training
+  # The training's operative config stays; the evaluation's is its own.
+  assert "eval_tag = 'attacks'" not in (tmp_path / "operative_config.gin").read_text()
+  assert "eval_tag = 'attacks'" in (
+      tmp_path / "operative_config_evaluate_dev_attacks.gin").read_text()
   record = json.load(open(tmp_path / "eval_results_dev_attacks.json"))
   assert record["tag"] == "attacks" and record["split"] == "dev"
   assert record["accuracy"] == pytest.approx(json.loads(training)["accuracy"])

@@ -265,10 +265,16 @@ class Experiment:
     results = {}
     try:
       if controller.is_chief:
-        with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        # The training's config stays the model's record: a later evaluation
+        # or export writes its own beside it.
+        name = ("operative_config.gin" if mode in ("train", "train_and_evaluate") else
+                f"operative_config_{mode}_{record_name(self.task.eval_split, self.eval_tag)}.gin"
+                if mode == "evaluate" else f"operative_config_{mode}.gin")
+        with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
           f.write(gin.operative_config_str())
-        controller.write_text("train", "gin/operative_config",
-                              gin.markdown(gin.operative_config_str()))
+        if mode in ("train", "train_and_evaluate"):
+          controller.write_text("train", "gin/operative_config",
+                                gin.markdown(gin.operative_config_str()))
         controller.write_hparams(self.hparams())
       if mode in ("train", "train_and_evaluate"):
         results["train"] = controller.train()
