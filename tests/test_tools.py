@@ -205,7 +205,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
     _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
   _attack_record(work, "tnews_plain_seed0", 0.31, 0.20, 0.10)
   _attack_record(work, "tnews_plain_seed1", 0.31, 0.22, 0.12)
-  _attack_record(work, "tnews_fgm_eps0.3_seed0", 0.36, 0.30, 0.20, success2=0.4)
+  _attack_record(work, "tnews_fgm_eps0.3_seed0", 0.36, 0.31, 0.20, success2=0.4)
   _attack_record(work, "tnews_fgm_eps1_seed0", 0.40, 0.39, 0.38)  # not chosen: unread
   flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=a",
            "--attack_budgets=1,2", "--attack_only", "--report"]
@@ -218,11 +218,13 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
   assert head in section
   assert ("| plain (n=2) | 31.00 ± 0.00 | 21.00 ± 1.41 | 25.00 ± 0.00 | 1.00 ± 0.00 | "
           "9.00 ± 0.00 | 11.00 ± 1.41 | 50.00 ± 0.00 | 1.50 ± 0.00 | 17.00 ± 0.00 |") in section
-  assert "| fgm (n=1) | 36.00 ± 0.00 | 30.00 ± 0.00 | 25.00 ± 0.00 |" in section
+  assert "| fgm (n=1) | 36.00 ± 0.00 | 31.00 ± 0.00 | 25.00 ± 0.00 |" in section
   assert "38.00" not in section  # the unchosen ε = 1 run
   assert "| TNEWS | fgm | plain | +9.00 | 1.41 | better |" in section
   assert "dev accuracy under the 2-character attack" in section
-  assert "| tnews | fgm | 0 | 36.00 | 30.00 | 20.00 | 60 s |" in section
+  assert "dev accuracy under the 1-character attack" in section  # each budget
+  assert "| TNEWS | fgm | plain | +10.00 | 1.41 | better |" in section  # B = 1
+  assert "| tnews | fgm | 0 | 36.00 | 31.00 | 20.00 | 60 s |" in section
   assert "Not evaluated yet (1 runs" in section
   # The evaluation the pass starts: the training run's config and bindings, the
   # scoped attacks, its own records (its own process: flags clash here).

@@ -394,9 +394,9 @@ def write_attack_markdown(evaluated, missing, path):
                   _mean_std_cell(records, f"sub{b}_queries", 1)]
       lines.append(f"| {method} (n={len(records)}) | " + " | ".join(cells) + " |")
     lines.append("")
-  if budgets:
-    lines += _comparison_lines(groups, tasks, f"accuracy_sub{max(budgets)}",
-                               f"dev accuracy under the {max(budgets)}-character attack")
+  for b in budgets:
+    lines += _comparison_lines(groups, tasks, f"accuracy_sub{b}",
+                               f"dev accuracy under the {b}-character attack")
   lines += ["", "Every attack evaluation:", "",
             "| task | method | seed | clean | " + " | ".join(
                 f"under B={b}" for b in budgets) + " | wall time |",
