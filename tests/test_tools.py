@@ -183,8 +183,9 @@ def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spre
   assert "| TNEWS | fgm_random | plain | +2.00 | 4.24 | inside the spread |" in text
   stdout, text = _tool(work, out, data, *flags, "--tie=tnews:1")
   assert "tnews fgm: ε = 1 chosen on validation." in stdout  # 2 points apart
-  with pytest.raises(AssertionError, match="--tie="):
-    _tool(work, out, data, *flags, "--tie=tnews")
+  for bad in ("--tie=tnews", "--tie=tnews:x", "--tie=tnews:-1"):
+    with pytest.raises(AssertionError, match="--tie="):
+      _tool(work, out, data, *flags, bad)
 
 
 def _attack_record(work, name, clean, under1, under2, success2=0.5):

@@ -3,8 +3,8 @@
 import functools
 import json
 import math
-import re
 import os
+import re
 from typing import Callable, Optional
 
 import gin
@@ -267,12 +267,13 @@ class Experiment:
       if controller.is_chief:
         # The training's config stays the model's record: a later evaluation
         # or export writes its own beside it.
-        name = ("operative_config.gin" if mode in ("train", "train_and_evaluate") else
-                f"operative_config_{mode}_{record_name(self.task.eval_split, self.eval_tag)}.gin"
-                if mode == "evaluate" else f"operative_config_{mode}.gin")
-        with tf.io.gfile.GFile(os.path.join(model_dir, name), "w") as f:
+        training = mode in ("train", "train_and_evaluate")
+        name = "operative_config" if training else f"operative_config_{mode}"
+        if mode == "evaluate":
+          name += f"_{record_name(self.task.eval_split, self.eval_tag)}"
+        with tf.io.gfile.GFile(os.path.join(model_dir, f"{name}.gin"), "w") as f:
           f.write(gin.operative_config_str())
-        if mode in ("train", "train_and_evaluate"):
+        if training:
           controller.write_text("train", "gin/operative_config",
                                 gin.markdown(gin.operative_config_str()))
         controller.write_hparams(self.hparams())

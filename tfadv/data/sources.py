@@ -157,6 +157,8 @@ class TfdsSource(ExampleSource):
       itself when it is not prepared; False: that is an error.
   """
 
+  reads_in_python = True  # tfds.data_source, through tf.numpy_function
+
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
                features: Optional[Dict[str, str]] = None, download: bool = False):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -199,8 +201,6 @@ class TfdsSource(ExampleSource):
       else:
         self.specs[ours] = tf.TensorSpec(feature.shape, tf.as_dtype(feature.np_dtype))
     self._lock = threading.Lock()
-
-  reads_in_python = True  # tfds.data_source, through tf.numpy_function
 
   def label_names(self) -> List[str]:
     return list(self.info.features[self.features.get("label", "label")].names)

@@ -40,8 +40,8 @@ the two standard deviations), as every method is against plain.
 `--attack_budgets=1,2` adds the attack pass: each chosen run is evaluated
 again on all of dev under the character-substitution attack
 (`tfadv.char_substitution.CharSubstitutionAttack`, budget B) with TextAttack's
-metrics, in its own section (`<section>-attacks`), with the first
-`--attack_examples` attacked examples of each run written beside it.
+metrics, in its own section (`<section>-attacks`), with `--attack_examples`
+attacked examples of each run, evenly spaced over dev, written beside it.
 `--attack_only` runs that pass alone, over the runs finished so far, beside an
 invocation still training.
 
@@ -189,11 +189,12 @@ def ties():
   for spec in FLAGS.tie:
     task, sep, points = spec.partition(":")
     try:
-      found[task.strip()] = float(points)
+      band = float(points)
     except ValueError:
-      sep = ""
-    if not sep or found.get(task.strip(), -1) < 0:
+      band = -1.0
+    if not sep or band < 0:
       raise app.UsageError(f"--tie={spec!r}: expected TASK:POINTS, e.g. tnews:3.6.")
+    found[task.strip()] = band
   return found
 
 
@@ -349,14 +350,13 @@ def attack_run(run: NlpRun) -> runs.Run:
   params = [f"Experiment.eval_attacks = {{{attacks}}}",
             *(f"{name}/CharSubstitutionAttack.budget = {b}" for name, b in names.items()),
             f"Experiment.attack_examples = {FLAGS.attack_examples}"]
-  evaluation = runs.Run(run.name, run.gin_file, run.params + params, FLAGS.work_dir,
-                        mode="evaluate", tag=ATTACK_TAG)
-  evaluation.task, evaluation.method, evaluation.seed = run.task, run.method, run.seed
-  return evaluation
+  return runs.Run(run.name, run.gin_file, run.params + params, FLAGS.work_dir,
+                  mode="evaluate", tag=ATTACK_TAG)
 
 
 def write_attack_markdown(evaluated, missing, path):
-  """The attack pass's section: TextAttack's metrics per task and method."""
+  """The attack pass's section: TextAttack's metrics per task and method
+  (`evaluated`: [(the trained `NlpRun`, its attack record)])."""
   budgets = [int(b) for b in FLAGS.attack_budgets]
   groups = {}
   for run, record in evaluated:
@@ -526,9 +526,9 @@ def attack_pass(finished, chosen):
   """Evaluates (or reads back) each chosen run of --attack_methods under the
   attacks; writes the section. Runs whose training has not finished wait."""
   methods = FLAGS.attack_methods or FLAGS.methods
-  evaluations = [attack_run(run) for run, _ in finished
-                 if run.method in methods and (not run.selected or run.epsilon == chosen.get(
-                     (run.task, run.method)))]
+  trained = [run for run, _ in finished if run.method in methods and (
+      not run.selected or run.epsilon == chosen.get((run.task, run.method)))]
+  evaluations = [attack_run(run) for run in trained]
   budgets = [int(b) for b in FLAGS.attack_budgets]
 
   def describe(record):
@@ -537,8 +537,8 @@ def attack_pass(finished, chosen):
         for b in budgets)
 
   records = run_all(evaluations, start=not FLAGS.report, describe=describe)
-  evaluated = [(run, r) for run, r in zip(evaluations, records) if r is not None]
-  missing = [run for run, r in zip(evaluations, records) if r is None]
+  evaluated = [(run, r) for run, r in zip(trained, records) if r is not None]
+  missing = [run for run, r in zip(trained, records) if r is None]
   path = os.path.join(FLAGS.out_dir, "results.md")
   write_attack_markdown(evaluated, missing, path)
   print(f"Wrote the attack section of {path} ({len(evaluated)} evaluations).", flush=True)

@@ -66,6 +66,7 @@ class Run:
     return os.path.join(self.model_dir, name)
 
   def _record(self, split: str) -> str:
+    # `tfadv.experiment.record_name`, which this TensorFlow-free module cannot import.
     return f"{split}_{self.tag}" if self.tag else split
 
   def result(self, split: str, on_line: Optional[Callable[[str], None]] = None) -> dict:
