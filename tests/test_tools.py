@@ -345,3 +345,49 @@ def test_vision_table_means_targets_and_records_that_survive_the_model_dirs(tmp_
   text = (out / "results.md").read_text()
   assert "Runs so far: 0 of 8" in text
   assert "not yet run: seed 0: all 4 rows; seed 1: all 4 rows." in text
+
+
+def test_vision_selection_reads_validation_only_and_the_incumbent_wins_a_tie(tmp_path):
+  """`--validation_fraction`: runs train on train less validation
+  (`--mode=train`), the section reads `eval_results_validation.json` only (a
+  test record beside it is ignored), and the rule fixed before the runs
+  picks the incumbent unless a challenger's mean is more than `--tie` points
+  higher."""
+  work, out = tmp_path / "runs", tmp_path / "docs"
+
+  def write(robust_by_row):
+    for row, values in robust_by_row.items():
+      for seed, robust in enumerate(values):
+        path = work / f"{row}_seed{seed}"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "eval_results_validation.json").write_text(json.dumps({
+            "accuracy": 0.80, "accuracy_worst_case": robust, "train_seconds": 300.0,
+            "split": "validation", "step": 3375}))
+        # A test record that would flip the choice if it were read.
+        (path / "eval_results_test.json").write_text(json.dumps({
+            "accuracy": 0.80, "accuracy_worst_case": 1.0 - robust, "split": "test",
+            "step": 3375}))
+        (path / "wall_seconds.txt").write_text("100\n")
+
+  def select(*extra):
+    argv = [sys.executable, "-m", "tfadv.tools.robustness_table", f"--work_dir={work}",
+            f"--out_dir={out}", "--rows=free8,free8_straight_through", "--seeds=0,1",
+            "--records=", "--config_dir=/nonexistent", "--validation_fraction=0.1",
+            "--tie=0.6", "--report", *extra]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (out / "results.md").read_text()
+
+  # Straight-through 0.5 points higher: inside the band, the incumbent stays.
+  write({"free8": [0.670, 0.672], "free8_straight_through": [0.675, 0.677]})
+  text = select()
+  assert "| free8 | 2 | 80.00 ± 0.00 | **67.10 ± 0.14** | 67.00, 67.20 | 5.0 ± 0.0 min |" in text
+  assert "Chosen: **free8**." in text and "Runs: 4 of 4" in text
+  assert "Chosen: **free8_straight_through**." in select("--tie=0")  # no band: the best
+  # 0.7 points higher: beyond the band, the challenger wins.
+  write({"free8": [0.670, 0.672], "free8_straight_through": [0.677, 0.679]})
+  assert "Chosen: **free8_straight_through**." in select()
+  # A missing run: no choice yet.
+  (work / "free8_seed1" / "wall_seconds.txt").unlink()
+  text = select()
+  assert "Runs: 3 of 4" in text and "Chosen: – (not every run has finished)." in text

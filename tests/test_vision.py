@@ -1,5 +1,6 @@
 """Vision: IDX data, attacks, PGD/FGSM/Free training, robust evaluation, export."""
 
+import json
 import os
 import struct
 
@@ -15,6 +16,7 @@ from tfadv import attacks as attacks_lib, compat
 from tfadv.attacks import APGD, InputAttack, apgd_checkpoints, dlr_loss
 from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
 from tfadv.data.pipeline import distributed_dataset
+from tfadv.errors import SettingError
 from tfadv.methods import FGSMTraining, FreeTraining, PGDTraining, Plain
 from tfadv.experiment import build_trainer
 from tfadv.tasks.base import sparse_cross_entropy
@@ -744,3 +746,44 @@ def test_warm_up_from_a_gin_binding_splits_the_first_loop_at_the_start(tmp_path)
   assert "epsilon_scale" not in steps[0] and "epsilon_scale 0.25 " in steps[1]
   assert "epsilon_scale 1 " in steps[-1]
   assert steps[-1].startswith("step 48/48")
+
+
+def test_validation_split_is_carved_from_train_and_a_training_records_it(tmp_path):
+  """`ImageDataset.validation_fraction`: train and validation partition the
+  train file (stratified by label, seeded); test is untouched. `--mode=train`
+  records the validation evaluation without reading the test files (deleted
+  here), which is what a choice made on validation needs."""
+  idx_dir = write_tiny_fashion_idx(tmp_path / "idx", num_train=200)
+  whole = ImageDataset("fashion_mnist", source="idx", data_dir=idx_dir)
+  carved = ImageDataset("fashion_mnist", source="idx", data_dir=idx_dir,
+                        validation_fraction=0.25)
+  assert carved.splits == ("train", "validation", "eval")
+  train, validation = carved.arrays("train"), carved.arrays("validation")
+  everything = whole.arrays("train")
+  assert len(train["label"]) + len(validation["label"]) == 200
+  assert 45 <= len(validation["label"]) <= 55
+  rows = lambda a: sorted(map(bytes, a["image"].reshape(len(a["image"]), -1)))
+  assert sorted(rows(train) + rows(validation)) == rows(everything)
+  assert not set(rows(train)) & set(rows(validation))
+  for label in range(10):  # stratified: a quarter of each label, rounded
+    count = int(np.sum(everything["label"] == label))
+    assert np.sum(validation["label"] == label) == round(count * 0.25), label
+  np.testing.assert_array_equal(carved.arrays("eval")["image"], whole.arrays("eval")["image"])
+  with pytest.raises(ValueError, match="validation_fraction"):
+    whole.arrays("validation")
+  with pytest.raises(SettingError, match="tfds_in_memory"):
+    ImageDataset("cifar10", source="tfds", validation_fraction=0.1).example_source("validation")
+  for name in os.listdir(idx_dir):
+    if name.startswith("t10k"):
+      os.remove(os.path.join(idx_dir, name))
+  bindings = tiny_fashion_bindings(idx_dir) + [
+      "ImageDataset.validation_fraction = 0.25", "Experiment.train_epochs = 1"]
+  model_dir = tmp_path / "run"
+  out = run_experiment("train", model_dir, tf.distribute.get_strategy(), bindings,
+                       ["configs/fashion_mnist_plain.gin"])
+  record = json.loads((model_dir / "eval_results_validation.json").read_text())
+  assert record["split"] == "validation" and record["step"] == out["experiment"].train_steps
+  assert record["accuracy_worst_case"] <= record["accuracy"]
+  assert record["train_seconds"] > 0
+  assert not (model_dir / "eval_results.json").exists()
+

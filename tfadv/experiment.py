@@ -281,6 +281,11 @@ class Experiment:
         results["train"] = controller.train()
         # Summed over every process that trained this model dir (resumes too).
         results["train_seconds"] = float(self.trainer.train_seconds.numpy())
+        if controller.is_chief and controller.has_validation and controller.best:
+          # The validation record a selection reads (`--mode=train` suffices).
+          write_eval_records(model_dir, self.task, controller.best["step"],
+                             dict(results, eval=controller.best["metrics"]),
+                             split="validation")
         if controller.is_chief:
           finished = self.task.finish_training(self.model, model_dir)
           if finished:  # e.g. pretraining's keras-hub preset directory
@@ -398,7 +403,7 @@ def eval_record_path(model_dir: str, split: str, tag: str = "") -> str:
 
 
 def write_eval_records(model_dir: str, task, step: int, results: dict,
-                       tag: str = "") -> None:
+                       tag: str = "", split: str = "") -> None:
   """Machine-readable records of the final evaluation, for tables and sweeps.
 
   Every evaluation writes `eval_results_<split>.json`, the split named by the
@@ -409,9 +414,12 @@ def write_eval_records(model_dir: str, task, step: int, results: dict,
   overwrites; it also keeps the last training loop's metrics as
   `train_<name>` (e.g. `train_stuck`, Free's and ATTA's stuck share). A
   `tag` (`Experiment.eval_tag`) names the split's record
-  `eval_results_<split>_<tag>.json` and is kept in it.
+  `eval_results_<split>_<tag>.json` and is kept in it. Training with a
+  validation split also writes `eval_results_validation.json` (`split`
+  "validation"): the best checkpoint's validation metrics, its step and the
+  training time, what a selection on validation reads.
   """
-  split = task.eval_split
+  split = split or task.eval_split
   record = {"step": step, "split": split, **({"tag": tag} if tag else {}),
             **{k: float(v) for k, v in results["eval"].items()}}
   for key in ("train_seconds", "best"):
@@ -421,7 +429,7 @@ def write_eval_records(model_dir: str, task, step: int, results: dict,
     if isinstance(value, (int, float)) or hasattr(value, "dtype"):
       record[f"train_{key}"] = float(value)
   paths = [eval_record_path(model_dir, split, tag)]
-  if "train" in results:
+  if "train" in results and split == task.eval_split:
     paths.append(os.path.join(model_dir, "eval_results.json"))
   for path in paths:
     with tf.io.gfile.GFile(path, "w") as f:

@@ -24,8 +24,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from tfadv.data.base import ArrayDataset
-from tfadv.errors import InputDataError, MissingInputError
+from tfadv.data.base import ArrayDataset, carve_validation
+from tfadv.errors import InputDataError, MissingInputError, SettingError
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -103,6 +103,14 @@ class ImageDataset(ArrayDataset):
     download: with source "tfds", download and prepare (in ArrayRecord
       format) a dataset TFDS can fetch itself (CIFAR-10) when it is missing;
       False: a missing dataset is an error naming `tfds build`.
+    validation_fraction: the share of train (after `num_train`) carved off as
+      the "validation" split, stratified by label and seeded
+      (`tfadv.data.base.carve_validation`): training reads the rest, and a
+      choice (a default, a clamp rule) is made on it, never on test. 0: no
+      validation split. Needs the arrays in memory (source "idx" or
+      "tfds_in_memory").
+    validation_seed: the carving's seed (fixed: every run of a selection
+      carves the same examples).
 
   Example:
   >>> data = ImageDataset("fashion_mnist", source="idx")
@@ -114,7 +122,8 @@ class ImageDataset(ArrayDataset):
   def __init__(self, name: str = "fashion_mnist", source: str = "auto",
                data_dir: Optional[str] = None, num_train: Optional[int] = None,
                num_eval: Optional[int] = None, tfds_eval_split: str = "test",
-               download: bool = True):
+               download: bool = True, validation_fraction: float = 0.0,
+               validation_seed: int = 0):
     if source not in ("auto", "idx", "tfds", "tfds_in_memory"):
       raise ValueError(f"ImageDataset.source={source!r}; expected auto, idx, tfds "
                        "or tfds_in_memory.")
@@ -125,6 +134,15 @@ class ImageDataset(ArrayDataset):
     self.num_eval = num_eval
     self.tfds_eval_split = tfds_eval_split
     self.download = download
+    self.validation_fraction = validation_fraction
+    self.validation_seed = validation_seed
+    if validation_fraction and not 0.0 < validation_fraction < 1.0:
+      raise SettingError(f"ImageDataset.validation_fraction={validation_fraction}; "
+                         "expected 0 < fraction < 1 (or 0: no validation split).")
+
+  @property
+  def splits(self):
+    return ("train", "validation", "eval") if self.validation_fraction else ("train", "eval")
 
   @property
   def eval_split(self) -> str:
@@ -152,6 +170,11 @@ class ImageDataset(ArrayDataset):
     self.check_split(split)
     if self._resolved_source() != "tfds":
       return None
+    if self.validation_fraction:
+      raise SettingError(
+          f"ImageDataset.validation_fraction={self.validation_fraction} carves train in "
+          f"memory, but {self.name} is read by random access (source 'tfds'): set "
+          "ImageDataset.source = 'tfds_in_memory', or validate on a split of its own.")
     from tfadv.data.sources import TfdsSource  # pylint: disable=g-import-not-at-top
     return TfdsSource(self.name, self._tfds_split(split), data_dir=self.data_dir,
                       download=self.download)
@@ -184,8 +207,20 @@ class ImageDataset(ArrayDataset):
         "ImageDataset.data_dir (or ImageDataset.source = 'tfds' to download).")
 
   def arrays(self, split: str) -> Dict[str, np.ndarray]:
-    """{"image": uint8 [N, H, W, C], "label": int32 [N]} of "train" or "eval"."""
+    """{"image": uint8 [N, H, W, C], "label": int32 [N]} of "train" (less
+    validation), "validation" or "eval"."""
     self.check_split(split)
+    if self.validation_fraction and split != "eval":
+      if self._resolved_source() == "tfds":
+        self.example_source(split)  # the one-line error naming the fix
+      whole = self._whole_arrays("train")
+      train, validation = carve_validation(whole["label"], self.validation_fraction,
+                                           self.validation_seed)
+      chosen = train if split == "train" else validation
+      return {key: np.ascontiguousarray(value[chosen]) for key, value in whole.items()}
+    return self._whole_arrays(split)
+
+  def _whole_arrays(self, split: str) -> Dict[str, np.ndarray]:
     source = self._resolved_source()
     if source == "idx":
       images, labels = self._read_idx(split)
