@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from absl import app
@@ -36,6 +37,50 @@ def test_a_finished_run_is_read_back_not_repeated(tmp_path):
       json.dumps({"accuracy": 0.25, "step": 3, "split": "test"}))
   assert run.result("test")["accuracy"] == 0.25
   assert runs.mean_std([1.0, 3.0]) == (2.0, 2 ** 0.5)
+
+
+def test_a_resumed_run_reports_the_wall_time_of_all_its_invocations(tmp_path):
+  """A run whose first invocation died (the tool killed, the run failed)
+  reports the time of both invocations, not only the last one's."""
+  script = tmp_path / "fake_main.py"
+  script.write_text(
+      "import json, os, sys, time\n"
+      "d = sys.argv[1]\n"
+      "first = not os.path.exists(os.path.join(d, 'started'))\n"
+      "open(os.path.join(d, 'started'), 'w').close()\n"
+      "for _ in range(4):\n"
+      "  print('step', flush=True); time.sleep(0.3)\n"
+      "if first: sys.exit(1)\n"
+      "json.dump({'accuracy': 0.5, 'step': 3}, open(os.path.join(d, 'eval_results.json'), 'w'))\n")
+
+  class Fake(runs.Run):
+    def command(self):
+      return [sys.executable, str(script), self.model_dir]
+
+  run = Fake("r", "unused.gin", [], str(tmp_path))
+  run.save_wall_every = 0.0
+  with pytest.raises(RuntimeError, match="failed"):
+    run.result("dev")
+  first = float((tmp_path / "r" / "wall_seconds.txt.partial").read_text())
+  assert first >= 1.2
+  record = run.result("dev")
+  assert record["wall_seconds"] >= first + 1.2
+  # The tool itself killed mid-run (here: its line callback raises at the
+  # third line): the time saved as the run went still counts.
+  (tmp_path / "r" / "started").unlink()
+  for name in ("wall_seconds.txt", "eval_results.json"):
+    (tmp_path / "r" / name).unlink()
+
+  def killed(line, seen=[]):  # pylint: disable=dangerous-default-value
+    seen.append(line)
+    if len(seen) == 3:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    run.result("dev", on_line=killed)
+  assert float((tmp_path / "r" / "wall_seconds.txt.partial").read_text()) >= 0.6
+  time.sleep(1.0)  # the orphaned first invocation ends
+  assert run.result("dev")["wall_seconds"] >= 0.6 + 1.2
+  assert not (tmp_path / "r" / "wall_seconds.txt.partial").exists()
 
 
 def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():

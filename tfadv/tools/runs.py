@@ -51,6 +51,7 @@ class Run:
     if tag:
       self.params.append(f"Experiment.eval_tag = '{tag}'")
     self.cpus = None  # CPU cores to pin the run to (taskset), or all
+    self.save_wall_every = 5.0  # seconds between saves of a running run's wall time
 
   def command(self) -> List[str]:
     pin = ["taskset", "-c", ",".join(map(str, self.cpus))] if self.cpus else []
@@ -83,21 +84,39 @@ class Run:
     if record is not None:
       return record
     os.makedirs(self.model_dir, exist_ok=True)
-    start = time.time()
+    # The wall time of earlier, killed invocations of this run: kept as it
+    # goes, so a resumed run reports all of its time, not its last part's.
+    partial = self._wall_path(split) + ".partial"
+    before = 0.0
+    if os.path.exists(partial):
+      with open(partial) as f:
+        before = float(f.read() or 0.0)
+    start = last_saved = time.time()
+
+    def save(path, now):
+      with open(path + ".tmp", "w") as f:
+        f.write(f"{before + now - start:.1f}\n")
+      os.replace(path + ".tmp", path)
+
     # Appended: a resumed run keeps the log of its earlier part.
     with open(os.path.join(self.model_dir, "log.txt"), "a") as log:
       proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1)
       for line in proc.stdout:
         log.write(line)
+        if time.time() - last_saved > self.save_wall_every:
+          last_saved = time.time()
+          save(partial, last_saved)
         if on_line is not None:
           on_line(line.rstrip("\n"))
       proc.wait()
     if proc.returncode != 0:
+      save(partial, time.time())
       raise RuntimeError(f"Run {self.name} failed (exit {proc.returncode}); see "
                          f"{self.model_dir}/log.txt. Command: {shlex.join(self.command())}")
-    with open(self._wall_path(split), "w") as f:
-      f.write(f"{time.time() - start:.1f}\n")
+    save(self._wall_path(split), time.time())
+    if os.path.exists(partial):
+      os.remove(partial)
     record = self.finished(split)
     if record is None:
       raise RuntimeError(f"Run {self.name} exited without an evaluation of {split!r} "
