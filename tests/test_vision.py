@@ -748,6 +748,7 @@ def test_warm_up_from_a_gin_binding_splits_the_first_loop_at_the_start(tmp_path)
   assert steps[-1].startswith("step 48/48")
 
 
+@pytest.mark.slow
 def test_validation_split_is_carved_from_train_and_a_training_records_it(tmp_path):
   """`ImageDataset.validation_fraction`: train and validation partition the
   train file (stratified by label, seeded); test is untouched. `--mode=train`
