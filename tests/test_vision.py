@@ -772,8 +772,10 @@ def test_validation_split_is_carved_from_train_and_a_training_records_it(tmp_pat
   np.testing.assert_array_equal(carved.arrays("eval")["image"], whole.arrays("eval")["image"])
   with pytest.raises(ValueError, match="validation_fraction"):
     whole.arrays("validation")
-  with pytest.raises(SettingError, match="tfds_in_memory"):
-    ImageDataset("cifar10", source="tfds", validation_fraction=0.1).example_source("validation")
+  random_access = ImageDataset("cifar10", source="tfds", validation_fraction=0.1)
+  for read in (random_access.example_source, random_access.arrays):
+    with pytest.raises(SettingError, match="tfds_in_memory"):
+      read("validation")
   for name in os.listdir(idx_dir):
     if name.startswith("t10k"):
       os.remove(os.path.join(idx_dir, name))

@@ -211,8 +211,7 @@ class ImageDataset(ArrayDataset):
     validation), "validation" or "eval"."""
     self.check_split(split)
     if self.validation_fraction and split != "eval":
-      if self._resolved_source() == "tfds":
-        self.example_source(split)  # the one-line error naming the fix
+      # (Source "tfds": reading train refuses the carve, in `example_source`.)
       whole = self._whole_arrays("train")
       train, validation = carve_validation(whole["label"], self.validation_fraction,
                                            self.validation_seed)

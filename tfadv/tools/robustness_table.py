@@ -241,11 +241,17 @@ def plot(by_row, path):
   fig.savefig(path, dpi=110)
 
 
-def write_section(planned, records, elapsed):
+def _by_row(planned, records):
+  """{row: [the finished seeds' records]}, rows and seeds in table order."""
   by_row = {}
   for row, seed, *_ in planned:
     if (row, seed) in records:
       by_row.setdefault(row, []).append(records[(row, seed)])
+  return by_row
+
+
+def write_section(planned, records, elapsed):
+  by_row = _by_row(planned, records)
   missing = []
   for seed in FLAGS.seeds:  # "seed 1: all 10 rows" rather than ten names
     rows = [row for row, s, *_ in planned if s == seed and (row, s) not in records]
@@ -316,17 +322,16 @@ def choose_row(by_row, tie_points):
   >>> choose_row({"a": [{ROBUST: 0.670}], "b": [{ROBUST: 0.680}]}, 0.6)
   'b'
   """
-  means = {row: runs.mean_std(r[ROBUST] for r in group)[0] for row, group in by_row.items()}
-  best = max(means.values())
-  return next(row for row, mean in means.items()
-              if mean == best or 100 * (best - mean) < tie_points)
+  rows = list(by_row)
+  # `runs.choose_best`'s rule with the row's position as its value: the
+  # smallest tied position is the first tied row.
+  position = runs.choose_best({i: [r[ROBUST] for r in by_row[row]] for i, row in enumerate(rows)},
+                              tie=tie_points / 100)
+  return rows[position]
 
 
 def write_selection_section(planned, records, elapsed):
-  by_row = {}
-  for row, seed, *_ in planned:
-    if (row, seed) in records:
-      by_row.setdefault(row, []).append(records[(row, seed)])
+  by_row = _by_row(planned, records)
   complete = len(records) == len(planned)
   total = sum(r["wall_seconds"] for r in records.values())
   lines = [

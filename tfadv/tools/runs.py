@@ -38,6 +38,8 @@ class Run:
   """One run of a gin config in its own process: training and evaluation, or
   (`mode="evaluate"`) a further evaluation of a trained model dir."""
 
+  save_wall_every = 5.0  # seconds between saves of a running run's wall time
+
   def __init__(self, name: str, gin_file: str, params: Sequence[str], work_dir: str,
                mode: str = "train_and_evaluate", tag: str = ""):
     self.name = name
@@ -51,7 +53,6 @@ class Run:
     if tag:
       self.params.append(f"Experiment.eval_tag = '{tag}'")
     self.cpus = None  # CPU cores to pin the run to (taskset), or all
-    self.save_wall_every = 5.0  # seconds between saves of a running run's wall time
 
   def command(self) -> List[str]:
     pin = ["taskset", "-c", ",".join(map(str, self.cpus))] if self.cpus else []
