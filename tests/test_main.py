@@ -137,18 +137,23 @@ def test_evaluate_any_file_and_export_loads_without_tfadv(fewclue_dir, tmp_path)
 @pytest.mark.parametrize("task", ["tnews", "iflytek"])
 def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
   """Every CLUE config parses, says its command and expected result, and binds
-  the ε chosen on validation for the result it quotes (the table's choices),
-  with the step size the table ran at that ε."""
+  the ε chosen on validation for the result it quotes, with the step size the
+  table ran at that ε. The controls table (pre-registered grids) supersedes the
+  validated table for each method as soon as it has chosen that method's ε on
+  the task; Free's config follows the row of the carry it binds."""
   import glob  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv import main as main_lib  # pylint: disable=g-import-not-at-top
   from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
-  # The table's own record of its choices (methods_table wrote it).
-  recorded = runs.chosen_epsilons("docs/results.md", "text-methods-table-validated")
-  chosen = {method: epsilon for (t, method), epsilon in recorded.items() if t == task}
-  assert len(chosen) == 7
+  # The tables' own records of their choices (methods_table wrote them).
+  def of_task(section):
+    recorded = runs.chosen_epsilons("docs/results.md", section)
+    return {method: epsilon for (t, method), epsilon in recorded.items() if t == task}
+  validated = of_task("text-methods-table-validated")
+  controls = of_task("text-controls-table")
+  assert len(validated) == 7
   files = sorted(glob.glob(f"configs/{task}_*.gin"))
-  assert len(files) == 9  # the validated table's 8, and R3F (not in a table yet)
+  assert len(files) == 9  # the validated table's 8, and R3F
   for path in files:
     method = path[len(f"configs/{task}_"):-len(".gin")]
     with open(path) as f:
@@ -157,14 +162,23 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
     assert "# Expected: " in header, path
     gin.clear_config()
     main_lib.parse_config([path], [])
-    if method == "r3f":  # no table has chosen its λ yet: fairseq's defaults
+    if method == "plain":
+      continue
+    row = method
+    if method == "free_output":
+      row = "free_" + gin.query_parameter("EmbeddingOutputFree.carry")
+    if row in controls:
+      epsilon, table = controls[row], "controls table"
+    elif method in validated:
+      epsilon, table = validated[method], "validated table"
+    else:  # R3F before the controls table chose its λ: fairseq's defaults
       assert gin.query_parameter("R3F.r3f_lambda") == 1.0, path
       assert gin.query_parameter("R3F.epsilon") == 1e-5, path
       assert "not measured yet" in header, path
-    elif method != "plain":  # the bindings the methods table sets
-      epsilon = chosen[method]
-      assert gin.query_parameter(runs.EPSILON_BINDING[method]) == epsilon, path
-      if method in runs.STEP_BINDING:
-        step, ratio = runs.STEP_BINDING[method]
-        assert gin.query_parameter(step) == pytest.approx(ratio * epsilon), path
+      continue
+    assert table in header, (path, table)
+    assert gin.query_parameter(runs.EPSILON_BINDING[method]) == epsilon, path
+    if method in runs.STEP_BINDING:
+      step, ratio = runs.STEP_BINDING[method]
+      assert gin.query_parameter(step) == pytest.approx(ratio * epsilon), path
   gin.clear_config()
