@@ -138,8 +138,14 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert text.count("| tnews | plain |") == 2  # the other runs, once each
   assert "| tnews | fgm | 0 |" not in text
   assert (out / "results_t.png").exists()
-  # --report starts nothing: a method with a candidate still to run gets no row.
+  # --report starts nothing: a method with a candidate still to run gets no row
+  # (the run is gone from its model dir and from the records).
   shutil.rmtree(work / "tnews_fgm_eps1_seed1")
+  records = out / "t_runs.json"
+  saved = json.loads(records.read_text())
+  assert len(saved) == 6 and "EmbeddingFGM.epsilon = 1.0" in saved["tnews_fgm_eps1_seed1"]["params"]
+  del saved["tnews_fgm_eps1_seed1"]
+  records.write_text(json.dumps(saved))
   proc = subprocess.run(argv + ["--report"], capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not (work / "tnews_fgm_eps1_seed1").exists()
@@ -270,7 +276,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
   assert "dev accuracy under the 2-character attack" in section
   assert "dev accuracy under the 1-character attack" in section  # each budget
   assert "| TNEWS | fgm | plain | +10.00 | 1.41 | better |" in section  # B = 1
-  assert "| tnews | fgm | 0 | 36.00 | 31.00 | 20.00 | 60 s |" in section
+  assert "| tnews | fgm | 0 | 36.00 | 31.00 / 1.00 / 9.00 | 20.00 / 1.50 / 17.00 | 60 s |" in section
   assert "Not evaluated yet (1 runs" in section
   # The evaluation the pass starts: the training run's config and bindings, the
   # scoped attacks, its own records (its own process: flags clash here).
@@ -293,6 +299,150 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
                   "Experiment.attack_examples = 7", "Experiment.eval_tag = 'attacks'",
                   "EmbeddingFGM.epsilon = 0.3", "Experiment.seed = 1"):
     assert binding in params
+
+
+def test_methods_table_records_survive_the_model_dirs_and_other_bindings_run_again(tmp_path):
+  work, out, data = _workspace(tmp_path)
+  for seed, dev in enumerate((0.30, 0.32)):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=r", "--report"]
+  _, text = _tool(work, out, data, *flags)
+  assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text and "Not run yet" not in text
+  saved = json.loads((out / "r_runs.json").read_text())
+  assert sorted(saved) == sorted(f"tnews_{m}_seed{s}" for m in ("plain", "fgm_eps0.3", "fgm_eps1")
+                                 for s in (0, 1))
+  # Another machine: no model dirs, the committed records alone rebuild the table.
+  shutil.rmtree(work)
+  work.mkdir()
+  _, again = _tool(work, out, data, *flags)
+  assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in again and "Not run yet" not in again
+  assert "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |" in again
+  # Other bindings are other runs: the records do not count for them.
+  _, other = _tool(work, out, data, *flags, "--gin_param=adamw.learning_rate = 0.01")
+  assert "Not run yet (6 runs" in other and "| fgm |" not in other
+
+
+FAKE_MAIN = """
+import json, os, sys
+model_dir, mode = sys.argv[1], sys.argv[2]
+os.makedirs(model_dir, exist_ok=True)
+with open(os.environ["FAKE_LOG"], "a") as log:
+  log.write(f"{mode} {os.path.basename(model_dir)}\\n")
+accuracy = {"0": 0.30, "1": 0.31, "2": 0.32}[model_dir[-1]]
+if mode == "evaluate":
+  json.dump({"accuracy": accuracy, "accuracy_sub1": accuracy / 2, "success_rate_sub1": 0.5,
+             "sub1_changed": 1.0, "sub1_queries": 9.0, "split": "dev", "step": 3},
+            open(os.path.join(model_dir, "eval_results_dev_attacks.json"), "w"))
+else:
+  json.dump({"accuracy": accuracy, "loss": 2.0, "step": 3, "split": "dev"},
+            open(os.path.join(model_dir, "eval_results_dev.json"), "w"))
+"""
+
+PROBE = """
+import sys
+from absl import app
+from tfadv.tools import methods_table, runs
+fake = sys.argv.pop(1)
+runs.Run.command = lambda self: [sys.executable, fake, self.model_dir, self.mode]
+app.run(methods_table.main)
+"""
+
+
+def test_attack_pass_attacks_each_run_as_it_trains_and_trains_again_a_run_whose_dir_is_gone(
+    tmp_path, monkeypatch):
+  """A run trained here is attacked at once, on its model dir; a chosen run
+  kept only in the records (its model dir lost with its machine) is trained
+  again before its attack, and a rerun that differs from its record says so."""
+  work, out, data = _workspace(tmp_path)
+  (tmp_path / "fake_main.py").write_text(FAKE_MAIN)
+  (tmp_path / "probe.py").write_text(PROBE)
+  log = tmp_path / "log.txt"
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  argv = [sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "fake_main.py"),
+          f"--work_dir={work}", f"--out_dir={out}", f"--data_dir={data}", "--tasks=tnews",
+          "--seeds=0,1,2", "--methods=plain", "--section=k", "--attack_budgets=1", "--jobs=1"]
+  # Seeds 0 and 1 are kept (seed 0 as 29%: its rerun will differ); seed 2 is new.
+  probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
+           "s = t.record_store(); r = [t.NlpRun('tnews', 'plain', i) for i in (0, 1)]; "
+           "s.put(r[0].key, r[0].params, {'accuracy': 0.29, 'loss': 2.0, 'step': 3, "
+           "'split': 'dev', 'wall_seconds': 5.0}); "
+           "s.put(r[1].key, r[1].params, {'accuracy': 0.31, 'loss': 2.0, 'step': 3, "
+           "'split': 'dev', 'wall_seconds': 5.0})")
+  proc = subprocess.run([sys.executable, "-c", probe] + argv[3:], capture_output=True,
+                        text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert log.read_text().split("\n")[:-1] == [
+      "train_and_evaluate tnews_plain_seed2", "evaluate tnews_plain_seed2",  # at once
+      "train_and_evaluate tnews_plain_seed0", "evaluate tnews_plain_seed0",  # dir gone
+      "train_and_evaluate tnews_plain_seed1", "evaluate tnews_plain_seed1"]
+  assert "tnews_plain_seed0: trained again, dev accuracy 30.00% (kept record: 29.00%)" \
+      in proc.stdout
+  assert "seed1: trained again" not in proc.stdout  # the same as its record
+  saved = json.loads((out / "k_runs.json").read_text())
+  assert saved["tnews_plain_seed0"]["accuracy"] == 0.30  # the rerun replaced it
+  assert saved["tnews_plain_seed2/attacks"]["accuracy_sub1"] == 0.16
+  # Everything is in the records now: another machine starts nothing.
+  shutil.rmtree(work)
+  log.unlink()
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert not log.exists()
+  section = runs.read_section(str(out / "results.md"), "k-attacks")
+  assert "| plain (n=3) | 31.00 ± 1.00 | 15.50 ± 0.50 | 50.00 ± 0.00 |" in section
+
+
+def test_transcribed_runs_rebuild_the_section_they_were_read_from(tmp_path):
+  """Runs whose model dirs and records were lost come back from the per-run
+  lists of a committed section, marked as transcribed, with the same choice,
+  means and attack metrics (success rate = 1 − under attack / clean)."""
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  work, out, data = _workspace(repo)
+  for seed in (0, 1):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.30 + 0.02 * seed)
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.36)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+    _attack_record(work, f"tnews_plain_seed{seed}", 0.30 + 0.02 * seed, 0.15, 0.06)
+    _attack_record(work, f"tnews_fgm_eps0.3_seed{seed}", 0.36, 0.18, 0.09)
+  flags = [f"--work_dir={work}", f"--data_dir={data}", "--out_dir=docs", "--tasks=tnews",
+           "--seeds=0,1", "--methods=plain,fgm", "--select=fgm:0.3,1", "--section=x",
+           "--attack_budgets=1,2"]
+
+  def tool(*extra):
+    proc = subprocess.run([sys.executable, "-m", "tfadv.tools.methods_table", *flags, *extra],
+                          capture_output=True, text=True, check=False, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+  tool("--report")
+  before = (out / "results.md").read_text()
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+  subprocess.run(git[:-2] + ["init", "-q", str(repo)], check=True)
+  subprocess.run(git + ["add", "docs/results.md"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "table"], check=True)
+  shutil.rmtree(work)
+  work.mkdir()
+  (out / "x_runs.json").unlink()
+  assert "Kept 6 runs and 4 attack evaluations of HEAD:docs/results.md" in tool(
+      "--transcribe_from=HEAD")
+  stdout = tool("--report")
+  assert "tnews fgm: ε = 0.3 chosen on validation." in stdout
+  after = (out / "results.md").read_text()
+  for line in ("| plain | 31.00 ± 1.41 (n=2) |", "| fgm | 36.00 ± 0.00 (n=2) [+5.00] |",
+               "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |",
+               "| TNEWS | fgm | plain | +5.00 | 1.41 | better |",
+               "| TNEWS | fgm | plain | +3.00 | 0.00 | better |"):  # under 1 character
+    assert line in before and line in after
+  assert "| tnews | fgm ε=0.3 (chosen) | 0 † | 45.00 | 36.00 |" in after
+  assert "Transcribed from this section's per-run list" in after
+  # Success rates follow from clean and under-attack accuracy (the fabricated
+  # records said 25%); characters changed and queries are read from the list.
+  assert ("| fgm (n=2) | 36.00 ± 0.00 | 18.00 ± 0.00 | 50.00 ± 0.00 | 1.00 ± 0.00 | "
+          "9.00 ± 0.00 |") in after
 
 
 def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):

@@ -45,6 +45,16 @@ attacked examples of each run, evenly spaced over dev, written beside it.
 `--attack_only` runs that pass alone, over the runs finished so far, beside an
 invocation still training.
 
+Each finished run's record (and each attack evaluation's) is also kept, with
+the bindings it ran with, in `--records` (default
+`<out_dir>/<section>_runs.json`, committed with the docs): model dirs live
+on one machine's disk, and a table split across sessions or machines resumes
+from the repository alone. With `--attack_budgets`, each run of an attacked
+method is evaluated under the attacks as soon as it has trained, while its
+model dir is here; a chosen run whose attack record is missing and whose
+model dir is gone is trained again first (the rerun's record replaces the
+kept one; a rerun that differs is reported).
+
 `--report` starts no run: it writes the section from the runs already
 finished (a method's ε is chosen once all its candidates have run) and lists
 the runs still to come, for a table split across sessions.
@@ -111,6 +121,13 @@ flags.DEFINE_list("attack_methods", None, "Methods the attack pass evaluates (de
                   "every method of the table).")
 flags.DEFINE_integer("attack_examples", 20, "Dev examples each attack evaluation writes "
                      "under each budget (attack_examples_dev_attacks_sub<B>.jsonl).")
+flags.DEFINE_string("records", None, "Finished runs' records (JSON, committed with the "
+                    "docs), read before running and updated after; default "
+                    "<out_dir>/<section>_runs.json; '' keeps none.")
+flags.DEFINE_string("transcribe_from", None, "A commit whose <out_dir>/results.md lists "
+                    "this table's runs (its section's per-run lists): keeps each listed "
+                    "run's numbers in --records, marked transcribed, for runs whose model "
+                    "dirs were lost; starts nothing.")
 flags.DEFINE_bool("attack_only", False, "Start no training run (another invocation "
                   "trains them): only the attack pass, over the runs finished so far.")
 
@@ -304,6 +321,8 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
   if others:
     lines += ["Every other run of the table:" if selection else "Every run of the table:", ""]
     lines += _run_rows(others, variant=lambda run: run.variant)
+  if any(TRANSCRIBED in record for _, record in finished):
+    lines += ["", TRANSCRIBED_NOTE]
   if missing:
     counts = {}
     for run in missing:
@@ -312,9 +331,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
               "`--report` runs them, resuming any that stopped): " + ", ".join(
                   f"{TASK_TITLES.get(task, task)} {method} ({n})"
                   for (task, method), n in counts.items()) + "."]
-  section = FLAGS.section or (
-      "text-methods-table-pretrained" if FLAGS.preset else "text-methods-table")
-  runs.replace_section(path, section, "\n".join(lines))
+  runs.replace_section(path, section_name(), "\n".join(lines))
 
 
 def _comparison_lines(groups, tasks, key, what):
@@ -340,6 +357,7 @@ def _comparison_lines(groups, tasks, key, what):
 
 
 ATTACK_TAG = "attacks"
+ATTACK_ROWS = "Every attack evaluation (under attack / characters changed / queries):"
 
 
 def attack_run(run: NlpRun) -> runs.Run:
@@ -397,25 +415,49 @@ def write_attack_markdown(evaluated, missing, path):
   for b in budgets:
     lines += _comparison_lines(groups, tasks, f"accuracy_sub{b}",
                                f"dev accuracy under the {b}-character attack")
-  lines += ["", "Every attack evaluation:", "",
+  lines += ["", ATTACK_ROWS, "",
             "| task | method | seed | clean | " + " | ".join(
-                f"under B={b}" for b in budgets) + " | wall time |",
+                f"B={b}" for b in budgets) + " | wall time |",
             "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
   for run, record in evaluated:
-    lines.append(f"| {run.task} | {run.method} | {run.seed} | "
+    lines.append(f"| {run.task} | {run.method} | {run.seed}{_mark(record)} | "
                  f"{100 * record['accuracy']:.2f} | " + " | ".join(
-                     f"{100 * record[f'accuracy_sub{b}']:.2f}" for b in budgets)
+                     f"{100 * record[f'accuracy_sub{b}']:.2f} / "
+                     f"{_number(record, f'sub{b}_changed')} / "
+                     f"{_number(record, f'sub{b}_queries')}" for b in budgets)
                  + f" | {record['wall_seconds']:.0f} s |")
+  if any(TRANSCRIBED in record for _, record in evaluated):
+    lines += ["", TRANSCRIBED_NOTE]
   if missing:
     lines += ["", f"Not evaluated yet ({len(missing)} runs; the same command without "
               "`--report` evaluates them, once their runs have finished)."]
-  section = (FLAGS.section or "text-methods-table") + "-attacks"
+  section = section_name() + "-attacks"
   runs.replace_section(path, section, "\n".join(lines))
 
 
 def _mean_std_cell(records, key, scale):
-  mean, std = runs.mean_std([scale * r[key] for r in records])
-  return f"{mean:.2f} ± {std:.2f}"
+  values = [scale * r[key] for r in records if key in r]
+  if not values:
+    return "–"
+  mean, std = runs.mean_std(values)
+  return f"{mean:.2f} ± {std:.2f}" + (f" (n={len(values)})" if len(values) < len(records) else "")
+
+
+# A kept record copied from a section's per-run list after its model dir was
+# lost (`runs.RecordStore`): its numbers as printed there.
+TRANSCRIBED = "transcribed"
+TRANSCRIBED_NOTE = ("† Transcribed from this section's per-run list (the value of "
+                    "`transcribed` in the records names the commit) after the run's model "
+                    "dir was lost with its machine: the numbers as printed there, "
+                    "rounded so; a run trained again replaces its record.")
+
+
+def _mark(record) -> str:
+  return " †" if TRANSCRIBED in record else ""
+
+
+def _number(record, key) -> str:
+  return f"{record[key]:.2f}" if key in record else "–"
 
 
 def _run_rows(rows, variant):
@@ -426,7 +468,7 @@ def _run_rows(rows, variant):
     best = record.get("best")
     validation = f"{100 * best['metrics']['accuracy']:.2f}" if best else "–"
     lines.append(f"| {run.task} | {variant(run)}{' (chosen)' if mark else ''} | "
-                 f"{run.seed} | {validation} | {100 * record['accuracy']:.2f} | "
+                 f"{run.seed}{_mark(record)} | {validation} | {100 * record['accuracy']:.2f} | "
                  f"{record['loss']:.4f} | {record['step']} | {record['wall_seconds']:.0f} s |")
   return lines
 
@@ -505,43 +547,172 @@ def choose(finished, missing=()):
           for key, by_eps in candidates.items()}
 
 
-def run_all(planned, start=True, describe=None):
+def section_name() -> str:
+  return FLAGS.section or ("text-methods-table-pretrained" if FLAGS.preset
+                           else "text-methods-table")
+
+
+def record_store() -> runs.RecordStore:
+  """The `--records` store (default `<out_dir>/<section>_runs.json`)."""
+  path = FLAGS.records
+  if path is None:
+    path = os.path.join(FLAGS.out_dir, f"{section_name().replace('-', '_')}_runs.json")
+  return runs.RecordStore(path)
+
+
+def run_all(planned, start=True, describe=None, then=None):
   """Results of `planned` (in order), `--jobs` at a time, each job on its own
-  core; with `start` False, only those already finished (None for the rest)."""
+  core; with `start` False, only those already finished (None for the rest).
+
+  A record kept in `record_store()` with the run's bindings is read back;
+  a run finished in its model dir is kept there. `then(run, cpus)`, with
+  `start`, follows each run on the same core (the attack evaluation)."""
+  store = record_store()
+
   def one(numbered, cpus):
     i, run = numbered
-    if not start:
-      return run.finished("dev")
-    run.cpus = cpus
-    record = run.result("dev")
-    text = describe(record) if describe else f"dev accuracy {100 * record['accuracy']:.2f}%"
-    print(f"[{i}/{len(planned)}] {run.name}: {text} ({record['wall_seconds']:.0f} s)",
-          flush=True)
+    record = store.get(run.key, run.params)
+    if record is None:
+      record = run.finished("dev")
+      if record is None and start:
+        run.cpus = cpus
+        record = run.result("dev")
+        text = (describe(record) if describe
+                else f"dev accuracy {100 * record['accuracy']:.2f}%")
+        print(f"[{i}/{len(planned)}] {run.name}: {text} ({record['wall_seconds']:.0f} s)",
+              flush=True)
+      if record is not None:
+        record = store.put(run.key, run.params, record)
+    if start and then is not None and record is not None:
+      then(run, cpus)
     return record
 
   return runs.run_pinned(one, list(enumerate(planned, 1)), FLAGS.jobs)
 
 
+def attacked(run) -> bool:
+  """Whether the attack pass evaluates `run`'s method."""
+  return bool(FLAGS.attack_budgets) and run.method in (FLAGS.attack_methods or FLAGS.methods)
+
+
+def attack_now(run, cpus):
+  """Evaluates a just-trained run under the attacks while its model dir is
+  on this machine (a run read back from the records alone is left to the
+  attack pass, which trains it again if it is chosen)."""
+  if not attacked(run) or run.finished("dev") is None:
+    return
+  store = record_store()
+  evaluation = attack_run(run)
+  if store.get(evaluation.key, evaluation.params) is None:
+    evaluation.cpus = cpus
+    store.put(evaluation.key, evaluation.params, evaluation.result("dev"))
+
+
 def attack_pass(finished, chosen):
   """Evaluates (or reads back) each chosen run of --attack_methods under the
-  attacks; writes the section. Runs whose training has not finished wait."""
-  methods = FLAGS.attack_methods or FLAGS.methods
-  trained = [run for run, _ in finished if run.method in methods and (
+  attacks; writes the section. Runs whose training has not finished wait; a
+  chosen run kept only in the records (its model dir gone) trains again first."""
+  store = record_store()
+  trained = [run for run, _ in finished if attacked(run) and (
       not run.selected or run.epsilon == chosen.get((run.task, run.method)))]
-  evaluations = [attack_run(run) for run in trained]
   budgets = [int(b) for b in FLAGS.attack_budgets]
 
-  def describe(record):
-    return f"dev accuracy {100 * record['accuracy']:.2f}%, " + ", ".join(
-        f"under {b} character{'s' if b > 1 else ''} {100 * record[f'accuracy_sub{b}']:.2f}%"
-        for b in budgets)
+  def one(numbered, cpus):
+    i, run = numbered
+    evaluation = attack_run(run)
+    record = store.get(evaluation.key, evaluation.params) or evaluation.finished("dev")
+    if record is None and not FLAGS.report:
+      if run.finished("dev") is None:  # its model dir is gone: train it again
+        kept = store.get(run.key, run.params)
+        run.cpus = cpus
+        again = run.result("dev")
+        store.put(run.key, run.params, again)
+        if kept is not None and abs(kept["accuracy"] - again["accuracy"]) > 5e-5:
+          print(f"{run.name}: trained again, dev accuracy {100 * again['accuracy']:.2f}% "
+                f"(kept record: {100 * kept['accuracy']:.2f}%)", flush=True)
+      evaluation.cpus = cpus
+      record = evaluation.result("dev")
+      print(f"[{i}/{len(trained)}] {run.name} attacked: dev accuracy "
+            f"{100 * record['accuracy']:.2f}%, " + ", ".join(
+                f"under {b} character{'s' if b > 1 else ''} "
+                f"{100 * record[f'accuracy_sub{b}']:.2f}%" for b in budgets)
+            + f" ({record['wall_seconds']:.0f} s)", flush=True)
+    if record is not None:
+      record = store.put(evaluation.key, evaluation.params, record)
+    return record
 
-  records = run_all(evaluations, start=not FLAGS.report, describe=describe)
+  records = runs.run_pinned(one, list(enumerate(trained, 1)), FLAGS.jobs)
   evaluated = [(run, r) for run, r in zip(trained, records) if r is not None]
   missing = [run for run, r in zip(trained, records) if r is None]
   path = os.path.join(FLAGS.out_dir, "results.md")
   write_attack_markdown(evaluated, missing, path)
   print(f"Wrote the attack section of {path} ({len(evaluated)} evaluations).", flush=True)
+
+
+def _table_rows(text, header):
+  """The cells of each row of the markdown table under `header` in `text`."""
+  rows, lines = [], text.split(header, 1)[1].splitlines()[2:] if header in text else []
+  for line in lines:
+    if not line.startswith("|"):
+      break
+    rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+  return rows
+
+
+def transcribe(revision):
+  """Keeps the runs listed in `revision`'s section of this table in the
+  records, marked transcribed: each training run's validation and dev
+  numbers, step and wall time, and each attack evaluation's clean and
+  attacked accuracies (success rates follow from them: successful /
+  (successful + failed) = 1 − under attack / clean)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  path = os.path.join(FLAGS.out_dir, "results.md")
+  content = subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
+                           capture_output=True, text=True).stdout
+  store, note = record_store(), f"{revision}:{path}"
+  section = runs.read_section_text(content, section_name())
+  chosen_runs, count = {}, 0
+  for header in ("Every ε candidate (the chosen ones are marked):",
+                 "Every other run of the table:", "Every run of the table:"):
+    for task, variant, seed, validation, dev, loss, step, wall in _table_rows(
+        section, header + "\n\n| task | method | seed |"):
+      mark = variant.endswith(" (chosen)")
+      method, _, epsilon = variant.replace(" (chosen)", "").partition(" ε=")
+      run = NlpRun(task, method, seed.rstrip(" †"), float(epsilon) if epsilon else None,
+                   selected=bool(epsilon))
+      if mark or not epsilon:
+        chosen_runs[(task, method, run.seed)] = run
+      record = {"split": "dev", "accuracy": round(float(dev) / 100, 6), "loss": float(loss),
+                "step": int(step), "wall_seconds": float(wall.rstrip(" s")),
+                TRANSCRIBED: note}
+      if validation != "–":
+        record["best"] = {"metrics": {"accuracy": round(float(validation) / 100, 6)}}
+      store.put(run.key, run.params, record)
+      count += 1
+  attacks = runs.read_section_text(content, section_name() + "-attacks")
+  budgets = [int(b) for b in FLAGS.attack_budgets]
+  evaluations = 0
+  rows = []
+  for header in (ATTACK_ROWS, "Every attack evaluation:"):  # since 2026-12-01, before
+    rows += _table_rows(attacks, header + "\n\n| task | method | seed |")
+  for cells in rows:
+    task, method, seed, clean = cells[:4]
+    run = chosen_runs[(task, method, int(seed.rstrip(" †")))]
+    record = {"split": "dev", "accuracy": round(float(clean) / 100, 6),
+              "wall_seconds": float(cells[-1].rstrip(" s")), TRANSCRIBED: note}
+    for b, cell in zip(budgets, cells[4:-1]):
+      under, *more = cell.split(" / ")
+      record[f"accuracy_sub{b}"] = round(float(under) / 100, 6)
+      if float(clean) > 0:
+        record[f"success_rate_sub{b}"] = round(1 - float(under) / float(clean), 6)
+      for key, value in zip((f"sub{b}_changed", f"sub{b}_queries"), more):
+        if value != "–":
+          record[key] = float(value)
+    evaluation = attack_run(run)
+    store.put(evaluation.key, evaluation.params, record)
+    evaluations += 1
+  print(f"Kept {count} runs and {evaluations} attack evaluations of {note} in "
+        f"{store.path}.", flush=True)
 
 
 def main(argv):
@@ -550,15 +721,19 @@ def main(argv):
   for task in FLAGS.tasks:
     if not os.path.isdir(os.path.join(FLAGS.data_dir, task)):
       raise app.UsageError(f"No {task}/ under --data_dir={FLAGS.data_dir}.")
+  if FLAGS.transcribe_from:
+    transcribe(FLAGS.transcribe_from)
+    return
   planned = planned_runs()
   train = not (FLAGS.report or FLAGS.attack_only)
-  records = run_all(planned, start=train)
+  then = attack_now if FLAGS.attack_budgets else None
+  records = run_all(planned, start=train, then=then)
   finished = [(run, record) for run, record in zip(planned, records) if record is not None]
   missing = [run for run, record in zip(planned, records) if record is None]
   chosen = choose(finished, missing)
   if FLAGS.same_epsilon:  # the runs at another method's chosen ε
     ready, pending = dependent_runs(chosen)
-    more = run_all(ready, start=train)
+    more = run_all(ready, start=train, then=then)
     finished += [(run, record) for run, record in zip(ready, more) if record is not None]
     missing += [run for run, record in zip(ready, more) if record is None] + pending
     chosen = choose(finished, missing)

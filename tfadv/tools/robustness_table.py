@@ -32,8 +32,6 @@ machines resumes from the repository alone; a record whose bindings differ
 from the planned run's is run again.
 """
 
-import fcntl
-import json
 import os
 import platform
 import threading
@@ -126,38 +124,15 @@ def _restart_split():
   return f"test_first{FLAGS.restart_images}"
 
 
-def _load_records():
-  if FLAGS.records and os.path.exists(FLAGS.records):
-    with open(FLAGS.records) as f:
-      return json.load(f)
-  return {}
-
-
-def _save_record(name, record):
-  """Adds one run's record to `--records` (merged with what other table
-  processes wrote meanwhile: the file is locked while it is rewritten)."""
-  if not FLAGS.records:
-    return
-  os.makedirs(os.path.dirname(FLAGS.records) or ".", exist_ok=True)
-  with open(FLAGS.records + ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    saved = _load_records()
-    saved[name] = record
-    with open(FLAGS.records + ".tmp", "w") as f:
-      json.dump(saved, f, indent=1, sort_keys=True)
-    os.replace(FLAGS.records + ".tmp", FLAGS.records)
-
-
 def run_all(planned):
   """{(row, seed): record} of the finished runs, `--jobs` at a time."""
   lock = threading.Lock()
-  saved = _load_records()
+  store = runs.RecordStore(FLAGS.records)
 
   def one(item, cpus):
     row, seed, train, restart = item
-    kept = saved.get(train.name)
-    if kept is not None and kept.get("params") == train.params and (
-        restart is None or RESTARTS in kept):
+    kept = store.get(train.name, train.params)
+    if kept is not None and (restart is None or RESTARTS in kept):
       return kept
     split = "validation" if FLAGS.validation_fraction else "test"
     if FLAGS.report:
@@ -172,13 +147,13 @@ def run_all(planned):
         extra = restart.result(_restart_split())
     if record is None:
       return None
-    record = dict(record, params=train.params)
+    record = dict(record)
     if extra is not None:
       record[RESTARTS] = extra["accuracy_pgd50x10"]
       record["restart_clean"] = extra["accuracy"]
       record["restart_wall_seconds"] = extra["wall_seconds"]
     with lock:
-      _save_record(train.name, record)
+      record = store.put(train.name, train.params, record)
       print(f"{row} seed {seed}: clean {100 * record['accuracy']:.2f}% robust "
             f"{100 * record[ROBUST]:.2f}% training {record['train_seconds'] / 60:.1f} min"
             + (f" PGD-50×10 {100 * record[RESTARTS]:.2f}%" if RESTARTS in record else ""),

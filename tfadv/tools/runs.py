@@ -7,6 +7,7 @@ already has both is read back, not repeated, so a killed table resumes.
 """
 
 import concurrent.futures
+import fcntl
 import json
 import os
 import queue
@@ -53,6 +54,11 @@ class Run:
     if tag:
       self.params.append(f"Experiment.eval_tag = '{tag}'")
     self.cpus = None  # CPU cores to pin the run to (taskset), or all
+
+  @property
+  def key(self) -> str:
+    """The run's name in a `RecordStore`: its model dir's, and its tag."""
+    return f"{self.name}/{self.tag}" if self.tag else self.name
 
   def command(self) -> List[str]:
     pin = ["taskset", "-c", ",".join(map(str, self.cpus))] if self.cpus else []
@@ -140,6 +146,47 @@ class Run:
                          f"not {split!r}; delete {self.model_dir} to rerun it.")
     with open(wall_path) as f:
       record["wall_seconds"] = float(f.read())
+    return record
+
+
+class RecordStore:
+  """Finished runs' records in one JSON file committed with the docs, so a
+  table split across sessions or machines resumes from the repository alone
+  (model dirs live on one machine's disk and die with it).
+
+  Each record is kept under its run's name with the bindings it ran with
+  (`params`); `get` returns it only for a run planned with the same
+  bindings, so a changed run is run again. `put` merges under a file lock:
+  several table processes may write at once.
+  """
+
+  def __init__(self, path: Optional[str]):
+    self.path = path or None
+
+  def load(self) -> Dict[str, dict]:
+    if self.path and os.path.exists(self.path):
+      with open(self.path) as f:
+        return json.load(f)
+    return {}
+
+  def get(self, name: str, params: Sequence[str]) -> Optional[dict]:
+    """The record kept for `name` if it ran with `params`, else None."""
+    kept = self.load().get(name)
+    return kept if kept is not None and kept.get("params") == list(params) else None
+
+  def put(self, name: str, params: Sequence[str], record: dict) -> dict:
+    """Keeps `record` (with `params`) under `name`; returns what was kept."""
+    record = dict(record, params=list(params))
+    if not self.path:
+      return record
+    os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+    with open(self.path + ".lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      saved = self.load()
+      saved[name] = record
+      with open(self.path + ".tmp", "w") as f:
+        json.dump(saved, f, indent=1, sort_keys=True)
+      os.replace(self.path + ".tmp", self.path)
     return record
 
 
@@ -254,10 +301,15 @@ CHOSEN_HEADER = "| task | method | ε | validation accuracy (%) by ε |"
 
 def read_section(path: str, section: str) -> str:
   """The text between `<!-- section -->` markers of `path` (`replace_section`'s)."""
+  with open(path) as f:
+    return read_section_text(f.read(), section, path)
+
+
+def read_section_text(content: str, section: str, where: str = "the text") -> str:
+  """The text between `<!-- section -->` markers of `content`."""
   begin, end = _markers(section)
-  content = open(path).read()
   if begin not in content or end not in content:
-    raise ValueError(f"{path} has no section {section!r}.")
+    raise ValueError(f"{where} has no section {section!r}.")
   return content.split(begin, 1)[1].split(end, 1)[0]
 
 
