@@ -112,14 +112,19 @@ def _finished_run(work_dir, name, validation, dev, step=300):
   (path / "wall_seconds.txt").write_text("10.0\n")
 
 
+def _plain_and_fgm_candidates(work):
+  """Plain (dev 30%, 32%) and FGM ε ∈ {0.3, 1} on seeds 0 and 1: ε = 0.3 wins
+  on validation (45% vs 41%) while ε = 1 is better on dev (40% vs 33%)."""
+  for seed, dev in enumerate((0.30, 0.32)):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
+    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
+    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+
+
 def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   """ε by mean validation accuracy even where dev disagrees; each run in one list."""
   work, out, data = _workspace(tmp_path)
-  for seed, dev in enumerate((0.30, 0.32)):
-    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
-    # ε = 0.3 wins on validation (0.45 vs 0.41) while ε = 1 is better on dev.
-    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
-    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  _plain_and_fgm_candidates(work)
   # Its own process, as users run it (its flags would clash with tfadv.main's here);
   # every run is read back, none trains.
   argv = [sys.executable, "-m", "tfadv.tools.methods_table", f"--work_dir={work}", f"--out_dir={out}", f"--data_dir={data}",
@@ -303,10 +308,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
 
 def test_methods_table_records_survive_the_model_dirs_and_other_bindings_run_again(tmp_path):
   work, out, data = _workspace(tmp_path)
-  for seed, dev in enumerate((0.30, 0.32)):
-    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, dev)
-    _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.45, 0.33)
-    _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
+  _plain_and_fgm_candidates(work)
   flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=r", "--report"]
   _, text = _tool(work, out, data, *flags)
   assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text and "Not run yet" not in text
