@@ -166,7 +166,9 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
       continue
     row = method
     if method == "free_output":
-      row = "free_" + gin.query_parameter("EmbeddingOutputFree.carry")
+      carry = gin.query_parameter("EmbeddingOutputFree.carry")
+      assert f"carry '{carry}'" in header, path  # the carry its result was measured with
+      row = f"free_{carry}"
     if row in controls:
       epsilon, table = controls[row], "controls table"
     elif method in validated:
