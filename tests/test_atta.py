@@ -381,8 +381,9 @@ def test_sigterm_and_resume_give_bit_identical_weights_and_memory(tmp_path):
   assert want_step == got_step == 600 and want.keys() == got.keys()
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  # Training time is summed over both processes: about an uninterrupted run's.
+  # Training time is summed over both processes (its accounting is tested on
+  # a fake clock in test_controller.py; wall-clock ratios depend on load).
   total, straight_seconds = seconds(tmp_path / "stopped"), seconds(tmp_path / "straight")
-  assert before < total and 0.5 < total / straight_seconds < 2.0, (before, total, straight_seconds)
+  assert before < total, (before, total)
   print(f"ATTA: SIGTERM at step {step} of 600, resumed: weights and memory bit-identical; "
         f"training {before:.1f} s + {total - before:.1f} s vs {straight_seconds:.1f} s straight")

@@ -158,16 +158,19 @@ def test_substitutions_stay_on_cjk_characters_of_the_vocabulary():
       np.argmax(model({**inputs, "token_ids": after}).numpy(), -1)[held], labels[held])
 
 
-def test_budget_is_at_most_a_tenth_of_the_characters():
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_budget_is_at_most_a_tenth_of_the_characters(rule):
   model = additive_model(2)
-  inputs = texts(2)  # 9 to 11 characters (special tokens excluded): 0 or 1 change
+  inputs = texts(2)  # 9 to 11 characters (special tokens excluded)
   labels = np.argmax(model(inputs).numpy(), -1)
-  attack = CharSubstitutionAttack(budget=2)  # max_fraction 0.1
+  attack = CharSubstitutionAttack(budget=2, budget_rule=rule)  # max_fraction 0.1
   attack.set_vocabulary(VOCAB, pinyin=random_pinyin(2))
   _, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
                                         per_example_ce)
   characters = (inputs["padding_mask"] & (inputs["token_ids"] != 2)).sum(1)
-  allowed_changes = np.minimum(2, np.floor(0.1 * characters))
+  share = (np.floor(0.1 * characters) if rule == "floor"
+           else np.maximum(np.ceil(0.1 * characters), 1))  # 0 or 1 / 1 or 2 changes
+  allowed_changes = np.minimum(2, share)
   assert np.all(extra["changed"].numpy() <= allowed_changes)
   assert np.all(extra["changed"].numpy()[allowed_changes == 0] == 0)
   assert np.all(extra["queries"].numpy()[allowed_changes == 0] == 1)
@@ -352,3 +355,15 @@ def test_a_text_run_reports_the_attack_and_writes_examples(fewclue_dir, tmp_path
   for name in ("sub1", "sub2"):
     rows = (tmp_path / f"attack_examples_dev_attacks_{name}.jsonl").read_text().splitlines()
     assert len(rows) == 3
+
+
+@pytest.mark.parametrize("rule,want", [
+    # TextAttack's MaxWordsPerturbed: max(ceil(10% of n), 1); n = 0 has nothing to change.
+    ("ceil", [0, 1, 1, 1, 1, 2, 2, 2, 3]),
+    ("floor", [0, 0, 0, 0, 1, 1, 1, 2, 2]),
+])
+def test_sentence_budget_follows_its_rule(rule, want):
+  characters = [0, 1, 5, 9, 10, 11, 19, 20, 25]
+  attack = CharSubstitutionAttack(budget=2, max_fraction=0.1, budget_rule=rule)
+  got = attack.sentence_budget(tf.constant(characters, tf.float32)).numpy()
+  assert got.tolist() == want

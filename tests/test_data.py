@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from tfadv.data import clue, pipeline, vocab
 from tfadv.data.reviews import ProductReviews
+from tfadv.errors import InputDataError
 
 
 def test_tnews_records_and_label_mapping(fewclue_dir):
@@ -177,7 +178,7 @@ def test_empty_and_all_broken_clue_files_are_one_line_errors(tmp_path):
   for content in (b"", b"\n\n", b"\xff\n\xfe\n"):
     path = tmp_path / "train.json"
     path.write_bytes(content)
-    with pytest.raises(clue.InputDataError, match=r"no usable record .*check the file"):
+    with pytest.raises(InputDataError, match=r"no usable record .*check the file"):
       clue.read_clue_file(str(path), malformed="skip")
 
 
@@ -195,7 +196,7 @@ def test_unknown_labels_and_broken_label_files_name_file_and_line(tmp_path):
   task = TextClassificationTask(dataset=clue.ClueDataset(str(tmp_path)), vocabulary_size=50,
                                 preset=None)
   # Found before any training, at prepare.
-  with pytest.raises(clue.InputDataError) as info:
+  with pytest.raises(InputDataError) as info:
     task.prepare(str(tmp_path / "model"))
   assert str(info.value).startswith(f"{tmp_path / 'dev.json'}:2: label '7' is not among "
                                     "the model's 2 classes")
@@ -203,7 +204,7 @@ def test_unknown_labels_and_broken_label_files_name_file_and_line(tmp_path):
                          (b'{"label": "1"}\n{"label": \n', ":2: invalid JSON"),
                          (b'{"label": "1"}\n["x"]\n', ":2: not a"), (b"", ": no labels")):
     (tmp_path / "labels.json").write_bytes(content)
-    with pytest.raises(clue.InputDataError, match="labels_file = None") as info:
+    with pytest.raises(InputDataError, match="labels_file = None") as info:
       clue.read_label_file(str(tmp_path / "labels.json"))
     assert where in str(info.value)
 
@@ -243,6 +244,6 @@ def test_pretraining_corpus_skips_broken_lines_and_names_an_empty_file(tmp_path)
   held_out, train = corpus.examples("eval")[0], corpus.examples("train")[0]
   assert sorted(held_out + train) == ["坏", "好", "好"]  # the three readable sentences
   (tmp_path / "a" / "unlabeled.json").write_bytes(b"\xff\n")
-  with pytest.raises(clue.InputDataError, match="unlabeled.json: no usable record"):
+  with pytest.raises(InputDataError, match="unlabeled.json: no usable record"):
     PretrainingCorpus(str(tmp_path), unlabeled_files=["a/unlabeled.json"],
                       train_files=["a/train.json"], num_eval=1).examples("train")

@@ -71,15 +71,18 @@ def test_fgm_random_control_has_the_adversarial_norm_in_a_random_direction(norm)
   method = EmbeddingFGM(epsilon=0.3, norm=norm, direction="random", seed=5)
   model, inputs, labels, weights, fn, out, table, _, g = _fgm_step(method)
   # Reference: the adversarial Δ by hand, then the documented draw
-  # N(0, 1) from stateless seed (seed, step 0), put on Δ's support with its norm.
+  # N(0, 1) from stateless seed (seed, step 0), row by row with Δ's row norm.
   noise = tf.random.stateless_normal(g.shape, seed=[5, 0], alg="philox").numpy()
   if norm == "sign":
     delta = 0.3 * np.sign(np.abs(g)) * np.sign(noise)  # ±ε wherever g ≠ 0
   else:
-    rows = np.abs(g).sum(1, keepdims=True) > 0  # the batch's tokens
-    delta = 0.3 * noise * rows / np.linalg.norm(noise * rows)
     adversarial = 0.3 * g / np.linalg.norm(g)
+    delta = np.stack([np.linalg.norm(a) * n / np.linalg.norm(n)
+                      for a, n in zip(adversarial, noise)])
     assert abs(np.sum(delta * adversarial)) / 0.09 < 0.5  # not the adversarial direction
+    # Each row (each token's embedding) receives what the adversarial Δ gives it.
+    np.testing.assert_allclose(np.linalg.norm(delta, axis=1),
+                               np.linalg.norm(adversarial, axis=1), rtol=1e-5, atol=1e-7)
   assert set(np.nonzero(np.abs(delta).sum(1))[0]) == set(np.nonzero(np.abs(g).sum(1))[0])
   original = table.numpy()
   table.assign(original + delta)

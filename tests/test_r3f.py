@@ -119,3 +119,27 @@ def test_r3f_resumes_exactly_from_a_checkpoint(tmp_path):
   resumed.train(iter(ds), 2)
   for a, b in zip(straight.model.trainable_variables, resumed.model.trainable_variables):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("run_seed,own_seed,drawn_from", [(5, None, 5), (6, None, 6), (5, 7, 7)])
+def test_r3f_noise_follows_the_runs_seed_unless_its_own_is_bound(run_seed, own_seed, drawn_from):
+  """Three seeds of a table draw three noises, not one (the method's seed
+  was 0 in every run before)."""
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=own_seed)
+  builders.build_trainer(lambda: model, method, global_batch_size=B, split_batch=split,
+                         seed=run_seed)
+  out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.ones([B]))
+  _, kl, _ = _hand_step(model, embedding, head, inputs, labels,
+                        _hand_noise("uniform", drawn_from, 0, mask))
+  assert float(out.metrics["sym_kl"]) == pytest.approx(kl, rel=1e-4)
+
+
+def test_the_experiment_passes_its_seed_to_the_method(tmp_path, fewclue_dir):
+  builders.configure(builders.tnews_bindings(fewclue_dir, seed=4) + ["Experiment.method = @R3F()"])
+  experiment = builders.experiment_lib.Experiment()  # pylint: disable=no-value-for-parameter
+  experiment.build(str(tmp_path), tf.distribute.get_strategy(), print_fn=lambda line: None)
+  assert experiment.method.draw_seed == 4 and experiment.method.get_config()["seed"] == 4

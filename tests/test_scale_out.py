@@ -177,7 +177,7 @@ def dry_run(capsys, preset, *flags, exists=lambda path: True):
 UPLOADED = "gs://bucket/tfadv/runs/iflytek_fgm/inputs/ClueDataset.data_dir/iflytek"
 
 
-def test_tpu_dry_run_for_a_v4_8(capsys, preset):
+def test_tpu_dry_run_for_a_v4_8(capsys, preset, fewclue_dir):  # pylint: disable=unused-argument
   lines = dry_run(capsys, preset, "--accelerator_type=v4-8", "--spot", "--project=proj")
   assert lines[0] == "# v4-8: 1 host(s), runtime tpu-vm-tf-2.16.1-pjrt"
   # The config's local CLUE directory and preset go to the model dir's bucket first.
@@ -209,7 +209,7 @@ def test_tpu_dry_run_for_a_v4_8(capsys, preset):
   assert len(lines) == 7
 
 
-def test_tpu_dry_run_for_a_v5e_pod_slice(capsys, preset):
+def test_tpu_dry_run_for_a_v5e_pod_slice(capsys, preset, fewclue_dir):  # pylint: disable=unused-argument
   lines = dry_run(capsys, preset, "--accelerator_type=v5litepod-16", "--preemptible",
                   "--action=create", "--action=train", "--action=delete")
   assert lines[0] == "# v5litepod-16: 4 host(s), runtime tpu-vm-tf-2.16.1-pod-pjrt"

@@ -17,7 +17,7 @@ import gin
 import keras
 import tensorflow as tf
 
-from tfadv import perturbation
+from tfadv import checks, perturbation
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.models.state import ascent_pass
 from tfadv.perturbation import per_example, per_example_norm
@@ -114,10 +114,11 @@ class InputAttack(Attack):
                num_steps: int = 1, norm: str = "linf", random_start: bool = False,
                restarts: int = 1, clip_min: float = 0.0, clip_max: float = 1.0,
                training: bool = False):
-    if norm not in NORMS:
-      raise ValueError(f"InputAttack.norm={norm!r}; expected one of {NORMS}.")
-    if num_steps < 1 or restarts < 1:
-      raise ValueError("InputAttack needs num_steps >= 1 and restarts >= 1.")
+    checks.check("InputAttack", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 step_size=(step_size, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE), norm=(norm, checks.one_of(NORMS)),
+                 restarts=(restarts, checks.AT_LEAST_ONE))
+    checks.check_interval("InputAttack", "clip_min", clip_min, "clip_max", clip_max)
     self.epsilon = float(epsilon)
     self.step_size = float(step_size if step_size is not None else epsilon)
     self.num_steps = int(num_steps)
@@ -256,12 +257,11 @@ class APGD(Attack):
   def __init__(self, epsilon: float = 0.1, num_steps: int = 100, loss: str = "ce",
                norm: str = "linf", restarts: int = 1, rho: float = 0.75,
                clip_min: float = 0.0, clip_max: float = 1.0):
-    if loss not in APGD_LOSSES:
-      raise ValueError(f"APGD.loss={loss!r}; expected one of {tuple(APGD_LOSSES)}.")
-    if norm not in NORMS:
-      raise ValueError(f"APGD.norm={norm!r}; expected one of {NORMS}.")
-    if num_steps < 1 or restarts < 1:
-      raise ValueError("APGD needs num_steps >= 1 and restarts >= 1.")
+    checks.check("APGD", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE),
+                 loss=(loss, checks.one_of(APGD_LOSSES)), norm=(norm, checks.one_of(NORMS)),
+                 restarts=(restarts, checks.AT_LEAST_ONE), rho=(rho, checks.PROPER_FRACTION))
+    checks.check_interval("APGD", "clip_min", clip_min, "clip_max", clip_max)
     self.epsilon = float(epsilon)
     self.num_steps = int(num_steps)
     self.loss = loss
@@ -396,8 +396,9 @@ class EmbeddingOutputAttack(Attack):
                num_steps: int = 5, random_start: bool = True,
                layer_name: str = "token_embedding",
                padding_mask_key: Optional[str] = "padding_mask"):
-    if num_steps < 1:
-      raise ValueError(f"EmbeddingOutputAttack.num_steps={num_steps}; expected >= 1.")
+    checks.check("EmbeddingOutputAttack", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 step_size=(step_size, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE))
     self.epsilon = float(epsilon)
     self.step_size = float(step_size if step_size is not None else 2.5 * epsilon / num_steps)
     self.num_steps = int(num_steps)

@@ -89,3 +89,14 @@ def disable_op_determinism() -> None:
   if not hasattr(_tf_config, "disable_op_determinism"):
     raise _missing("tensorflow.python.framework.config.disable_op_determinism")
   _tf_config.disable_op_determinism()
+
+
+def gin_configurables(module_prefix: str) -> dict:
+  """{name: function or class} of every gin configurable defined under
+  `module_prefix` (gin keeps its registry private)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  registry = getattr(gin.config, "_REGISTRY", None)
+  if registry is None:
+    raise _missing("gin.config._REGISTRY")
+  return {selector: info.wrapped for selector, info in registry.items()
+          if info.module.startswith(module_prefix)}

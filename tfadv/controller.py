@@ -51,6 +51,7 @@ class Controller:
     is_chief: whether this process writes to `model_dir`.
     learning_rate_fn: `() -> float`, the current learning rate.
     print_fn: where progress lines go.
+    clock: seconds now (the training-time account and examples/sec read it).
   """
 
   def __init__(self, trainer: Trainer, model_dir: str,
@@ -61,8 +62,10 @@ class Controller:
                max_checkpoints: int = 3, is_chief: bool = True,
                learning_rate_fn: Optional[Callable[[], float]] = None,
                print_fn: Callable[[str], None] = functools.partial(print, flush=True),
-               validation_iterator_fn: Optional[Callable] = None):
+               validation_iterator_fn: Optional[Callable] = None,
+               clock: Callable[[], float] = time.time):
     self.trainer = trainer
+    self.clock = clock
     self.model_dir = model_dir
     self.train_iterator_fn = train_iterator_fn
     self.eval_iterator_fn = eval_iterator_fn
@@ -154,7 +157,7 @@ class Controller:
       return self.last_train
     iterator = self.train_iterator_fn(step)
     self.print(f"Training from step {step} to {self.train_steps}.")
-    start_time, start_step = time.time(), step
+    start_time, start_step = self.clock(), step
     # The training time of the checkpointed steps, summed over processes: a
     # run resumed after a kill reports what an uninterrupted run would, less
     # the work lost after its last checkpoint (done again, counted once).
@@ -163,17 +166,17 @@ class Controller:
     with SigtermWatcher(self.trainer.stop_requested) as watcher:
       while step < self.train_steps:
         num_steps = self._next_boundary(step) - step
-        loop_start = time.time()
+        loop_start = self.clock()
         metrics = self.trainer.train(iterator, num_steps)
-        elapsed = time.time() - loop_start
+        elapsed = self.clock() - loop_start
         num_steps = metrics.pop("steps")
         step = self.step
-        metrics["examples_per_sec"] = num_steps * self.examples_per_step / elapsed
+        metrics["examples_per_sec"] = num_steps * self.examples_per_step / max(elapsed, 1e-9)
         if self.learning_rate_fn is not None:
           metrics["learning_rate"] = self.learning_rate_fn()
         self.last_train = metrics
         self.write_summaries("train", metrics, step)
-        rate = (time.time() - start_time) / max(step - start_step, 1)
+        rate = (self.clock() - start_time) / max(step - start_step, 1)
         extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items() if k not in (
             "loss", accuracy, "examples_per_sec", "learning_rate"))
         self.print(f"step {step}/{self.train_steps} | loss {metrics['loss']:.4f} | "
@@ -181,7 +184,7 @@ class Controller:
                    f"{metrics.get('learning_rate', float('nan')):.3g}{extra} | "
                    f"{metrics['examples_per_sec']:.1f} examples/sec | ETA "
                    f"{_format_duration(rate * (self.train_steps - step))}")
-        self.trainer.train_seconds.assign(trained_before + time.time() - start_time)
+        self.trainer.train_seconds.assign(trained_before + self.clock() - start_time)
         if watcher.triggered or bool(self.trainer.stop_requested.numpy()):
           path = self.save()
           self.print(f"Preempted (SIGTERM) at step {step}: saved {path}.")

@@ -8,6 +8,8 @@ import gin
 import tensorflow as tf
 from absl import logging
 
+from tfadv import checks
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
@@ -49,8 +51,8 @@ def make_strategy(kind: str = "default", num_cpu_devices: int = 0,
   >>> strategy.num_replicas_in_sync
   2
   """
-  if kind not in STRATEGIES:
-    raise ValueError(f"make_strategy.kind={kind!r}; expected one of {STRATEGIES}.")
+  checks.check("make_strategy", kind=(kind, checks.one_of(STRATEGIES)),
+               num_cpu_devices=(num_cpu_devices, checks.NON_NEGATIVE_INT))
   if kind == "default":
     return tf.distribute.get_strategy()
   if kind == "mirrored":

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tfadv import compat, distribute, errors
+from tfadv import checks, compat, distribute, errors
 from tfadv.controller import Controller
 from tfadv.data import records
 from tfadv.data.pipeline import distributed_dataset
@@ -24,6 +24,7 @@ from tfadv.tasks.base import Task, count_correct, sparse_cross_entropy
 from tfadv.trainer import Trainer
 
 MODES = ("train", "evaluate", "train_and_evaluate", "export")
+MIXED_PRECISION = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] = None,
@@ -37,7 +38,8 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
                   per_example_loss: Optional[Callable] = None,
                   sparse_reduce: bool = False,
                   num_examples: Optional[int] = None,
-                  adversarial_start_step: int = 0, epsilon_ramp_steps: int = 0) -> Trainer:
+                  adversarial_start_step: int = 0, epsilon_ramp_steps: int = 0,
+                  seed: int = 0) -> Trainer:
   """Model, optimizer and method built under `strategy`'s scope, in a `Trainer`.
 
   The one place a trainer is assembled: `Experiment`, the tests and the
@@ -45,7 +47,8 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
   and input shape (each overridable by the keyword of the same name);
   without a task, `split_batch` is required and the loss is cross-entropy.
   A method with per-example state (`uses_example_ids`) is built with
-  `num_examples` (default: the task's training split size).
+  `num_examples` (default: the task's training split size). `seed` is the
+  run's: a method whose own seed is unbound draws from it (`Method.seed_with`).
 
   Example:
   >>> trainer = build_trainer(lambda: keras_hub.models.BertTextClassifier(
@@ -55,6 +58,7 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
   """
   strategy = strategy or tf.distribute.get_strategy()
   method = method if method is not None else Plain()
+  method.seed_with(seed)
   per_replica_batch = global_batch_size // strategy.num_replicas_in_sync
   if task is not None:
     split_batch = split_batch or task.split_batch
@@ -159,6 +163,18 @@ class Experiment:
                eval_attacks: Optional[dict] = None,
                mixed_precision: Optional[str] = None, attack_examples: int = 0,
                eval_tag: str = "", record_store: Optional[str] = None):
+    checks.check("Experiment", train_steps=(train_steps, checks.AT_LEAST_ONE),
+                 global_batch_size=(global_batch_size, checks.AT_LEAST_ONE),
+                 eval_batch_size=(eval_batch_size, checks.AT_LEAST_ONE),
+                 adversarial_start_step=(adversarial_start_step, checks.NON_NEGATIVE_INT),
+                 epsilon_ramp_steps=(epsilon_ramp_steps, checks.NON_NEGATIVE_INT),
+                 steps_per_loop=(steps_per_loop, checks.AT_LEAST_ONE),
+                 checkpoint_every=(checkpoint_every, checks.NON_NEGATIVE_INT),
+                 eval_every=(eval_every, checks.NON_NEGATIVE_INT),
+                 max_checkpoints=(max_checkpoints, checks.AT_LEAST_ONE),
+                 train_epochs=(train_epochs, checks.POSITIVE),
+                 mixed_precision=(mixed_precision, checks.one_of(MIXED_PRECISION)),
+                 attack_examples=(attack_examples, checks.NON_NEGATIVE_INT))
     self.task = task
     self.record_store = record_store
     self.method = method if method is not None else Plain()
@@ -222,7 +238,7 @@ class Experiment:
         eval_jit_compile=self.eval_jit_compile,
         adversarial_start_step=self.adversarial_start_step,
         epsilon_ramp_steps=self.epsilon_ramp_steps,
-        eval_attacks=self.eval_attacks)
+        eval_attacks=self.eval_attacks, seed=self.seed)
     self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
     checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                      global_step=self.trainer.global_step,

@@ -126,6 +126,7 @@ def adversarial(model: keras.Model, method: Method,
   if getattr(method, "perturbation", "absent") is None and input_shape is None:
     raise ValueError(f"{type(method).__name__} needs batch_size= (and for text "
                      "sequence_length=): its buffer has the shape of one replica's batch.")
+  method.seed_with(0)  # bind the method's `seed` to vary its draws under fit
   method.build(model, input_shape=input_shape)
   model._tfadv_method = method  # pylint: disable=protected-access
   model._tfadv_batch_size = batch_size if input_shape is not None else None  # pylint: disable=protected-access

@@ -2,6 +2,8 @@
 
 import gin
 import keras
+
+from tfadv import checks
 from keras import ops
 
 
@@ -44,6 +46,12 @@ def adamw(total_steps: int, learning_rate: float = 5e-5,
           beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-6,
           clipnorm=None) -> keras.optimizers.Optimizer:
   """AdamW; LayerNorm parameters and biases are excluded from weight decay."""
+  checks.check("adamw", total_steps=(total_steps, checks.AT_LEAST_ONE),
+               learning_rate=(learning_rate, checks.POSITIVE),
+               warmup_fraction=(warmup_fraction, checks.FRACTION),
+               weight_decay=(weight_decay, checks.NON_NEGATIVE),
+               beta_1=(beta_1, checks.OPEN_FRACTION), beta_2=(beta_2, checks.OPEN_FRACTION),
+               epsilon=(epsilon, checks.POSITIVE), clipnorm=(clipnorm, checks.POSITIVE))
   schedule = WarmupLinearDecay(learning_rate, int(warmup_fraction * total_steps),
                                total_steps)
   optimizer = keras.optimizers.AdamW(
@@ -112,9 +120,13 @@ def sgd_momentum(total_steps: int, learning_rate: float = 0.1,
   >>> opt = sgd_momentum(total_steps=1000)  # lr 0.1, 0.01 from step 500, ...
   >>> opt = sgd_momentum(total_steps=1000, weight_decay_mode="l2")  # Madry's decay
   """
-  if weight_decay_mode not in WEIGHT_DECAY_MODES:
-    raise ValueError(f"sgd_momentum.weight_decay_mode={weight_decay_mode!r}; "
-                     f"expected one of {WEIGHT_DECAY_MODES}.")
+  checks.check("sgd_momentum", total_steps=(total_steps, checks.AT_LEAST_ONE),
+               learning_rate=(learning_rate, checks.POSITIVE),
+               momentum=(momentum, checks.OPEN_FRACTION),
+               weight_decay=(weight_decay, checks.NON_NEGATIVE),
+               decay=(decay, checks.NON_NEGATIVE),
+               boundaries=(tuple(boundaries), checks.FRACTIONS),
+               weight_decay_mode=(weight_decay_mode, checks.one_of(WEIGHT_DECAY_MODES)))
   steps = [int(f * total_steps) for f in boundaries]
   values = [learning_rate * decay ** i for i in range(len(steps) + 1)]
   schedule = keras.optimizers.schedules.PiecewiseConstantDecay(steps, values)

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence
 import gin
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.data import clue
 from tfadv.data.base import TextDataset
 from tfadv.errors import MissingInputError
@@ -51,6 +52,7 @@ class PretrainingCorpus(TextDataset):
                num_eval: int = 2000,
                eval_files: Optional[Sequence[str]] = None,
                seed: int = 0):
+    checks.check("PretrainingCorpus", num_eval=(num_eval, checks.AT_LEAST_ONE))
     eval_files = unlabeled_files if eval_files is None else eval_files
     missing = [f for f in eval_files if f not in unlabeled_files]
     if missing:

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv.data.base import ArrayDataset, carve_validation
+from tfadv import checks
 from tfadv.errors import InputDataError, MissingInputError, SettingError
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -82,6 +83,9 @@ def find_idx_file(directory: str, stem: str) -> str:
   raise FileNotFoundError(f"No {stem}[.gz] under {directory}.")
 
 
+SOURCES = ("auto", "idx", "tfds", "tfds_in_memory")
+
+
 @gin.configurable
 class ImageDataset(ArrayDataset):
   """An image classification dataset as uint8 arrays.
@@ -124,9 +128,9 @@ class ImageDataset(ArrayDataset):
                num_eval: Optional[int] = None, tfds_eval_split: str = "test",
                download: bool = True, validation_fraction: float = 0.0,
                validation_seed: int = 0):
-    if source not in ("auto", "idx", "tfds", "tfds_in_memory"):
-      raise ValueError(f"ImageDataset.source={source!r}; expected auto, idx, tfds "
-                       "or tfds_in_memory.")
+    checks.check("ImageDataset", source=(source, checks.one_of(SOURCES)),
+                 num_train=(num_train, checks.AT_LEAST_ONE),
+                 num_eval=(num_eval, checks.AT_LEAST_ONE))
     self.name = name
     self.source = source
     self.data_dir = data_dir

@@ -12,8 +12,9 @@ from typing import List, Optional, Tuple
 import gin
 import numpy as np
 
+from tfadv import checks
 from tfadv.data.base import TextDataset, carve_validation
-from tfadv.errors import MissingInputError
+from tfadv.errors import MissingInputError, SettingError
 
 LABELS = ("neg", "pos")
 
@@ -74,9 +75,13 @@ class ProductReviews(TextDataset):
 
   def __init__(self, num_train: int = 8000, num_eval: Optional[int] = 2000,
                seed: int = 0, max_chars: int = 512, num_validation: int = 0):
+    checks.check("ProductReviews", num_train=(num_train, checks.AT_LEAST_ONE),
+                 num_eval=(num_eval, checks.AT_LEAST_ONE),
+                 num_validation=(num_validation, checks.NON_NEGATIVE_INT),
+                 max_chars=(max_chars, checks.AT_LEAST_ONE))
     if not 0 <= num_validation < num_train:
-      raise ValueError(f"ProductReviews.num_validation={num_validation}; expected "
-                       f"0 <= num_validation < num_train ({num_train}).")
+      raise SettingError(f"ProductReviews.num_validation = {num_validation} is out of "
+                         f"range: expected 0 <= num_validation < num_train ({num_train}).")
     self.num_train, self.num_eval = num_train, num_eval
     self.num_validation = num_validation
     self.seed, self.max_chars = seed, max_chars

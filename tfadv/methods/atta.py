@@ -69,6 +69,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
@@ -108,7 +109,7 @@ class ATTATraining(Method):
     num_steps: k, attack steps per batch (ATTA-1: 1).
     clip_min, clip_max: pixel range.
     init_scale: standard deviation of the initial memory's Gaussian noise.
-    seed: seed of the initial memory.
+    seed: seed of the initial memory (None: the run's seed, `Method.seed_with`).
     max_memory_bytes: the largest memory (all replica copies on this host)
       the run may allocate; None: half the host's available memory.
   """
@@ -118,17 +119,21 @@ class ATTATraining(Method):
 
   def __init__(self, epsilon: float = 0.1, step_size: float = 0.025,
                num_steps: int = 1, clip_min: float = 0.0, clip_max: float = 1.0,
-               init_scale: float = 0.001, seed: int = 0,
+               init_scale: float = 0.001, seed: Optional[int] = None,
                max_memory_bytes: Optional[int] = None):
-    if num_steps < 1:
-      raise ValueError(f"ATTATraining.num_steps={num_steps}; expected >= 1.")
+    checks.check("ATTATraining", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 step_size=(step_size, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE),
+                 init_scale=(init_scale, checks.NON_NEGATIVE),
+                 max_memory_bytes=(max_memory_bytes, checks.AT_LEAST_ONE))
+    checks.check_interval("ATTATraining", "clip_min", clip_min, "clip_max", clip_max)
     self.epsilon = float(epsilon)
     self.step_size = float(step_size)
     self.num_steps = int(num_steps)
     self.clip_min = clip_min
     self.clip_max = clip_max
     self.init_scale = float(init_scale)
-    self.seed = int(seed)
+    self.seed = None if seed is None else int(seed)
     self.max_memory_bytes = max_memory_bytes
     self.memory = None
 
@@ -156,7 +161,7 @@ class ATTATraining(Method):
           "(ATTATraining.max_memory_bytes; default half the available memory): "
           "train on fewer examples or a larger host, or use FreeTraining.")
     shape = (int(num_examples),) + example_shape
-    seed = self.seed
+    seed = self.draw_seed
     scale = self.init_scale
 
     def initial():
@@ -214,4 +219,4 @@ class ATTATraining(Method):
     return {"epsilon": self.epsilon, "step_size": self.step_size,
             "num_steps": self.num_steps, "clip_min": self.clip_min,
             "clip_max": self.clip_max, "init_scale": self.init_scale,
-            "seed": self.seed}
+            "seed": self.draw_seed}

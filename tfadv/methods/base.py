@@ -68,6 +68,9 @@ class MethodOutput:
 class Method:
   """Base class of training methods.
 
+  A method that draws random numbers takes `seed=None`: its draws then
+  follow the run's seed (`seed_with`); an int binds them on their own.
+
   Subclasses implement `compute_gradients`; they may create variables in
   `build`, which the experiment calls once under the strategy's scope with
   the per-replica shape of a batch's inputs (when they are one tensor).
@@ -85,6 +88,21 @@ class Method:
 
   def build(self, model: keras.Model, input_shape=None) -> None:
     del model, input_shape
+
+  def seed_with(self, run_seed: int) -> None:
+    """Derives the method's random draws (random starts, noise, random
+    controls, initial memories) from the run's seed (`Experiment.seed`),
+    unless the method's own `seed` is bound. `build_trainer` calls it before
+    `build`, so three seeds of a table draw three noises, not one.
+    """
+    self._run_seed = int(run_seed)
+
+  @property
+  def draw_seed(self) -> int:
+    """The seed of the method's draws: its own `seed` where bound, else the
+    run's (`seed_with`), else 0 (a method built outside `build_trainer`)."""
+    own = getattr(self, "seed", None)
+    return int(own) if own is not None else getattr(self, "_run_seed", 0)
 
   @property
   def variables(self) -> list:

@@ -21,14 +21,15 @@ from typing import List, Tuple
 import keras
 import tensorflow as tf
 
+from tfadv import checks
+
 COMBINE = ("dense", "sorted")
 # keras-hub's BERT token-embedding matrix (`backbone.token_embedding.embeddings`).
 TOKEN_EMBEDDING = "token_embedding/embeddings"
 
 
 def check_combine(owner: str, combine: str) -> None:
-  if combine not in COMBINE:
-    raise ValueError(f"{owner}.combine={combine!r}; expected one of {COMBINE}.")
+  checks.check(owner, combine=(combine, checks.one_of(COMBINE)))
 
 
 def find_variable(model: keras.Model, path: str) -> tf.Variable:

@@ -27,7 +27,7 @@ from typing import Optional
 import gin
 import tensorflow as tf
 
-from tfadv import perturbation
+from tfadv import checks, perturbation
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods import random_direction
 from tfadv.methods.base import (FORMS, Method, MethodOutput, add_gradients,
@@ -45,11 +45,14 @@ class EmbeddingOutputMethod(Method):
       BERT: `token_embedding`); a wrong name lists candidates.
     padding_mask_key: the input holding the padding mask (1 = token); None
       perturbs every position.
-    seed: seed of random starts (each replica draws its own stream).
+    seed: seed of random starts and noise (None: the run's seed,
+      `Method.seed_with`; each replica draws its own stream).
   """
 
   def __init__(self, epsilon: float = 1.0, layer_name: str = "token_embedding",
-               padding_mask_key: Optional[str] = "padding_mask", seed: int = 0):
+               padding_mask_key: Optional[str] = "padding_mask",
+               seed: Optional[int] = None):
+    checks.check(type(self).__name__, epsilon=(epsilon, checks.NON_NEGATIVE))
     self.epsilon = float(epsilon)
     self.layer_name = layer_name
     self.padding_mask_key = padding_mask_key
@@ -60,7 +63,7 @@ class EmbeddingOutputMethod(Method):
   def build(self, model, input_shape=None):
     del input_shape
     self.hook = EmbeddingOutputHook(model, self.layer_name)
-    self._rng = tf.random.Generator.from_seed(self.seed)
+    self._rng = tf.random.Generator.from_seed(self.draw_seed)
 
   @property
   def variables(self):
@@ -102,7 +105,7 @@ class EmbeddingOutputMethod(Method):
 
   def get_config(self):
     return {"epsilon": self.epsilon, "layer_name": self.layer_name,
-            "padding_mask_key": self.padding_mask_key, "seed": self.seed}
+            "padding_mask_key": self.padding_mask_key, "seed": self.draw_seed}
 
 
 @gin.configurable
@@ -130,8 +133,8 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
                adversarial_weight: float = 1.0, direction: str = "adversarial",
                **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
-    if form not in FORMS:
-      raise ValueError(f"EmbeddingOutputFGM.form={form!r}; expected one of {FORMS}.")
+    checks.check("EmbeddingOutputFGM", form=(form, checks.one_of(FORMS)),
+                 adversarial_weight=(adversarial_weight, checks.NON_NEGATIVE))
     random_direction.check_direction("EmbeddingOutputFGM", direction)
     self.form = form
     self.adversarial_weight = adversarial_weight
@@ -160,7 +163,7 @@ class EmbeddingOutputFGM(EmbeddingOutputMethod):
     delta = tf.stop_gradient(ramped(self.epsilon) * normalize(g * mask))
     if self.direction == "random":  # the control: same norm per example, random direction
       noise = random_direction.per_example_normal(
-          tf.shape(delta), random_direction.next_seed(self.seed, self._step))
+          tf.shape(delta), random_direction.next_seed(self.draw_seed, self._step))
       delta = per_example_norm(delta) * normalize(noise * mask)
     adv_loss, _, adv, _ = self._full_pass(model, loss_fn, inputs, labels, weights,
                                           delta, mask)
@@ -195,10 +198,9 @@ class EmbeddingOutputPGD(EmbeddingOutputMethod):
                num_steps: int = 3, random_start: bool = True,
                form: str = "adversarial", adversarial_weight: float = 1.0, **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
-    if form not in FORMS:
-      raise ValueError(f"EmbeddingOutputPGD.form={form!r}; expected one of {FORMS}.")
-    if num_steps < 1:
-      raise ValueError(f"EmbeddingOutputPGD.num_steps={num_steps}; expected >= 1.")
+    checks.check("EmbeddingOutputPGD", step_size=(step_size, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE), form=(form, checks.one_of(FORMS)),
+                 adversarial_weight=(adversarial_weight, checks.NON_NEGATIVE))
     self.step_size = float(step_size if step_size is not None
                            else 2.5 * epsilon / num_steps)
     self.num_steps = num_steps
@@ -254,6 +256,7 @@ class BufferedEmbeddingOutputMethod(EmbeddingOutputMethod):
   def __init__(self, epsilon: float = 1.0, init_magnitude: Optional[float] = None,
                **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
+    checks.check(type(self).__name__, init_magnitude=(init_magnitude, checks.NON_NEGATIVE))
     self.init_magnitude = float(self.epsilon if init_magnitude is None else init_magnitude)
     self.perturbation = None
 

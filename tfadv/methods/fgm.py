@@ -21,10 +21,13 @@ optimizer's update (adding and subtracting Δ in float32 would not be), and no
 replica writes to a mirrored variable inside the step.
 """
 
+from typing import Optional
+
 import gin
 import keras
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.methods import embedding_matrix as embedding
 from tfadv.methods import random_direction
 from tfadv.loss_scaling import scaled_gradient
@@ -54,11 +57,12 @@ class EmbeddingFGM(Method):
     combine: how duplicate gradient rows are summed: "dense" (a
       vocabulary × hidden scatter-add; fast with and without XLA) or
       "sorted" (sort + segment sum over the occurrences; slow under XLA).
-    direction: "adversarial" (FGM) or "random", the equal-cost control: Δ
-      has exactly the adversarial Δ's Frobenius norm (or, with "sign", its
-      entries' magnitude and support) in a random direction on the rows of
-      the batch's tokens (`tfadv.methods.random_direction`); the seed is
-      `seed`.
+    direction: "adversarial" (FGM) or "random", the equal-cost control:
+      each row of Δ has exactly the adversarial Δ's norm in that row (so the
+      rows of the batch's tokens, and the total norm, are the adversarial
+      Δ's; with "sign", each entry's magnitude and support) in a random
+      direction (`tfadv.methods.random_direction`); the seed is
+      `seed` (None: the run's seed, `Method.seed_with`).
 
   Example:
   >>> method = EmbeddingFGM(epsilon=0.5)
@@ -73,13 +77,12 @@ class EmbeddingFGM(Method):
   def __init__(self, epsilon: float = 1.0, norm: str = "l2",
                form: str = "adversarial", adversarial_weight: float = 1.0,
                embedding_path: str = TOKEN_EMBEDDING, combine: str = "dense",
-               direction: str = "adversarial", seed: int = 0):
+               direction: str = "adversarial", seed: Optional[int] = None):
     embedding.check_combine("EmbeddingFGM", combine)
     random_direction.check_direction("EmbeddingFGM", direction)
-    if norm not in NORMS:
-      raise ValueError(f"EmbeddingFGM.norm={norm!r}; expected one of {NORMS}.")
-    if form not in FORMS:
-      raise ValueError(f"EmbeddingFGM.form={form!r}; expected one of {FORMS}.")
+    checks.check("EmbeddingFGM", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 norm=(norm, checks.one_of(NORMS)), form=(form, checks.one_of(FORMS)),
+                 adversarial_weight=(adversarial_weight, checks.NON_NEGATIVE))
     self.epsilon = epsilon
     self.norm = norm
     self.form = form
@@ -110,17 +113,18 @@ class EmbeddingFGM(Method):
       delta = ramped(self.epsilon) * gradient / (norm + 1e-12)
     if self.direction == "adversarial":
       return delta
-    # The control: a random direction with Δ's norm on Δ's support (the rows
-    # of the batch's tokens; with "sign", the entries where g is non-zero).
+    # The control: each row of Δ keeps its norm and gets a random direction
+    # (with "sign", each entry keeps its magnitude and gets a random sign).
+    # Keeping only the total norm would not do: the adversarial Δ piles onto
+    # rows used many times in a batch ([CLS], [SEP], common characters), so
+    # each example would receive more of it than of the control.
     noise = random_direction.normal(tf.shape(gradient),
-                                    random_direction.next_seed(self.seed, self._step))
+                                    random_direction.next_seed(self.draw_seed, self._step))
     if self.norm == "sign":
       return tf.abs(delta) * tf.sign(noise)
-    rows = tf.cast(tf.reduce_any(tf.not_equal(gradient, 0.0), axis=-1, keepdims=True),
-                   noise.dtype)
-    noise *= rows
-    return (tf.sqrt(tf.reduce_sum(tf.square(delta)))
-            * noise / (tf.sqrt(tf.reduce_sum(tf.square(noise))) + 1e-12))
+    row_norm = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=-1, keepdims=True))
+    noise_norm = tf.sqrt(tf.reduce_sum(tf.square(noise), axis=-1, keepdims=True))
+    return row_norm * noise / (noise_norm + 1e-12)
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     table = self._embedding
@@ -176,5 +180,5 @@ class EmbeddingFGM(Method):
     return {"epsilon": self.epsilon, "norm": self.norm, "form": self.form,
             "adversarial_weight": self.adversarial_weight,
             "embedding_path": self.embedding_path, "combine": self.combine,
-            "direction": self.direction, "seed": self.seed}
+            "direction": self.direction, "seed": self.draw_seed}
 

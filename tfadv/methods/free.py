@@ -53,6 +53,7 @@ buffer's shape (the per-replica batch) never changes.
 import gin
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
@@ -99,11 +100,10 @@ class FreeTraining(Method):
           f"FreeTraining.through_clamp was replaced by FreeTraining.clamp_rule: "
           f"bind clamp_rule = '{'reference' if through_clamp else 'straight_through'}' "
           "for this run's behaviour, or drop the binding for the default 'project'.")
-    if replays < 1:
-      raise ValueError(f"FreeTraining.replays={replays}; expected >= 1.")
-    if clamp_rule not in CLAMP_RULES:
-      raise SettingError(f"FreeTraining.clamp_rule={clamp_rule!r}; expected one of "
-                         f"{CLAMP_RULES}.")
+    checks.check("FreeTraining", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 replays=(replays, checks.AT_LEAST_ONE),
+                 clamp_rule=(clamp_rule, checks.one_of(CLAMP_RULES)))
+    checks.check_interval("FreeTraining", "clip_min", clip_min, "clip_max", clip_max)
     self.epsilon = float(epsilon)
     self.batch_replays = int(replays)
     self.clip_min = clip_min
@@ -227,10 +227,9 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
                step_size: float = None, carry: str = "reset",
                token_ids_key: str = "token_ids", **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
-    if replays < 1:
-      raise ValueError(f"EmbeddingOutputFree.replays={replays}; expected >= 1.")
-    if carry not in CARRIES:
-      raise ValueError(f"EmbeddingOutputFree.carry={carry!r}; expected one of {CARRIES}.")
+    checks.check("EmbeddingOutputFree", replays=(replays, checks.AT_LEAST_ONE),
+                 step_size=(step_size, checks.NON_NEGATIVE),
+                 carry=(carry, checks.one_of(CARRIES)))
     self.batch_replays = int(replays)
     self.step_size = float(epsilon if step_size is None else step_size)
     self.carry = carry
@@ -241,7 +240,7 @@ class EmbeddingOutputFree(BufferedEmbeddingOutputMethod):
     super().build(model, input_shape)
     if self.carry == "token":
       vocabulary, hidden = int(self.hook.layer.input_dim), self.hook.output_dim
-      seed = tf.constant([self.seed, 1], tf.int64)
+      seed = tf.constant([self.draw_seed, 1], tf.int64)
       self.memory = tf.Variable(
           lambda: self.init_magnitude / hidden ** 0.5 * tf.random.stateless_uniform(
               (vocabulary, hidden), seed, -1.0, 1.0, alg="philox"),

@@ -5,6 +5,7 @@ from typing import Optional
 import gin
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.loss_scaling import keep_if_finite
 from tfadv.methods.base import MethodOutput, add_gradients, replica_mean
 from tfadv.methods.embedding_output import BufferedEmbeddingOutputMethod
@@ -58,8 +59,8 @@ class FreeLB(BufferedEmbeddingOutputMethod):
                init_magnitude: Optional[float] = None, carry_over: bool = False,
                sync_dropout: bool = True, **kwargs):
     super().__init__(epsilon=epsilon, init_magnitude=init_magnitude, **kwargs)
-    if ascent_steps < 1:
-      raise ValueError(f"FreeLB.ascent_steps={ascent_steps}; expected >= 1.")
+    checks.check("FreeLB", step_size=(step_size, checks.NON_NEGATIVE),
+                 ascent_steps=(ascent_steps, checks.AT_LEAST_ONE))
     self.step_size = float(step_size)
     self.ascent_steps = int(ascent_steps)
     self.carry_over = carry_over

@@ -32,6 +32,7 @@ Which g, chosen by `form`:
 import gin
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.methods import embedding_matrix as embedding
 from tfadv.loss_scaling import loss_scale, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput, replica_mean
@@ -68,12 +69,8 @@ class EmbeddingGradientPenalty(Method):
   def __init__(self, epsilon: float = 1.0, variant: str = "squared",
                form: str = "per_occurrence",
                embedding_path: str = TOKEN_EMBEDDING, combine: str = "dense"):
-    if variant not in VARIANTS:
-      raise ValueError(f"EmbeddingGradientPenalty.variant={variant!r}; "
-                       f"expected one of {VARIANTS}.")
-    if form not in FORMS:
-      raise ValueError(f"EmbeddingGradientPenalty.form={form!r}; "
-                       f"expected one of {FORMS}.")
+    checks.check("EmbeddingGradientPenalty", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 variant=(variant, checks.one_of(VARIANTS)), form=(form, checks.one_of(FORMS)))
     embedding.check_combine("EmbeddingGradientPenalty", combine)
     self.epsilon = epsilon
     self.variant = variant

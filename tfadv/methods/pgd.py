@@ -12,7 +12,9 @@ from typing import Optional
 import gin
 import tensorflow as tf
 
-from tfadv.attacks import InputAttack
+from tfadv import checks
+
+from tfadv.attacks import NORMS, InputAttack
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
 
@@ -28,7 +30,8 @@ class PGDTraining(Method):
     norm: "linf" or "l2".
     random_start: start each attack at a random point of the ball.
     clip_min, clip_max: pixel range.
-    seed: seed of the random starts (each replica draws its own stream).
+    seed: seed of the random starts (None: the run's seed, `Method.seed_with`;
+      each replica draws its own stream).
 
   Example:
   >>> method = PGDTraining(epsilon=0.1, step_size=0.025, num_steps=7)
@@ -40,7 +43,11 @@ class PGDTraining(Method):
 
   def __init__(self, epsilon: float = 0.1, step_size: float = 0.025,
                num_steps: int = 7, norm: str = "linf", random_start: bool = True,
-               clip_min: float = 0.0, clip_max: float = 1.0, seed: int = 0):
+               clip_min: float = 0.0, clip_max: float = 1.0, seed: Optional[int] = None):
+    checks.check(type(self).__name__, epsilon=(epsilon, checks.NON_NEGATIVE),
+                 step_size=(step_size, checks.NON_NEGATIVE),
+                 num_steps=(num_steps, checks.AT_LEAST_ONE), norm=(norm, checks.one_of(NORMS)))
+    checks.check_interval(type(self).__name__, "clip_min", clip_min, "clip_max", clip_max)
     self.attack = InputAttack(epsilon=epsilon, step_size=step_size,
                               num_steps=num_steps, norm=norm,
                               random_start=random_start, clip_min=clip_min,
@@ -50,7 +57,7 @@ class PGDTraining(Method):
 
   def build(self, model, input_shape=None):
     del model, input_shape
-    self._rng = tf.random.Generator.from_seed(self.seed)
+    self._rng = tf.random.Generator.from_seed(self.draw_seed)
 
   @property
   def variables(self):
@@ -71,7 +78,7 @@ class PGDTraining(Method):
     config = self.attack.get_config()
     for key in ("restarts", "training"):
       config.pop(key)
-    return {**config, "seed": self.seed}
+    return {**config, "seed": self.draw_seed}
 
 
 @gin.configurable
@@ -89,7 +96,10 @@ class FGSMTraining(PGDTraining):
 
   def __init__(self, epsilon: float = 0.1, step_size: Optional[float] = None,
                random_start: bool = True, clip_min: float = 0.0,
-               clip_max: float = 1.0, seed: int = 0):
+               clip_max: float = 1.0, seed: Optional[int] = None):
+    checks.check("FGSMTraining", epsilon=(epsilon, checks.NON_NEGATIVE),
+                 step_size=(step_size, checks.NON_NEGATIVE))
+    checks.check_interval("FGSMTraining", "clip_min", clip_min, "clip_max", clip_max)
     super().__init__(epsilon=epsilon,
                      step_size=1.25 * epsilon if step_size is None else step_size,
                      num_steps=1, norm="linf", random_start=random_start,

@@ -3,6 +3,7 @@
 import gin
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.loss_scaling import scaled_gradient
 from tfadv.methods import random_direction
 from tfadv.methods.base import MethodOutput, replica_mean
@@ -58,8 +59,8 @@ class R3F(EmbeddingOutputMethod):
   def __init__(self, epsilon: float = 1e-5, r3f_lambda: float = 1.0,
                noise_type: str = "uniform", **kwargs):
     super().__init__(epsilon=epsilon, **kwargs)
-    if noise_type not in NOISE_TYPES:
-      raise ValueError(f"R3F.noise_type={noise_type!r}; expected one of {NOISE_TYPES}.")
+    checks.check("R3F", r3f_lambda=(r3f_lambda, checks.NON_NEGATIVE),
+                 noise_type=(noise_type, checks.one_of(NOISE_TYPES)))
     self.r3f_lambda = float(r3f_lambda)
     self.noise_type = noise_type
     self._step = None
@@ -77,7 +78,7 @@ class R3F(EmbeddingOutputMethod):
     draw = (random_direction.per_example_uniform if self.noise_type == "uniform"
             else random_direction.per_example_normal)
     shape = tf.shape(self._zeros(mask))
-    return ramped(self.epsilon) * draw(shape, random_direction.next_seed(self.seed, self._step)) * mask
+    return ramped(self.epsilon) * draw(shape, random_direction.next_seed(self.draw_seed, self._step)) * mask
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights):
     mask = self._mask(inputs)

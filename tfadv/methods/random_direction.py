@@ -25,6 +25,8 @@ directions r, E[(r·g)²] = ‖g‖²/d, is the same penalty rescaled).
 
 import tensorflow as tf
 
+from tfadv import checks
+
 DIRECTIONS = ("adversarial", "random")
 # TensorFlow's Philox (named: "auto_select" may change). XLA's kernel draws
 # another stream from the same seed, so a compiled run's control is another
@@ -33,8 +35,7 @@ ALG = "philox"
 
 
 def check_direction(owner: str, direction: str) -> None:
-  if direction not in DIRECTIONS:
-    raise ValueError(f"{owner}.direction={direction!r}; expected one of {DIRECTIONS}.")
+  checks.check(owner, direction=(direction, checks.one_of(DIRECTIONS)))
 
 
 def step_counter() -> tf.Variable:

@@ -5,6 +5,20 @@ from typing import Optional
 import gin
 import keras_hub
 
+from tfadv import checks
+from tfadv.errors import SettingError
+
+
+def check_size(owner: str, num_layers, num_heads, hidden_dim, intermediate_dim, dropout):
+  checks.check(owner, num_layers=(num_layers, checks.AT_LEAST_ONE),
+               num_heads=(num_heads, checks.AT_LEAST_ONE),
+               hidden_dim=(hidden_dim, checks.AT_LEAST_ONE),
+               intermediate_dim=(intermediate_dim, checks.AT_LEAST_ONE),
+               dropout=(dropout, checks.OPEN_FRACTION))
+  if hidden_dim % num_heads:
+    raise SettingError(f"{owner}.hidden_dim = {hidden_dim} is not divisible by "
+                       f"{owner}.num_heads = {num_heads}.")
+
 
 @gin.configurable(denylist=["num_classes", "vocabulary_size", "sequence_length",
                             "preprocessor", "preset"])
@@ -38,6 +52,8 @@ def bert_classifier(num_classes: int, vocabulary_size: int, sequence_length: int
   >>> model.backbone.token_embedding.embeddings.shape
   TensorShape([100, 32])
   """
+  check_size("bert_classifier", num_layers, num_heads, hidden_dim, intermediate_dim, dropout)
+  checks.check("bert_classifier", classifier_dropout=(classifier_dropout, checks.OPEN_FRACTION))
   if preset:
     return keras_hub.models.BertTextClassifier.from_preset(
         preset, num_classes=num_classes, preprocessor=preprocessor,
@@ -68,6 +84,7 @@ def bert_masked_lm(vocabulary_size: int, sequence_length: int, preprocessor=None
   >>> model.backbone.token_embedding.embeddings.shape
   TensorShape([100, 32])
   """
+  check_size("bert_masked_lm", num_layers, num_heads, hidden_dim, intermediate_dim, dropout)
   backbone = keras_hub.models.BertBackbone(
       vocabulary_size=vocabulary_size, num_layers=num_layers,
       num_heads=num_heads, hidden_dim=hidden_dim,

@@ -19,6 +19,9 @@ import gin
 import keras
 from keras import layers
 
+from tfadv import checks
+from tfadv.errors import SettingError
+
 
 @gin.configurable
 def small_cnn(input_shape: Sequence[int], num_classes: int,
@@ -98,13 +101,15 @@ def wide_resnet(input_shape: Sequence[int], num_classes: int, depth: int = 28,
   >>> model = wide_resnet((32, 32, 3), 10, depth=32, width=10)  # the paper's
   >>> tiny = wide_resnet((32, 32, 3), 10, depth=10, width=1)
   """
+  checks.check("wide_resnet", depth=(depth, checks.AT_LEAST_ONE),
+               width=(width, checks.AT_LEAST_ONE), dropout=(dropout, checks.OPEN_FRACTION))
   if (depth - 4) % 6 == 0:
     blocks = (depth - 4) // 6
   elif (depth - 2) % 6 == 0:
     blocks = (depth - 2) // 6
   else:
-    raise ValueError(f"wide_resnet.depth={depth}: expected 6n + 4 (e.g. 28) or "
-                     "6n + 2 (e.g. 32, Madry's WRN-32-10).")
+    raise SettingError(f"wide_resnet.depth = {depth} is out of range: expected 6n + 4 "
+                       "(e.g. 28) or 6n + 2 (e.g. 32, Madry's WRN-32-10).")
   inputs = keras.Input(tuple(input_shape), name="image")
   x = layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(inputs)
   for stage, base in enumerate((16, 32, 64)):

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.models.vision import small_cnn
 from tfadv.tasks.base import Task, load_or_save_labels
 
@@ -52,9 +53,9 @@ class ImageClassificationTask(Task):
   def __init__(self, dataset=gin.REQUIRED, model_fn: Callable = small_cnn,
                augment: bool = False, crop: Optional[str] = None,
                image_size: int = 224, resize_size: Optional[int] = None):
-    if crop not in (None, "inception"):
-      raise ValueError(f"ImageClassificationTask.crop={crop!r}; expected None or "
-                       "'inception'.")
+    checks.check("ImageClassificationTask", crop=(crop, checks.one_of(("inception",))),
+                 image_size=(image_size, checks.AT_LEAST_ONE),
+                 resize_size=(resize_size, checks.AT_LEAST_ONE))
     self.dataset = dataset
     self.model_fn = model_fn
     self.augment = augment

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tfadv import checks
 from tfadv.data import vocab as vocab_lib
 from tfadv.data.corpus import PretrainingCorpus, pack  # pylint: disable=unused-import
 from tfadv.models.bert import bert_masked_lm
@@ -75,6 +76,13 @@ class MaskedLMTask(Task):
                mask_selection_rate: float = 0.15, mask_selection_length: int = 20,
                masks_per_sentence: int = 4, pack_characters: int = 0,
                preset_dir: Optional[str] = None, seed: int = 0):
+    checks.check("MaskedLMTask", sequence_length=(sequence_length, checks.AT_LEAST_TWO),
+                 vocabulary_size=(vocabulary_size, checks.AT_LEAST_ONE),
+                 vocabulary_min_count=(vocabulary_min_count, checks.AT_LEAST_ONE),
+                 mask_selection_rate=(mask_selection_rate, checks.FRACTION),
+                 mask_selection_length=(mask_selection_length, checks.AT_LEAST_ONE),
+                 masks_per_sentence=(masks_per_sentence, checks.AT_LEAST_ONE),
+                 pack_characters=(pack_characters, checks.NON_NEGATIVE_INT))
     self.corpus = corpus
     self.sequence_length = sequence_length
     self.vocabulary_size = vocabulary_size

@@ -10,6 +10,7 @@ import keras_hub
 import numpy as np
 import tensorflow as tf
 
+from tfadv import checks
 from tfadv.data import vocab as vocab_lib
 from tfadv.errors import InputDataError, MissingInputError
 from tfadv.models.bert import bert_classifier
@@ -20,6 +21,20 @@ PRETRAINED_PRESET = "runs/pretrain_mlm_zh/preset"
 
 FEATURES = ("token_ids", "segment_ids", "padding_mask")
 LABELS = "label"
+
+
+def flatten_texts(texts) -> list:
+  """Every text of a list of texts or sentence pairs (for a vocabulary)."""
+  return [t for item in texts for t in (item if isinstance(item, tuple) else (item,))]
+
+
+def preprocessor_input(texts):
+  """A keras-hub preprocessor's `x` for texts, or for pairs `(a, b)`: a
+  tuple of two string tensors, which it packs as `[CLS] a [SEP] b [SEP]`
+  with segment ids 0 then 1."""
+  if texts and isinstance(texts[0], tuple):
+    return (tf.constant([a for a, _ in texts]), tf.constant([b for _, b in texts]))
+  return tf.constant(texts)
 
 
 @gin.configurable
@@ -55,6 +70,10 @@ class TextClassificationTask(Task):
   def __init__(self, dataset=gin.REQUIRED, sequence_length: int = 128,
                preset: Optional[str] = None, vocabulary_size: int = 8000,
                vocabulary_min_count: int = 2):
+    checks.check("TextClassificationTask",
+                 sequence_length=(sequence_length, checks.AT_LEAST_TWO),
+                 vocabulary_size=(vocabulary_size, checks.AT_LEAST_ONE),
+                 vocabulary_min_count=(vocabulary_min_count, checks.AT_LEAST_ONE))
     self.dataset = dataset
     self.sequence_length = sequence_length
     self.preset = preset
@@ -89,7 +108,7 @@ class TextClassificationTask(Task):
           self.preset, sequence_length=self.sequence_length)
       return
     vocabulary = vocab_lib.load_or_build_vocabulary(
-        model_dir, lambda: self.dataset.examples("train")[0],
+        model_dir, lambda: flatten_texts(self.dataset.examples("train")[0]),
         self.vocabulary_size, self.vocabulary_min_count)
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=True)
     self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
@@ -139,7 +158,7 @@ class TextClassificationTask(Task):
     out = {k: [] for k in FEATURES}
     chunk = 2048
     for start in range(0, len(texts), chunk):
-      batch = self.preprocessor(tf.constant(texts[start:start + chunk]))
+      batch = self.preprocessor(x=preprocessor_input(texts[start:start + chunk]))
       for k in FEATURES:
         out[k].append(keras.ops.convert_to_numpy(batch[k]))
     arrays = {k: np.concatenate(v) for k, v in out.items()}
