@@ -1,0 +1,130 @@
+"""README's numbers are the committed run records' (no number typed by hand survives a rerun)."""
+
+import json
+import os
+import re
+import statistics
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# README row -> the records' run name (before "_seed<k>") per task.
+TEXT_ROWS = {
+    "plain": {"tnews": "plain", "iflytek": "plain"},
+    "matrix FGM, Su's form": {"tnews": "fgm_eps0.3", "iflytek": "fgm_eps1"},
+    "its random control": None,  # the row above's control, resolved below
+    "output FGM (ε 0.1)": {"tnews": "fgm_output_eps0.1", "iflytek": "fgm_output_eps0.1"},
+    "Su's gradient penalty": {"tnews": "gp_eps0.3", "iflytek": "gp_eps1"},
+    "R3F": {"tnews": "r3f_eps0.1", "iflytek": "r3f_eps1"},
+    "output PGD-3 (ε 0.1)": {"tnews": "pgd_output_eps0.1", "iflytek": "pgd_output_eps0.1"},
+    "FreeLB-3 (ε 0.1)": {"tnews": "freelb_eps0.1", "iflytek": "freelb_eps0.1"},
+    "Free-3, `carry='reset'` (ε 0.1)": {"tnews": "free_reset_eps0.1",
+                                        "iflytek": "free_reset_eps0.1"},
+}
+CONTROLS = {"matrix FGM, Su's form": {"tnews": "fgm_random_eps0.3", "iflytek": "fgm_random_eps1"},
+            "output FGM (ε 0.1)": {"tnews": "fgm_output_random_eps0.1",
+                                   "iflytek": "fgm_output_random_eps0.1"}}
+VISION_ROWS = {"natural": "natural", "PGD-7": "pgd7", "Free-8": "free8",
+               "Free-8, twice the epochs": "free8_2x",
+               "Free-8, Shafahi et al.'s clamp": "free8_reference", "ATTA-1": "atta",
+               "FGSM-RS": "fgsm"}
+
+
+def _readme():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    return f.read()
+
+
+def _records(name):
+  with open(os.path.join(REPO, "docs", name), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _table(text, header_start):
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    rows.append([cell.strip() for cell in line.strip("|").split("|")])
+  return rows
+
+
+def _percent(values):
+  mean, std = statistics.fmean(values), statistics.stdev(values)
+  return 100 * mean, 100 * std
+
+
+def _number(cell):
+  """(number, bold) of a cell's first number."""
+  return float(re.search(r"\d+\.\d+", cell).group()), cell.startswith("**")
+
+
+def test_readme_is_at_most_150_lines():
+  assert len(_readme().splitlines()) <= 150
+
+
+def test_text_table_is_the_controls_table_records():
+  records = _records("text_controls_table_runs.json")
+  rows = _table(_readme(), "| method | TNEWS clean")
+  assert [r[0] for r in rows] == ["plain", "matrix FGM, Su's form", "its random control",
+                                  "output FGM (ε 0.1)", "its random control",
+                                  "Su's gradient penalty", "R3F", "output PGD-3 (ε 0.1)",
+                                  "FreeLB-3 (ε 0.1)", "Free-3, `carry='reset'` (ε 0.1)"]
+  previous = None
+  for row in rows:
+    runs = TEXT_ROWS[row[0]] or CONTROLS[previous]
+    previous = row[0] if TEXT_ROWS[row[0]] else previous
+    for task, clean_cell, attack_cell in (("tnews", row[1], row[2]), ("iflytek", row[3], row[4])):
+      names = [f"{task}_{runs[task]}_seed{s}" for s in range(3)]
+      mean, std = _percent([records[n]["accuracy"] for n in names])
+      plain_mean, plain_std = _percent([records[f"{task}_plain_seed{s}"]["accuracy"]
+                                        for s in range(3)])
+      got_mean, bold = _number(clean_cell)
+      got_std = float(re.search(r"± (\d+\.\d+)", clean_cell).group(1))
+      assert (got_mean, got_std) == (round(mean, 2), round(std, 2)), (row[0], task)
+      assert bold == (row[0] != "plain" and mean - plain_mean > std + plain_std), (row[0], task)
+      epsilon = re.search(r"\((?:ε|λ) ([\d.]+)\)", clean_cell)
+      if epsilon:  # the chosen ε (λ) the cell names is the records'
+        assert runs[task].endswith(f"_eps{epsilon.group(1)}"), (row[0], task)
+      for budget, cell in zip((1, 2), attack_cell.split(" / ")):
+        key = f"accuracy_sub{budget}"
+        attacked = [records[n + "/attacks"][key] for n in names]
+        plain_attacked = [records[f"{task}_plain_seed{s}/attacks"][key] for s in range(3)]
+        value, bold = _number(cell)
+        mean, std = _percent(attacked)
+        plain_mean, plain_std = _percent(plain_attacked)
+        assert value == round(mean, 2), (row[0], task, budget)
+        assert bold == (row[0] != "plain" and mean - plain_mean > std + plain_std), (
+            row[0], task, budget)
+
+
+def test_vision_table_and_its_reading_are_the_records():
+  records = _records("vision_table_runs.json")
+  rows = _table(_readme(), "| method | clean | robust")
+  assert [r[0] for r in rows] == list(VISION_ROWS)
+  by_row = {}
+  for row in rows:
+    runs = [records[f"{VISION_ROWS[row[0]]}_seed{s}"] for s in range(3)]
+    by_row[row[0]] = runs
+    for cell, key in zip(row[1:], ("accuracy", "accuracy_worst_case", "accuracy_pgd50x10")):
+      if cell == "–":
+        assert not all(key in r for r in runs), (row[0], key)
+        continue
+      mean, std = _percent([r[key] for r in runs])
+      assert cell == f"{mean:.2f} ± {std:.2f}", (row[0], key)
+  gap = (statistics.fmean(r["accuracy_worst_case"] for r in by_row["PGD-7"])
+         - statistics.fmean(r["accuracy_worst_case"] for r in by_row["Free-8"]))
+  time = (statistics.fmean(r["train_seconds"] for r in by_row["Free-8"])
+          / statistics.fmean(r["train_seconds"] for r in by_row["PGD-7"]))
+  assert (f"Free-8 comes within {100 * gap:.2f} points of PGD-7 at {time:.2f}× its "
+          "training time") in _readme().replace("\n", " ")
+
+
+def test_the_validation_split_size_readme_names(fewclue_dir):
+  from tfadv.data.clue import ClueDataset  # pylint: disable=g-import-not-at-top
+  tnews = ClueDataset(os.path.join(fewclue_dir, "tnews"), validation_fraction=0.15)
+  size = len(tnews.examples("validation")[0])
+  assert f"a {size}-example validation split" in _readme().replace("\n", " ")
