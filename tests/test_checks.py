@@ -144,6 +144,7 @@ def test_in_range_edges_are_accepted():
 def test_a_negative_epsilon_stops_main_in_one_line_before_training(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "tfadv.main", "--gin_file=configs/demo.gin",
+       "--gin_param=Experiment.method = @EmbeddingOutputFGM()",
        "--gin_param=EmbeddingOutputFGM.epsilon = -1.0", f"--model_dir={tmp_path}/run"],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
