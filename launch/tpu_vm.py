@@ -56,12 +56,14 @@ DEFAULT_TF_VERSION = "2.16.1"
 ACTIONS = ("create", "upload", "setup", "train", "logs", "delete")
 REMOTE_DIR = "tfadv"
 # Gin bindings that name something the run reads (a directory or a file).
-INPUT_BINDINGS = ("ClueDataset.data_dir", "TextClassificationTask.preset",
+INPUT_BINDINGS = ("ClueDataset.data_dir", "TextFileDataset.data_dir",
+                  "TextClassificationTask.preset",
                   "ImageDataset.data_dir", "PretrainingCorpus.data_dir",
                   "Experiment.record_store")
 # The raw data a record store replaces: a run with `Experiment.record_store`
 # never reads them, so they are neither checked nor uploaded.
-DATA_BINDINGS = ("ClueDataset.data_dir", "ImageDataset.data_dir", "PretrainingCorpus.data_dir")
+DATA_BINDINGS = ("ClueDataset.data_dir", "TextFileDataset.data_dir", "ImageDataset.data_dir",
+                 "PretrainingCorpus.data_dir")
 # A record store and a TFDS dir read by random access may be read through
 # ArrayRecord, which reads local files only: on a single host they are
 # gcsfuse mounts of their gs:// paths (`mount`, in setup); other inputs (CLUE
@@ -77,7 +79,10 @@ class InputError(ValueError):
 
 
 def _is_keras_hub_preset_name(value: str) -> bool:
-  # "bert_base_zh" is a keras-hub preset the workers download themselves.
+  # "bert_base_zh" is a keras-hub preset the workers download themselves, as
+  # they do a Hugging Face or Kaggle handle ("hf://bert-base-chinese").
+  if value.startswith(("hf://", "kaggle://")):
+    return True
   return "/" not in value and "://" not in value and not value.startswith(".")
 
 
@@ -168,6 +173,8 @@ def resolve_inputs(inputs, model_dir: str, root: str, exists=None, pod: bool = F
       value = value[0]
     if not isinstance(value, str):
       raise InputError(f"{binding} = {value!r}: expected a path string.")
+    if binding == "TextClassificationTask.preset" and value.startswith(("hf://", "kaggle://")):
+      continue  # downloaded by the workers
     if value.startswith("gs://"):
       marker = input_marker(binding, marker_value)
       try:

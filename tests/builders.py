@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv import experiment as experiment_lib
+from tfadv.data.base import TextDataset
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.experiment import build_trainer
 from tfadv.main import parse_config
@@ -220,3 +221,66 @@ def write_synthetic_imagenet(data_dir, num_train=64, num_validation=16, size=64,
 
   SyntheticImagenet(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   return str(data_dir)
+
+
+HF_VOCAB = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                              + list("今天天气很好不错我要退款怎么退货明下雨饿了打开空调关掉电视")))
+
+
+def write_tiny_hf_bert(directory, vocab=HF_VOCAB, hidden=8, layers=2, heads=2,
+                       intermediate=16, max_positions=64, seed=0, prefix="bert.",
+                       model_type="bert"):
+  """A Hugging Face-format BERT checkpoint as `save_pretrained` writes one
+  (config.json, vocab.txt, tokenizer_config.json, model.safetensors with
+  PyTorch's [out, in] Linear weights under a `bert.` prefix), random
+  weights. Returns {name: array} of the weights written."""
+  import json  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.RandomState(seed)
+  w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)
+  p, t = prefix, {}
+  t[p + "embeddings.word_embeddings.weight"] = w(len(vocab), hidden)
+  t[p + "embeddings.position_embeddings.weight"] = w(max_positions, hidden)
+  t[p + "embeddings.token_type_embeddings.weight"] = w(2, hidden)
+  t[p + "embeddings.LayerNorm.weight"] = 1 + w(hidden)
+  t[p + "embeddings.LayerNorm.bias"] = w(hidden)
+  for i in range(layers):
+    q = f"{p}encoder.layer.{i}."
+    for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense"):
+      t[q + name + ".weight"], t[q + name + ".bias"] = w(hidden, hidden), w(hidden)
+    t[q + "intermediate.dense.weight"] = w(intermediate, hidden)
+    t[q + "intermediate.dense.bias"] = w(intermediate)
+    t[q + "output.dense.weight"], t[q + "output.dense.bias"] = w(hidden, intermediate), w(hidden)
+    for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+      t[q + name + ".weight"], t[q + name + ".bias"] = 1 + w(hidden), w(hidden)
+  t[p + "pooler.dense.weight"], t[p + "pooler.dense.bias"] = w(hidden, hidden), w(hidden)
+  save_file(t, os.path.join(directory, "model.safetensors"))
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump({"model_type": model_type, "architectures": ["BertForMaskedLM"],
+               "vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": layers,
+               "num_attention_heads": heads, "intermediate_size": intermediate,
+               "max_position_embeddings": max_positions, "type_vocab_size": 2,
+               "hidden_act": "gelu", "layer_norm_eps": 1e-12}, f)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"do_lower_case": True, "tokenizer_class": "BertTokenizer"}, f)
+  with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
+    f.write("\n".join(vocab) + "\n")
+  return t
+
+
+class TinyPairs(TextDataset):
+  """Sentence pairs in memory, labelled "a", "b", "a", ...: train = eval."""
+
+  name = "tiny_pairs"
+
+  def __init__(self, pairs):
+    self.pairs = list(pairs)
+
+  def label_names(self):
+    return ["a", "b"]
+
+  def examples(self, split):
+    self.check_split(split)
+    return self.pairs, ["ab"[i % 2] for i in range(len(self.pairs))]

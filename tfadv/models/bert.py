@@ -1,12 +1,75 @@
-"""keras-hub BERT classifiers, built from a config or loaded from a preset."""
+"""keras-hub BERT classifiers, built from a config or loaded from a pretrained checkpoint.
 
+Checkpoints: a keras-hub preset (name or directory) or a Hugging Face BERT
+checkpoint (directory or `hf://` handle), converted by keras-hub on load
+(`keras_hub.src.utils.transformers.convert_bert`): the tokenizer comes
+from the checkpoint's `vocab.txt`, the token-embedding table is
+`backbone.token_embedding.embeddings` in both.
+"""
+
+import json
+import os
 from typing import Optional
 
 import gin
 import keras_hub
+import tensorflow as tf
 
 from tfadv import checks
-from tfadv.errors import SettingError
+from tfadv.errors import MissingInputError, SettingError
+
+# Hugging Face `model_type`s of BERT's architecture (Chinese RoBERTa-wwm and
+# MacBERT checkpoints are BERT-architecture: their config says "bert").
+HF_BERT_TYPES = ("bert",)
+REMOTE_SCHEMES = ("hf://", "kaggle://")
+
+
+def checkpoint_kind(preset: str) -> str:
+  """"name" (a keras-hub preset name or an hf:// / kaggle:// handle, fetched
+  by keras-hub) or "dir" (a local or gs:// directory)."""
+  if preset.startswith(REMOTE_SCHEMES):
+    return "name"
+  local = (preset.startswith(("gs://", "/", ".")) or os.sep in preset
+           or os.path.exists(preset))
+  return "dir" if local else "name"
+
+
+def check_checkpoint_dir(preset: str, sequence_length: int) -> str:
+  """The format of checkpoint directory `preset` ("keras" or "transformers"),
+  after checking it can be fine-tuned; a checkpoint that cannot is one line
+  naming the fix."""
+  with tf.io.gfile.GFile(os.path.join(preset, "config.json")) as f:
+    config = json.load(f)
+  if "registered_name" in config:
+    return "keras"
+  model_type = config.get("model_type")
+  if model_type is None:
+    raise SettingError(f"{preset}/config.json is neither a keras-hub preset's (no "
+                       "'registered_name') nor a Hugging Face checkpoint's (no "
+                       "'model_type'); point TextClassificationTask.preset at one of them.")
+  if model_type not in HF_BERT_TYPES:
+    raise SettingError(f"{preset}: Hugging Face model_type {model_type!r} is not supported; "
+                       f"tfadv fine-tunes BERT-architecture checkpoints (model_type "
+                       f"{HF_BERT_TYPES}), e.g. bert-base-chinese or hfl/chinese-roberta-wwm-ext.")
+  exists = lambda name: tf.io.gfile.exists(os.path.join(preset, name))
+  if not (exists("model.safetensors") or exists("model.safetensors.index.json")):
+    found = [n for n in ("pytorch_model.bin", "tf_model.h5") if exists(n)]
+    raise MissingInputError(
+        f"{preset}: no model.safetensors" + (f" (only {found[0]})" if found else "")
+        + "; keras-hub reads Hugging Face weights in safetensors format: save them with "
+        "`transformers`' save_pretrained(..., safe_serialization=True) or download "
+        "the checkpoint's model.safetensors.")
+  for name in ("vocab.txt", "tokenizer_config.json"):
+    if not exists(name):
+      raise MissingInputError(
+          f"{preset}: no {name}; a Hugging Face BERT checkpoint's tokenizer is its "
+          "vocab.txt and tokenizer_config.json (with do_lower_case): copy them from "
+          "the checkpoint's repository.")
+  positions = config.get("max_position_embeddings")
+  if positions is not None and sequence_length > positions:
+    raise SettingError(f"TextClassificationTask.sequence_length = {sequence_length} is "
+                       f"out of range: {preset} has {positions} positions.")
+  return "transformers"
 
 
 def check_size(owner: str, num_layers, num_heads, hidden_dim, intermediate_dim, dropout):

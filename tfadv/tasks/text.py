@@ -13,7 +13,7 @@ import tensorflow as tf
 from tfadv import checks
 from tfadv.data import vocab as vocab_lib
 from tfadv.errors import InputDataError, MissingInputError
-from tfadv.models.bert import bert_classifier
+from tfadv.models.bert import bert_classifier, check_checkpoint_dir, checkpoint_kind
 from tfadv.tasks.base import Task, load_or_save_labels
 
 # The preset `make pretrain` writes, which every CLUE config fine-tunes from.
@@ -51,10 +51,17 @@ class TextClassificationTask(Task):
     dataset: a `tfadv.data.base.TextDataset`: `ClueDataset`,
       `ProductReviews`, or your own.
     sequence_length: tokens per example, `[CLS]` and `[SEP]` included.
-    preset: keras-hub preset name or local directory; its tokenizer and
-      weights replace the character vocabulary and random initialisation.
-      A local directory that does not exist is an error naming the command
-      that makes it (`make pretrain` for `runs/pretrain_mlm_zh/preset`).
+    preset: a pretrained checkpoint, whose tokenizer and weights replace
+      the character vocabulary and random initialisation: a keras-hub preset
+      name (`"bert_base_zh"`) or directory (local or `gs://`), a Hugging Face
+      BERT directory (`config.json` with `model_type` "bert", `vocab.txt`,
+      `tokenizer_config.json`, `model.safetensors`: bert-base-chinese,
+      hfl/chinese-roberta-wwm-ext, hfl/chinese-macbert-base) or handle
+      (`"hf://bert-base-chinese"`), read by keras-hub's converter. A local
+      directory that does not exist is an error naming the command that
+      makes it (`make pretrain` for `runs/pretrain_mlm_zh/preset`); another
+      architecture, or weights only in PyTorch's format, is one line naming
+      the fix.
     vocabulary_size: upper bound for the built character vocabulary.
     vocabulary_min_count: characters rarer than this map to `[UNK]`.
 
@@ -129,16 +136,18 @@ class TextClassificationTask(Task):
     return index
 
   def _check_preset(self):
-    local = (self.preset.startswith(("gs://", "/", ".")) or os.sep in self.preset
-             or os.path.exists(self.preset))
-    if local and not tf.io.gfile.exists(os.path.join(self.preset, "config.json")):
+    if checkpoint_kind(self.preset) == "name":
+      return
+    if not tf.io.gfile.exists(os.path.join(self.preset, "config.json")):
       how = ("make it with `make pretrain` (configs/pretrain_mlm_zh.gin, about an hour "
              "on 2 cores)" if os.path.normpath(self.preset).endswith(
                  os.path.normpath(PRETRAINED_PRESET)) else
-             "point TextClassificationTask.preset at a keras-hub preset directory")
+             "point TextClassificationTask.preset at a keras-hub preset directory or a "
+             "Hugging Face BERT directory")
       raise MissingInputError(
           f"Preset not found: {self.preset} (no config.json); {how}, or train from "
           "scratch with --gin_param=\"TextClassificationTask.preset = None\".")
+    check_checkpoint_dir(self.preset, self.sequence_length)
 
   def input_shape(self, per_replica_batch: int):
     """(batch, length) of one replica's token inputs (FreeLB's buffer uses it)."""
