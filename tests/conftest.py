@@ -16,11 +16,14 @@ from tfadv import distribute  # pylint: disable=g-import-not-at-top
 distribute.split_cpu(2)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("TFADV_SHARED_DATA",
-                        os.path.join(os.path.dirname(REPO), "shared", "data"))
-FEWCLUE = os.path.join(SHARED, "fewclue")
-NO_FEWCLUE = (f"FewCLUE not found at {FEWCLUE}: put the shared data beside the repo "
-              "(../shared/data/fewclue) or set TFADV_SHARED_DATA to its data folder.")
+# FewCLUE: $TFADV_SHARED_DATA/fewclue, else ../shared/data/fewclue beside the
+# repo, else the cache `python -m tfadv.tools.get_data fewclue` fills.
+_CANDIDATES = [os.path.join(d, "fewclue") for d in (
+    os.environ.get("TFADV_SHARED_DATA"), os.path.join(os.path.dirname(REPO), "shared", "data"),
+    os.path.join(os.path.expanduser("~"), ".cache", "tfadv", "data")) if d]
+FEWCLUE = next((d for d in _CANDIDATES if os.path.isdir(d)), _CANDIDATES[0])
+NO_FEWCLUE = ("FewCLUE not found (looked in " + ", ".join(_CANDIDATES) + "): fetch it with "
+              "`python -m tfadv.tools.get_data fewclue --tasks=tnews,iflytek,bustm,eprstmt`.")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -180,7 +180,7 @@ def test_missing_inputs_exit_2_with_one_line_naming_the_fix(case, tmp_path, fewc
   elif case == "clue":
     flags = ["--gin_file=configs/tnews_plain.gin", "--gin_file=configs/base/scratch.gin",
              f"--gin_param=ClueDataset.data_dir = '{tmp_path}/tnews'"]
-    fix = "ClueDataset.data_dir"
+    fix = "tfadv.tools.get_data clue --tasks=tnews"
   else:
     flags = ["--gin_file=configs/fashion_mnist_plain.gin",
              f"--gin_param=ImageDataset.data_dir = '{tmp_path}'"]

@@ -83,6 +83,7 @@ def test_missing_data_names_expected_files(tmp_path):
   message = str(info.value)
   assert str(tmp_path / "tnews" / "train.json") in message
   assert "dev.json" in message and "WORKSPACE.md" in message
+  assert f"python -m tfadv.tools.get_data clue --tasks=tnews --out={tmp_path}" in message
 
 
 def test_product_reviews_split_is_fixed_and_disjoint():

@@ -8,6 +8,7 @@ line separators, JSON split over lines, ...) follow the policies of
 `tfadv.data.text_files`.
 """
 
+import os
 from typing import Optional
 
 import gin
@@ -73,7 +74,9 @@ class ClueDataset(TextFileDataset):
                      validation_seed=validation_seed)
 
   def missing_message(self, path: str) -> str:
-    return (f"CLUE data not found: expected {path}. Put train.json and dev.json "
-            "(CLUE's JSON lines; from github.com/CLUEbenchmark/CLUE or FewCLUE's "
-            "datasets/) there, or set --gin_param=\"ClueDataset.data_dir = '...'\" "
-            "(WORKSPACE.md shows the layout).")
+    task = os.path.basename(os.path.normpath(self.data_dir))
+    parent = os.path.dirname(os.path.normpath(self.data_dir)) or "."
+    return (f"CLUE data not found: expected {path}. Put train.json and dev.json (CLUE's "
+            f"JSON lines) there, fetch them with `python -m tfadv.tools.get_data clue "
+            f"--tasks={task} --out={parent}` (or `fewclue`), or set "
+            "--gin_param=\"ClueDataset.data_dir = '...'\" (WORKSPACE.md shows the layout).")
