@@ -367,3 +367,95 @@ def test_sentence_budget_follows_its_rule(rule, want):
   attack = CharSubstitutionAttack(budget=2, max_fraction=0.1, budget_rule=rule)
   got = attack.sentence_budget(tf.constant(characters, tf.float32)).numpy()
   assert got.tolist() == want
+
+
+def interaction_model():
+  """logits = [0, −1 + 10·p₀·p₁], p = Σ_i mask_i E[x_i]: no single character
+  moves p₀·p₁ far, two of the right ones do. Greedy is provably not optimal
+  here (test below): its best first step is a dead end."""
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
+  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
+      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
+  logits = keras.layers.Lambda(lambda p: tf.stack(
+      [tf.zeros_like(p[:, 0]), -1.0 + 10.0 * p[:, 0] * p[:, 1]], -1))(pooled)
+  model = keras.Model({"token_ids": ids, "padding_mask": mask}, logits)
+  table = np.zeros((V, H), np.float32)
+  a, b, c = (VOCAB.index(ch) for ch in "钟忠国")
+  table[a, 0] = 1.0            # alone: p₀·p₁ = 0
+  table[b, 1] = 1.0            # alone: 0; with a: 1 (flips)
+  table[c, :2] = 0.05          # alone: the highest loss; with anything: no flip
+  model.get_layer("token_embedding").embeddings.assign(table)
+  return model, (a, b, c)
+
+
+def test_beam_search_breaks_what_brute_force_breaks_where_greedy_provably_cannot():
+  model, (a, b, c) = interaction_model()
+  ids = np.full((2, L), VOCAB.index("中"), np.int32)
+  ids[:, 0] = VOCAB.index("[CLS]")
+  mask = np.ones((2, L), bool)
+  mask[:, 5:] = False
+  ids[~mask] = 0
+  inputs = {"token_ids": ids, "padding_mask": mask}
+  labels = np.zeros(2, np.int32)
+  assert np.all(np.argmax(model(inputs).numpy(), -1) == labels)
+  pinyin = np.full((V, 3), -1, np.int32)
+  pinyin[VOCAB.index("中")] = [a, b, c]
+  candidates = [[([a, b, c] if mask[n, i] and i > 0 else []) for i in range(L)]
+                for n in range(2)]
+  assert brute_force(model, inputs, labels, candidates, 2) == [2, 2]
+  results = {}
+  for search in ("greedy", "beam"):
+    # top_k = every (position, character): greedy verifies every single
+    # substitution, takes the best (c), and no second one then flips.
+    attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, embedding_candidates=0,
+                                    pinyin_candidates=3, top_k=4 * 3, search=search)
+    attack.set_vocabulary(VOCAB, pinyin=pinyin)
+    logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                               per_example_ce)
+    results[search] = (np.argmax(logits.numpy(), -1), extra)
+  assert np.all(results["greedy"][0] == labels)   # greedy: nothing broken
+  assert np.all(results["beam"][0] != labels)     # beam: both, as brute force
+  beam_ids = results["beam"][1]["token_ids"].numpy()
+  assert results["beam"][1]["changed"].numpy().tolist() == [2.0, 2.0]
+  for row in beam_ids:
+    assert sorted(row[1:5][row[1:5] != VOCAB.index("中")].tolist()) == sorted([a, b])
+  # Every single substitution verified (4 positions × 3), then each of the
+  # 10 kept texts' further ones, plus greedy's queries.
+  assert np.all(results["beam"][1]["queries"].numpy() > results["greedy"][1]["queries"].numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_wide_beam_is_brute_force_and_beam_never_trails_greedy(seed):
+  """Random tanh-MLP models: with every single substitution kept, two rounds
+  are an exhaustive search (brute force's fewest changes, example by
+  example); with the default width, every example greedy breaks is broken."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
+  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
+      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
+  model = keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(2)(
+      keras.layers.Dense(16, activation="tanh")(pooled)))
+  inputs = texts(seed)
+  labels = np.argmax(model(inputs).numpy(), -1)
+  labels[::4] = 1 - labels[::4]  # some examples wrong before the attack: skipped
+  pinyin = random_pinyin(seed)
+  want = brute_force(model, inputs, labels, candidate_sets(model, inputs, pinyin, 2), 2)
+
+  def attacked(search, width):
+    attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, embedding_candidates=2,
+                                    top_k=2, search=search, beam_width=width)
+    attack.set_vocabulary(VOCAB, pinyin=pinyin)
+    logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                               per_example_ce)
+    broken = np.argmax(logits.numpy(), -1) != labels
+    changed = extra["changed"].numpy()
+    return ["skipped" if w == "skipped" else (int(changed[n]) if broken[n] else None)
+            for n, w in enumerate(want)]
+
+  assert attacked("beam", 10_000) == want
+  greedy, beam = attacked("greedy", 10), attacked("beam", 10)
+  assert all(b is not None for g, b in zip(greedy, beam) if g not in (None, "skipped"))

@@ -108,6 +108,7 @@ def _detokenize(ids, vocabulary) -> str:
 
 
 BUDGET_RULES = ("ceil", "floor")
+SEARCHES = ("greedy", "beam")
 
 
 @gin.configurable
@@ -131,6 +132,16 @@ class CharSubstitutionAttack(Attack):
       forward pass of top_k texts per example).
     token_ids_key, padding_mask_key: the model's inputs.
     layer_name: the token-embedding layer (keras-hub BERT: `token_embedding`).
+    search: "greedy" (above: cheap, for training and quick checks) or
+      "beam", the tight search under the same threat model (same candidates,
+      budget and constraints): round 1 verifies every single substitution
+      (all positions × all candidates, batched position by position); each
+      later round keeps the `beam_width` texts of highest loss and verifies
+      every further substitution of each. An example counts as broken when
+      the beam search or the greedy search (run first) breaks it, so "beam"
+      never reports higher accuracy than "greedy" on the same examples.
+      `queries` counts both searches' forward passes.
+    beam_width: texts kept between rounds of the "beam" search.
 
   Before use it needs the model's vocabulary: `prepare(task, model_dir)`
   (the experiment calls it) or `set_vocabulary(tokens)`.
@@ -146,13 +157,16 @@ class CharSubstitutionAttack(Attack):
                pinyin_candidates: int = 8, embedding_candidates: int = 8,
                top_k: int = 8, token_ids_key: str = "token_ids",
                padding_mask_key: str = "padding_mask",
-               layer_name: str = "token_embedding"):
+               layer_name: str = "token_embedding", search: str = "greedy",
+               beam_width: int = 10):
     checks.check("CharSubstitutionAttack", budget=(budget, checks.AT_LEAST_ONE),
                  max_fraction=(max_fraction, checks.FRACTION),
                  pinyin_candidates=(pinyin_candidates, checks.NON_NEGATIVE_INT),
                  embedding_candidates=(embedding_candidates, checks.NON_NEGATIVE_INT),
                  top_k=(top_k, checks.AT_LEAST_ONE),
-                 budget_rule=(budget_rule, checks.one_of(BUDGET_RULES)))
+                 budget_rule=(budget_rule, checks.one_of(BUDGET_RULES)),
+                 search=(search, checks.one_of(SEARCHES)),
+                 beam_width=(beam_width, checks.AT_LEAST_ONE))
     if pinyin_candidates + embedding_candidates < 1:
       raise SettingError("CharSubstitutionAttack.pinyin_candidates = 0 and "
                          "embedding_candidates = 0: expected at least one candidate.")
@@ -165,6 +179,8 @@ class CharSubstitutionAttack(Attack):
     self.token_ids_key = token_ids_key
     self.padding_mask_key = padding_mask_key
     self.layer_name = layer_name
+    self.search = search
+    self.beam_width = int(beam_width)
     self._allowed = self._special = self._pinyin = None
     self._hook = None
 
@@ -243,6 +259,7 @@ class CharSubstitutionAttack(Attack):
     labels = tf.cast(labels, tf.int32)
     active = tf.logical_and(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
                             budget > 0)
+    clean_active, clean_loss = active, loss
     queries = tf.ones([batch], tf.float32)
     changed = tf.zeros([batch, length], tf.bool)
     current = ids
@@ -285,8 +302,86 @@ class CharSubstitutionAttack(Attack):
       loss = tf.where(keep, best_loss, loss)
       flipped = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
       active = tf.logical_and(keep, ~flipped)
-    return logits, {"changed": tf.reduce_sum(tf.cast(changed, tf.float32), 1),
-                    "queries": queries, "token_ids": current}
+    greedy = logits, {"changed": tf.reduce_sum(tf.cast(changed, tf.float32), 1),
+                      "queries": queries, "token_ids": current}
+    if self.search == "greedy":
+      return greedy
+    return self._beam(model, inputs, labels, loss_fn, ids, candidates, position_ok,
+                      budget, clean_active, clean_loss, greedy)
+
+  def _beam(self, model, inputs, labels, loss_fn, ids, candidates, position_ok, budget,
+            active, clean_loss, greedy):
+    """The "beam" search (class docstring), then the per-example worst case
+    of it and the greedy search's result `greedy`."""
+    batch, length = tf.shape(ids)[0], ids.shape[1]
+    slots = candidates.shape[-1]
+    beam = ids[:, None, :]                      # [B, w, L], w = 1 in round 1
+    beam_loss = clean_loss[:, None]
+    beam_valid = active[:, None]
+    beam_changed = tf.zeros_like(beam, tf.bool)
+    broken = tf.zeros([batch], tf.bool)
+    found = ids                                  # the breaking text, where one is found
+    found_changed = tf.zeros([batch], tf.float32)
+    queries = tf.zeros([batch], tf.float32)
+    for round_ in range(self.budget):
+      width = beam.shape[1]
+      ok = beam_valid & (float(round_) < budget)[:, None] & ~broken[:, None]   # [B, w]
+
+      def at_position(i, beam=beam, ok=ok, beam_changed=beam_changed, width=width):
+        """Loss and flip of every candidate at position i of every beam text."""
+        options = candidates[:, i, :]                                        # [B, S]
+        here = tf.one_hot(i, length, on_value=True, off_value=False)          # [L]
+        texts = tf.where(here, options[:, None, :, None], beam[:, :, None, :])  # [B, w, S, L]
+        valid = (ok[:, :, None] & (options >= 0)[:, None, :]
+                 & position_ok[:, i][:, None, None] & ~beam_changed[:, :, i][:, :, None]
+                 & (options[:, None, :] != beam[:, :, i][:, :, None]))
+        many = width * slots
+        tiled = {key: tf.repeat(value, many, axis=0) for key, value in inputs.items()}
+        logits = self._forward(model, tiled, tf.reshape(texts, [-1, length]))
+        loss = tf.reshape(loss_fn(tf.repeat(labels, many), logits), [batch, width, slots])
+        flip = tf.reshape(tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                       tf.repeat(labels, many)), [batch, width, slots])
+        return tf.where(valid, loss, -np.inf), tf.logical_and(flip, valid)
+
+      loss, flip = tf.map_fn(at_position, tf.range(length), parallel_iterations=1,
+                             fn_output_signature=(tf.TensorSpec(None, tf.float32),
+                                                  tf.TensorSpec(None, tf.bool)))
+      loss = tf.reshape(tf.transpose(loss, [1, 2, 0, 3]), [batch, -1])   # [B, w·L·S]
+      flip = tf.reshape(tf.transpose(flip, [1, 2, 0, 3]), [batch, -1])
+      queries += tf.reduce_sum(tf.cast(tf.math.is_finite(loss), tf.float32), -1)
+
+      def text_of(index, beam=beam, beam_changed=beam_changed):
+        """Beam text `index // (L·S)` with position `index // S % L` set to its
+        candidate `index % S`, and its changed positions."""
+        source, position, slot = index // (length * slots), index // slots % length, index % slots
+        chosen = tf.gather(beam, source, batch_dims=1)
+        character = tf.gather(tf.gather(candidates, position, batch_dims=1), slot, batch_dims=1)
+        here = tf.one_hot(position, length, on_value=True, off_value=False)
+        changed = tf.logical_or(tf.gather(beam_changed, source, batch_dims=1), here)
+        return tf.where(here, character[..., None], chosen), changed
+
+      # A text that flips the prediction: the one of highest loss among them.
+      flipping = tf.reduce_any(flip, -1) & ~broken
+      text, _ = text_of(tf.argmax(tf.where(flip, loss, -np.inf), -1, output_type=tf.int32))
+      found = tf.where(flipping[:, None], text, found)
+      found_changed = tf.where(flipping, float(round_ + 1), found_changed)
+      broken = broken | flipping
+      if round_ + 1 < self.budget:
+        keep = min(self.beam_width, width * length * slots)
+        top_loss, top = tf.math.top_k(loss, k=keep)                         # [B, W]
+        beam, beam_changed = tf.map_fn(
+            lambda j: text_of(top[:, j]), tf.range(keep), parallel_iterations=1,
+            fn_output_signature=(tf.TensorSpec(None, tf.int32), tf.TensorSpec(None, tf.bool)))
+        beam = tf.transpose(beam, [1, 0, 2])
+        beam_changed = tf.transpose(beam_changed, [1, 0, 2])
+        beam_loss, beam_valid = top_loss, tf.math.is_finite(top_loss)
+    greedy_logits, extra = greedy
+    greedy_broken = tf.not_equal(tf.argmax(greedy_logits, -1, output_type=tf.int32), labels)
+    use_beam = broken & ~(greedy_broken & (extra["changed"] <= found_changed))
+    final = tf.where(use_beam[:, None], found, extra["token_ids"])
+    logits = tf.where(use_beam[:, None], self._forward(model, inputs, final), greedy_logits)
+    return logits, {"changed": tf.where(use_beam, found_changed, extra["changed"]),
+                    "queries": extra["queries"] + queries, "token_ids": final}
 
   def examples(self, model, task, arrays, count: int, batch_size: int = 32):
     """The first `count` examples of `arrays` (a split's rows) attacked, as dicts
@@ -322,7 +417,8 @@ class CharSubstitutionAttack(Attack):
 
   def get_config(self) -> dict:
     return {"budget": self.budget, "max_fraction": self.max_fraction,
-            "budget_rule": self.budget_rule,
+            "budget_rule": self.budget_rule, "search": self.search,
+            "beam_width": self.beam_width,
             "pinyin_candidates": self.pinyin_candidates,
             "embedding_candidates": self.embedding_candidates, "top_k": self.top_k,
             "token_ids_key": self.token_ids_key, "padding_mask_key": self.padding_mask_key,
