@@ -166,3 +166,37 @@ def test_a_jsonl_pair_file_trains_with_fgm_and_evaluates_in_one_command(tmp_path
   assert 0.0 <= results["accuracy"] <= 1.0 and "adv_loss" in proc.stdout
   labels = json.loads((model_dir / "labels.json").read_text())
   assert labels["labels"] == ["different", "same"]
+
+
+def test_k_folds_partition_train_stratified_and_seeded():
+  from tfadv.data.base import carve_fold  # pylint: disable=g-import-not-at-top
+  labels = ["a"] * 23 + ["b"] * 9 + ["c"] * 2 + ["d"]
+  folds = [carve_fold(labels, 5, j, seed=3) for j in range(5)]
+  validations = [set(v.tolist()) for _, v in folds]
+  assert sorted(i for v in validations for i in v) == list(range(len(labels)))  # a partition
+  for train, validation in folds:
+    assert set(train.tolist()) == set(range(len(labels))) - set(validation.tolist())
+  for label in "abc":  # each label spread over the folds as evenly as it can be
+    counts = [sum(labels[i] == label for i in v) for v in validations]
+    assert max(counts) - min(counts) <= 1, (label, counts)
+  sizes = [len(v) for v in validations]
+  assert max(sizes) - min(sizes) <= 1, sizes
+  assert [v.tolist() for _, v in folds] == [carve_fold(labels, 5, j, 3)[1].tolist()
+                                            for j in range(5)]
+  assert carve_fold(labels, 5, 0, 4)[1].tolist() != folds[0][1].tolist()
+
+
+def test_a_dataset_validates_on_its_fold_and_trains_on_the_rest(tmp_path):
+  rows = [{"text": f"句子{i}", "label": "xy"[i % 2]} for i in range(20)]
+  _write_jsonl(tmp_path / "train.jsonl", rows)
+  _write_jsonl(tmp_path / "dev.jsonl", rows[:4])
+  seen = []
+  for fold in range(4):
+    ds = TextFileDataset(str(tmp_path), num_folds=4, validation_fold=fold,
+                         validation_fraction=0.5)  # folds replace the fraction
+    assert ds.splits == ("train", "validation", "eval")
+    train, validation = ds.examples("train")[0], ds.examples("validation")[0]
+    assert len(validation) == 5 and set(train) | set(validation) == {r["text"] for r in rows}
+    assert not set(train) & set(validation)
+    seen += validation
+  assert sorted(seen) == sorted(r["text"] for r in rows)

@@ -128,7 +128,7 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   # Its own process, as users run it (its flags would clash with tfadv.main's here);
   # every run is read back, none trains.
   argv = [sys.executable, "-m", "tfadv.tools.methods_table", f"--work_dir={work}", f"--out_dir={out}", f"--data_dir={data}",
-          "--tasks=tnews", "--methods=plain,fgm", "--seeds=0,1", "--select=fgm:0.3,1",
+          "--tasks=tnews", "--methods=plain,fgm", "--seeds=0,1", "--select=fgm:0.3,1", "--cv_below=0",
           "--section=t"]
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -169,7 +169,7 @@ def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
     _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.41, 0.40)
   argv = [sys.executable, "-m", "tfadv.tools.methods_table", f"--work_dir={work}",
           f"--out_dir={out}", f"--data_dir={data}", "--tasks=tnews",
-          "--methods=fgm,fgm_random", "--seeds=0,1", "--select=fgm:0.3,1",
+          "--methods=fgm,fgm_random", "--seeds=0,1", "--select=fgm:0.3,1", "--cv_below=0",
           "--variant=fgm_random=fgm:EmbeddingFGM.direction = 'random'",
           "--same_epsilon=fgm_random:fgm", "--section=c", "--report"]
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -225,7 +225,7 @@ def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spre
     _finished_run(work, f"tnews_fgm_eps0.3_seed{seed}", 0.43, 0.36)  # within 3 points
     _finished_run(work, f"tnews_fgm_eps1_seed{seed}", 0.45, 0.40)
     _finished_run(work, f"tnews_fgm_random_eps0.3_seed{seed}", 0.40, control)
-  flags = ["--methods=plain,fgm,fgm_random", "--select=fgm:0.3,1",
+  flags = ["--methods=plain,fgm,fgm_random", "--select=fgm:0.3,1", "--cv_below=0",
            "--variant=fgm_random=fgm:EmbeddingFGM.direction = 'random'",
            "--same_epsilon=fgm_random:fgm", "--section=c", "--report",
            "--compare=fgm:fgm_random"]
@@ -264,7 +264,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
   _attack_record(work, "tnews_plain_seed1", 0.31, 0.22, 0.12)
   _attack_record(work, "tnews_fgm_eps0.3_seed0", 0.36, 0.31, 0.20, success2=0.4)
   _attack_record(work, "tnews_fgm_eps1_seed0", 0.40, 0.39, 0.38)  # not chosen: unread
-  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=a",
+  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--cv_below=0", "--section=a",
            "--attack_budgets=1,2", "--attack_only", "--report"]
   stdout, text = _tool(work, out, data, *flags)
   assert "Wrote the attack section" in stdout
@@ -309,7 +309,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
 def test_methods_table_records_survive_the_model_dirs_and_other_bindings_run_again(tmp_path):
   work, out, data = _workspace(tmp_path)
   _plain_and_fgm_candidates(work)
-  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--section=r", "--report"]
+  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--cv_below=0", "--section=r", "--report"]
   _, text = _tool(work, out, data, *flags)
   assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text and "Not run yet" not in text
   saved = json.loads((out / "r_runs.json").read_text())
@@ -411,7 +411,7 @@ def test_transcribed_runs_rebuild_the_section_they_were_read_from(tmp_path):
     _attack_record(work, f"tnews_plain_seed{seed}", 0.30 + 0.02 * seed, 0.15, 0.06)
     _attack_record(work, f"tnews_fgm_eps0.3_seed{seed}", 0.36, 0.18, 0.09)
   flags = [f"--work_dir={work}", f"--data_dir={data}", "--out_dir=docs", "--tasks=tnews",
-           "--seeds=0,1", "--methods=plain,fgm", "--select=fgm:0.3,1", "--section=x",
+           "--seeds=0,1", "--methods=plain,fgm", "--select=fgm:0.3,1", "--cv_below=0", "--section=x",
            "--attack_budgets=1,2"]
 
   def tool(*extra):
@@ -588,3 +588,40 @@ def test_vision_selection_reads_validation_only_and_the_incumbent_wins_a_tie(tmp
   (work / "free8_seed1" / "wall_seconds.txt").unlink()
   text = select()
   assert "Runs: 3 of 4" in text and "Chosen: – (not every run has finished)." in text
+
+
+def test_methods_table_cross_validates_a_small_task_and_reports_each_folds_choice(tmp_path):
+  """TNEWS's 15% validation split is under --cv_below records: the ε is the
+  best mean over K folds of train (the fold runs, fabricated here), not the
+  validation split's choice; the dev row is the chosen ε's; each fold's own
+  choice is listed."""
+  work, out, data = _workspace(tmp_path)
+  (data / "tnews" / "train.json").write_text('{"sentence": "x", "label": "1"}\n' * 100)
+  _plain_and_fgm_candidates(work)  # the validation split prefers 0.3 (45 vs 41)
+  # Folds: 1 wins on three of four folds, 0.3 on one; means 41.5 vs 43.75.
+  for fold, (low, high) in enumerate([(0.40, 0.45), (0.41, 0.44), (0.42, 0.40), (0.43, 0.46)]):
+    _finished_run(work, f"tnews_fgm_eps0.3_fold{fold}_seed0", low, 0.0)
+    _finished_run(work, f"tnews_fgm_eps1_fold{fold}_seed0", high, 0.0)
+  flags = ["--methods=plain,fgm", "--select=fgm:0.3,1", "--cv_folds=4", "--section=v"]
+  stdout, text = _tool(work, out, data, *flags)
+  assert "tnews fgm: ε = 1 chosen by 4-fold cross-validation." in stdout
+  assert "| fgm | 40.00 ± 0.00 (n=2) [+9.00] |" in text  # ε = 1's dev runs
+  assert "| tnews | fgm | 1 | 0.3: 41.50, 1: 43.75 |" in text
+  assert "| tnews | fgm | 1 | 1, 1, 0.3, 1 | 3 of 4 |" in text
+  assert "by 4-fold cross-validation over train" in text
+  assert "fold" not in text.split("Every ε candidate")[1]  # fold runs are not rows
+  # The fold runs bind the fold; a missing fold leaves the choice open.
+  (work / "tnews_fgm_eps1_fold3_seed0" / "eval_results_dev.json").unlink()
+  (out / "v_runs.json").unlink()
+  stdout, text = _tool(work, out, data, *flags, "--report")
+  assert "chosen" not in stdout and "TNEWS fgm (1)" in text
+  probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
+           "r = t.NlpRun('tnews', 'fgm', 0, 1.0, selected=True, fold=2); print(r.name, r.params)")
+  proc = subprocess.run([sys.executable, "-c", probe, f"--data_dir={data}", "--cv_folds=4"],
+                        capture_output=True, text=True, check=False)
+  assert "tnews_fgm_eps1_fold2_seed0" in proc.stdout
+  assert "ClueDataset.num_folds = 4" in proc.stdout and "ClueDataset.validation_fold = 2" in proc.stdout
+  # With cross-validation off, the validation split chooses 0.3 as before.
+  (out / "v_runs.json").unlink()
+  stdout, _ = _tool(work, out, data, *flags, "--cv_below=0")
+  assert "tnews fgm: ε = 0.3 chosen on validation." in stdout

@@ -107,3 +107,34 @@ def carve_validation(labels: Sequence, fraction: float,
   validation = np.sort(np.asarray(validation, np.int64))
   train = np.setdiff1d(np.arange(len(labels)), validation)
   return train, validation
+
+
+def carve_fold(labels: Sequence, num_folds: int, fold: int,
+               seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+  """(train indices, validation indices): fold `fold` of a seeded K-fold
+  partition stratified by label (k-fold cross-validation over train).
+
+  Each label's examples are shuffled (by `seed`) and dealt to the folds in
+  turn, so the folds are disjoint, cover every example, and each holds about
+  1/K of every label. The partition depends on the labels, K and the seed only.
+
+  Example:
+  >>> folds = [carve_fold(["a"] * 6 + ["b"] * 4, 2, j)[1] for j in (0, 1)]
+  >>> sorted(np.concatenate(folds).tolist()) == list(range(10))
+  True
+  """
+  if num_folds < 2 or not 0 <= fold < num_folds:
+    raise ValueError(f"fold {fold} of num_folds={num_folds}; expected 0 <= fold < "
+                     "num_folds and num_folds >= 2.")
+  labels = np.asarray(labels)
+  rng = np.random.RandomState(seed)
+  validation = []
+  offset = 0  # deal each label on from where the last one stopped: even fold sizes
+  for label in sorted(set(labels.tolist()), key=str):
+    members = rng.permutation(np.nonzero(labels == label)[0])
+    dealt = (np.arange(len(members)) + offset) % num_folds
+    validation.extend(members[dealt == fold].tolist())
+    offset = (offset + len(members)) % num_folds
+  validation = np.sort(np.asarray(validation, np.int64))
+  train = np.setdiff1d(np.arange(len(labels)), validation)
+  return train, validation

@@ -54,6 +54,8 @@ class ClueDataset(TextFileDataset):
       0: no validation split.
     validation_seed: the carving's seed (fixed: every run of a table
       validates on the same examples).
+    num_folds, validation_fold: k-fold cross-validation instead of the
+      fraction (`TextFileDataset`).
 
   Example:
   >>> ds = ClueDataset("../shared/data/fewclue/tnews")
@@ -66,12 +68,14 @@ class ClueDataset(TextFileDataset):
   def __init__(self, data_dir: str = gin.REQUIRED, train_file: str = "train.json",
                eval_file: str = "dev.json", labels_file: Optional[str] = "labels.json",
                malformed: str = "error", name: Optional[str] = None,
-               validation_fraction: float = 0.0, validation_seed: int = 0):
+               validation_fraction: float = 0.0, validation_seed: int = 0,
+               num_folds: int = 0, validation_fold: int = 0):
     super().__init__(data_dir, train_file=train_file, eval_file=eval_file,
                      labels_file=labels_file, text_field=CLUE_FIELDS.text,
                      label_field=CLUE_FIELDS.label, format="jsonl", malformed=malformed,
                      name=name, validation_fraction=validation_fraction,
-                     validation_seed=validation_seed)
+                     validation_seed=validation_seed, num_folds=num_folds,
+                     validation_fold=validation_fold)
 
   def missing_message(self, path: str) -> str:
     task = os.path.basename(os.path.normpath(self.data_dir))

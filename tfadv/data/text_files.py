@@ -51,7 +51,7 @@ import gin
 import tensorflow as tf
 
 from tfadv import checks
-from tfadv.data.base import TextDataset, carve_validation
+from tfadv.data.base import TextDataset, carve_fold, carve_validation
 from tfadv.errors import InputDataError, MissingInputError, SettingError
 
 MALFORMED_POLICIES = ("error", "skip", "repair")
@@ -378,7 +378,12 @@ class TextFileDataset(TextDataset):
     validation_fraction: the share of train carved off as the "validation"
       split (stratified by label, seeded; `tfadv.data.base.carve_validation`),
       on which the experiment selects its checkpoint; 0: none.
-    validation_seed: the carving's seed.
+    validation_seed: the carving's seed (and the folds').
+    num_folds: K > 1: the validation split is fold `validation_fold` of a
+      stratified K-fold partition of train (`tfadv.data.base.carve_fold`),
+      replacing `validation_fraction`: k-fold cross-validation, one run per
+      fold (`tfadv.tools.methods_table --cv_folds`). 0: no folds.
+    validation_fold: which fold validates (0 .. K − 1).
 
   Example:
   >>> ds = TextFileDataset("../shared/data/fewclue/bustm", train_file="train.json",
@@ -395,10 +400,17 @@ class TextFileDataset(TextDataset):
                text_field: str = "text", text_pair_field: Optional[str] = None,
                label_field: str = "label", format: str = "auto",  # pylint: disable=redefined-builtin
                malformed: str = "error", name: Optional[str] = None,
-               validation_fraction: float = 0.0, validation_seed: int = 0):
+               validation_fraction: float = 0.0, validation_seed: int = 0,
+               num_folds: int = 0, validation_fold: int = 0):
     checks.check(self.owner, malformed=(malformed, checks.one_of(MALFORMED_POLICIES)),
                  format=(format, checks.one_of(FORMATS)),
-                 validation_fraction=(validation_fraction, checks.OPEN_FRACTION))
+                 validation_fraction=(validation_fraction, checks.OPEN_FRACTION),
+                 num_folds=(num_folds, checks.NON_NEGATIVE_INT),
+                 validation_fold=(validation_fold, checks.NON_NEGATIVE_INT))
+    if num_folds == 1 or (num_folds and validation_fold >= num_folds):
+      raise SettingError(f"{self.owner}.num_folds = {num_folds}, validation_fold = "
+                         f"{validation_fold}: expected num_folds >= 2 and validation_fold "
+                         "< num_folds (or num_folds = 0: no folds).")
     for key, value in (("text_field", text_field), ("label_field", label_field),
                        ("text_pair_field", text_pair_field)):
       if value is not None and (not isinstance(value, str) or not value):
@@ -412,6 +424,8 @@ class TextFileDataset(TextDataset):
     self.malformed = malformed
     self.validation_fraction = validation_fraction
     self.validation_seed = validation_seed
+    self.num_folds = num_folds
+    self.validation_fold = validation_fold
     self.name = name or os.path.basename(os.path.normpath(data_dir or train_file)) or "text"
     self._cache = {}
 
@@ -436,7 +450,8 @@ class TextFileDataset(TextDataset):
 
   @property
   def splits(self):
-    return ("train", "validation", "eval") if self.validation_fraction else ("train", "eval")
+    return (("train", "validation", "eval") if self.validation_fraction or self.num_folds
+            else ("train", "eval"))
 
   def split(self, which: str) -> TextSplit:
     """The whole train file (`"train"`) or the eval file (`"eval"`), read once and cached."""
@@ -463,10 +478,14 @@ class TextFileDataset(TextDataset):
       split = self.split("eval")
       return split.texts, split.labels
     split = self.split("train")
-    if not self.validation_fraction:
+    if self.num_folds:  # k-fold cross-validation: fold `validation_fold` validates
+      train, validation = carve_fold(split.labels, self.num_folds, self.validation_fold,
+                                     self.validation_seed)
+    elif self.validation_fraction:
+      train, validation = carve_validation(split.labels, self.validation_fraction,
+                                           self.validation_seed)
+    else:
       return split.texts, split.labels
-    train, validation = carve_validation(split.labels, self.validation_fraction,
-                                         self.validation_seed)
     chosen = train if which == "train" else validation
     return [split.texts[i] for i in chosen], [split.labels[i] for i in chosen]
 

@@ -128,6 +128,13 @@ flags.DEFINE_string("transcribe_from", None, "A commit whose <out_dir>/results.m
                     "this table's runs (its section's per-run lists): keeps each listed "
                     "run's numbers in --records, marked transcribed, for runs whose model "
                     "dirs were lost; starts nothing.")
+flags.DEFINE_integer("cv_folds", 5, "K of the k-fold cross-validation over train that "
+                     "chooses --select's ε on a task whose validation split holds fewer "
+                     "than --cv_below records.")
+flags.DEFINE_integer("cv_below", 500, "Cross-validate on tasks whose validation split (the "
+                     "config's validation_fraction of train) holds fewer records; 0: never.")
+flags.DEFINE_list("cv_seeds", ["0"], "Seeds of the cross-validation runs (every fold x ε "
+                  "candidate); the folds are fixed by the dataset's validation_seed.")
 flags.DEFINE_bool("attack_only", False, "Start no training run (another invocation "
                   "trains them): only the attack pass, over the runs finished so far.")
 
@@ -137,10 +144,13 @@ TASK_TITLES = {"tnews": "TNEWS", "iflytek": "IFLYTEK"}
 class NlpRun(runs.Run):
   """One (task, method, ε, seed) run of configs/<task>_<method>.gin."""
 
-  def __init__(self, task, method, seed, epsilon=None, selected=False):
+  def __init__(self, task, method, seed, epsilon=None, selected=False, fold=None):
     self.task, self.method, self.seed, self.epsilon = task, method, int(seed), epsilon
     self.selected = selected  # ε chosen on validation: the method's own row
+    self.fold = fold  # a cross-validation run: validates on this fold of train
     eps = "" if epsilon is None else f"_eps{epsilon:g}"
+    if fold is not None:
+      eps += f"_fold{fold}"
     base, extra = variants().get(method, (method, []))
     params = [f"Experiment.seed = {self.seed}",
               f"ClueDataset.data_dir = '{os.path.join(FLAGS.data_dir, task)}'", *extra]
@@ -151,6 +161,9 @@ class NlpRun(runs.Run):
         params.append(f"{binding} = {ratio * epsilon:g}")
     if FLAGS.preset:
       params.append(f"TextClassificationTask.preset = '{FLAGS.preset}'")
+    if fold is not None:
+      params += [f"{dataset}.{key} = {value}" for dataset in ("ClueDataset", "TextFileDataset")
+                 for key, value in (("num_folds", FLAGS.cv_folds), ("validation_fold", fold))]
     super().__init__(f"{task}_{method}{eps}_seed{self.seed}",
                      os.path.join(FLAGS.config_dir, f"{task}_{base}.gin"),
                      params + FLAGS.gin_param + task_bindings(task), FLAGS.work_dir)
@@ -255,7 +268,7 @@ def plot(groups, path):
 
 
 def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_seconds,
-                   path, missing=()):
+                   path, missing=(), scores=None, cv_runs=()):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
   title = "## Text: FewCLUE TNEWS and IFLYTEK (plain, FGM, GP)"
@@ -297,18 +310,31 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
     tie_note = ("; means within " + ", ".join(f"{p:g} points on {TASK_TITLES.get(t, t)}"
                                              for t, p in band.items())
                 + " of the best tie with it, and the smallest tied ε wins") if band else ""
+    cv_tasks = sorted({task for task, _ in chosen if cross_validates(task)})
+    cv_note = (f"; on {', '.join(TASK_TITLES.get(t, t) for t in cv_tasks)} (validation split "
+               f"under {FLAGS.cv_below} records) by {FLAGS.cv_folds}-fold cross-validation "
+               f"over train instead: the mean over folds x seeds {', '.join(FLAGS.cv_seeds)} "
+               "of each fold's best validation accuracy, folds fixed by the dataset's "
+               "validation_seed") if cv_tasks else ""
     lines += ["", "ε chosen per task on the validation split (mean validation accuracy "
               "of the best checkpoints over the seeds; dev never used to choose"
-              f"{tie_note}):", "",
+              f"{tie_note}{cv_note}):", "",
               runs.CHOSEN_HEADER,
               "|---|---|---|---|"]
     for (task, method), epsilon in sorted(chosen.items()):
-      by_eps = {}
-      for run, record in selection:
-        if (run.task, run.method) == (task, method):
-          by_eps.setdefault(run.epsilon, []).append(100 * validation_accuracy(record))
-      cells = ", ".join(f"{e:g}: {runs.mean_std(v)[0]:.2f}" for e, v in sorted(by_eps.items()))
+      by_eps = (scores or {}).get((task, method), {})
+      cells = ", ".join(f"{e:g}: {100 * runs.mean_std(v)[0]:.2f}"
+                        for e, v in sorted(by_eps.items()))
       lines.append(f"| {task} | {method} | {epsilon:g} | {cells} |")
+    stability = fold_choices(cv_runs)
+    if stability:
+      lines += ["", "How often each fold (and seed) alone would choose the same ε:", "",
+                "| task | method | chosen ε | each fold's choice | agree |", "|---|---|---|---|---|"]
+      for (task, method), picks in sorted(stability.items()):
+        if (task, method) in chosen:
+          agree = sum(p == chosen[(task, method)] for p in picks)
+          lines.append(f"| {task} | {method} | {chosen[(task, method)]:g} | "
+                       f"{', '.join(f'{p:g}' for p in picks)} | {agree} of {len(picks)} |")
   lines += _comparison_lines(groups, tasks, "accuracy", "dev accuracy")
   lines += ["", f"![methods table]({_plot_name()})", ""]
   if selection:
@@ -494,6 +520,9 @@ def planned_runs():
       for epsilon in selected.get((task, method), [None]):
         planned += [NlpRun(task, method, seed, epsilon, selected=epsilon is not None)
                     for seed in FLAGS.seeds]
+        if epsilon is not None and cross_validates(task):
+          planned += [NlpRun(task, method, seed, epsilon, selected=True, fold=fold)
+                      for fold in range(FLAGS.cv_folds) for seed in FLAGS.cv_seeds]
   for spec in FLAGS.sweep:
     method, tasks, epsilons = parse_epsilons(spec, "sweep")
     for epsilon in epsilons:
@@ -521,6 +550,43 @@ def dependent_runs(chosen):
   return ready, pending
 
 
+_VALIDATION_SIZES = {}
+
+
+def validation_size(task: str) -> int:
+  """Records in `task`'s validation split: its config's validation_fraction
+  of the lines of its train file."""
+  if task not in _VALIDATION_SIZES:
+    import gin  # pylint: disable=g-import-not-at-top
+    from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
+    gin.clear_config()
+    parse_config([os.path.join(FLAGS.config_dir, f"{task}_plain.gin")], [])
+    fraction, train_file = 0.0, "train.json"
+    for dataset in ("ClueDataset", "TextFileDataset"):
+      try:
+        fraction = max(fraction, gin.query_parameter(f"{dataset}.validation_fraction"))
+      except ValueError:
+        pass
+    try:
+      train_file = gin.query_parameter("TextFileDataset.train_file")
+    except ValueError:
+      pass
+    gin.clear_config()
+    path = os.path.join(FLAGS.data_dir, task, train_file)
+    if not os.path.exists(path):
+      raise app.UsageError(f"--cv_below={FLAGS.cv_below}: cannot size {task}'s validation "
+                           f"split without {path}; pass --cv_below=0 to choose on it as is.")
+    with open(path, "rb") as f:
+      lines = sum(1 for line in f if line.strip())
+    _VALIDATION_SIZES[task] = int(round(lines * fraction))
+  return _VALIDATION_SIZES[task]
+
+
+def cross_validates(task: str) -> bool:
+  """Whether --select chooses on `task` by k-fold cross-validation."""
+  return bool(FLAGS.select) and FLAGS.cv_below > 0 and validation_size(task) < FLAGS.cv_below
+
+
 def validation_accuracy(record) -> float:
   """The accuracy of the run's best checkpoint on its validation split."""
   if "best" not in record:
@@ -529,22 +595,45 @@ def validation_accuracy(record) -> float:
   return record["best"]["metrics"]["accuracy"]
 
 
+def selection_scores(finished, missing=()):
+  """{(task, method): {ε: [validation accuracies]}} of the selected methods
+  whose candidates have all run: the best checkpoints' validation accuracies
+  over the seeds, or, on a task that cross-validates, over folds x seeds."""
+  pending = {(run.task, run.method) for run in missing if run.selected}
+  candidates = {}
+  for run, record in finished:
+    if not run.selected or (run.task, run.method) in pending:
+      continue
+    if (run.fold is not None) != cross_validates(run.task):
+      continue  # on a cross-validated task only the fold runs choose
+    candidates.setdefault((run.task, run.method), {}).setdefault(
+        run.epsilon, []).append(validation_accuracy(record))
+  return candidates
+
+
 def choose(finished, missing=()):
   """{(task, method): ε} of the selected methods, by mean validation accuracy.
 
   A method is chosen for a task only once every ε candidate has run with
-  every seed (`missing` holds the runs still to come); means within the
-  task's `--tie` band of the best tie, and the smallest tied ε wins.
+  every seed (and, cross-validating, every fold; `missing` holds the runs
+  still to come); means within the task's `--tie` band of the best tie, and
+  the smallest tied ε wins.
   """
-  pending = {(run.task, run.method) for run in missing if run.selected}
-  candidates = {}
-  for run, record in finished:
-    if run.selected and (run.task, run.method) not in pending:
-      candidates.setdefault((run.task, run.method), {}).setdefault(
-          run.epsilon, []).append(validation_accuracy(record))
   band = ties()
   return {key: runs.choose_best(by_eps, tie=band.get(key[0], 0.0) / 100)
-          for key, by_eps in candidates.items()}
+          for key, by_eps in selection_scores(finished, missing).items()}
+
+
+def fold_choices(cv_runs):
+  """{(task, method): [ε chosen by each (fold, seed) alone]}: how stable the
+  cross-validated choice is (each alone, ties as in `choose`)."""
+  band, by_key = ties(), {}
+  for run, record in cv_runs:
+    by_key.setdefault((run.task, run.method), {}).setdefault((run.fold, run.seed), {})[
+        run.epsilon] = [validation_accuracy(record)]
+  return {key: [runs.choose_best(one, tie=band.get(key[0], 0.0) / 100)
+                for _, one in sorted(groups.items())]
+          for key, groups in by_key.items()}
 
 
 def section_name() -> str:
@@ -731,14 +820,21 @@ def main(argv):
   finished = [(run, record) for run, record in zip(planned, records) if record is not None]
   missing = [run for run, record in zip(planned, records) if record is None]
   chosen = choose(finished, missing)
+  scores = selection_scores(finished, missing)
+  # Cross-validation runs choose; they are not rows of the table.
+  cv_runs = [(run, record) for run, record in finished if run.fold is not None]
+  finished = [(run, record) for run, record in finished if run.fold is None]
   if FLAGS.same_epsilon:  # the runs at another method's chosen ε
     ready, pending = dependent_runs(chosen)
     more = run_all(ready, start=train, then=then)
     finished += [(run, record) for run, record in zip(ready, more) if record is not None]
     missing += [run for run, record in zip(ready, more) if record is None] + pending
-    chosen = choose(finished, missing)
+    chosen = choose(finished + cv_runs, missing)
+    scores = selection_scores(finished + cv_runs, missing)
   for (task, method), epsilon in sorted(chosen.items()):
-    print(f"{task} {method}: ε = {epsilon:g} chosen on validation.", flush=True)
+    how = (f"by {FLAGS.cv_folds}-fold cross-validation" if cross_validates(task)
+           else "on validation")
+    print(f"{task} {method}: ε = {epsilon:g} chosen {how}.", flush=True)
   groups, selection = {}, []
   for run, record in finished:
     if run.selected:
@@ -746,13 +842,13 @@ def main(argv):
       if run.epsilon != chosen.get((run.task, run.method)):
         continue  # another candidate, or no choice yet (candidates still to run)
     groups.setdefault((run.task, run.variant), []).append(record)
-  total = sum(record["wall_seconds"] for _, record in finished)
+  total = sum(record["wall_seconds"] for _, record in finished + cv_runs)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   if FLAGS.attack_only:  # the table's own section is its training invocation's
     attack_pass(finished, chosen)
     return
   write_markdown(groups, finished, selection, chosen, total, time.time() - start,
-                 os.path.join(FLAGS.out_dir, "results.md"), missing)
+                 os.path.join(FLAGS.out_dir, "results.md"), missing, scores, cv_runs)
   if groups:  # nothing to plot before the first run finishes
     plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
   print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
