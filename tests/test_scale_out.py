@@ -385,3 +385,42 @@ def test_every_method_trains_in_mixed_bfloat16_with_float32_state(name, bfloat16
   assert np.isfinite(losses["mixed_bfloat16"])
   # bfloat16 keeps 8 bits of mantissa: the loss agrees to about 1%.
   assert losses["mixed_bfloat16"] == pytest.approx(losses["float32"], rel=0.03)
+
+
+@pytest.mark.parametrize("task", ["tnews", "iflytek"])
+def test_bert_base_reference_configs_bind_the_references_and_dry_run_on_a_tpu(capsys, task):
+  """The reference setting's configs carry the cited hyperparameters (CLUE's
+  baseline scripts, bert4keras's IFLYTEK examples), bfloat16, and launch on a
+  TPU VM (dry run): the preset is a keras-hub name the workers fetch."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
+  want_batch, want_lr, want_epochs = {"tnews": (16, 3e-5, 2), "iflytek": (32, 2e-5, 3)}[task]
+  for method, binding, value in (("plain", None, None), ("fgm", "EmbeddingFGM.epsilon", 0.5),
+                                 ("gp", "EmbeddingGradientPenalty.epsilon", 1.0),
+                                 ("freelb", "FreeLB.epsilon", 0.1)):
+    path = f"configs/bert_base_{task}_{method}.gin"
+    gin.clear_config()
+    parse_config([os.path.join(REPO, path)], [])
+    query = gin.query_parameter
+    assert query("TextClassificationTask.preset") == "bert_base_zh", path
+    assert query("TextClassificationTask.sequence_length") == 128, path
+    assert (query("Experiment.global_batch_size"), query("adamw.learning_rate"),
+            query("Experiment.train_epochs")) == (want_batch, want_lr, want_epochs), path
+    assert query("Experiment.mixed_precision") == "mixed_bfloat16", path
+    assert query("ClueDataset.validation_fraction") == 0.05, path
+    if binding:
+      assert query(binding) == value, path
+    with open(os.path.join(REPO, path)) as f:
+      header = f.read().split("include")[0]
+    assert f"--gin_file={path}" in header and "# Expected: " in header, path
+  gin.clear_config()
+  code = tpu_vm.main(["--name=adv", "--zone=us-central2-b", "--dry_run",
+                      f"--gin_file=configs/bert_base_{task}_fgm.gin",
+                      f"--gin_param=ClueDataset.data_dir = 'gs://bucket/clue/{task}'",
+                      "--model_dir=gs://bucket/runs/bert_base", "--accelerator_type=v4-8"],
+                     exists=lambda path: True)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert code == 0
+  assert not any("gcloud storage cp" in line for line in lines)  # nothing local to upload
+  train = [line for line in lines if "tfadv.main" in line][0]
+  assert f"--gin_file=configs/bert_base_{task}_fgm.gin" in train
