@@ -1,6 +1,7 @@
 """Result-table plumbing: doc sections and cached runs."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -625,3 +626,35 @@ def test_methods_table_cross_validates_a_small_task_and_reports_each_folds_choic
   (out / "v_runs.json").unlink()
   stdout, _ = _tool(work, out, data, *flags, "--cv_below=0")
   assert "tnews fgm: ε = 0.3 chosen on validation." in stdout
+
+
+def test_the_controls_tables_spec_file_yields_its_recorded_runs():
+  """configs/tables/text_controls.flags is the table: every run it plans, the
+  controls at their method's chosen ε and every attack evaluation are in the
+  committed records under the same name with the same bindings."""
+  probe = """
+import sys
+from tfadv.tools import methods_table as t
+t.FLAGS(["x", "--flagfile=configs/tables/text_controls.flags"])
+store = t.record_store()
+planned = t.planned_runs()
+records = [store.get(run.key, run.params) for run in planned]
+absent = [run.key for run, r in zip(planned, records) if r is None]
+finished = [(run, r) for run, r in zip(planned, records) if r is not None]
+ready, pending = t.dependent_runs(t.choose(finished, []))
+absent += [run.key for run in ready if store.get(run.key, run.params) is None]
+chosen = t.choose(finished + [(run, store.get(run.key, run.params)) for run in ready], [])
+attacked = [run for run in [r for r, _ in finished] + ready if t.attacked(run)
+            and (not run.selected or run.epsilon == chosen.get((run.task, run.method)))]
+absent += [t.attack_run(run).key for run in attacked
+           if store.get(t.attack_run(run).key, t.attack_run(run).params) is None]
+print(len(planned), len(ready), len(pending), len(attacked), len(store.load()), absent)
+"""
+  proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                        check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  planned, ready, pending, attacked, stored, absent = proc.stdout.strip().splitlines()[-1].split(
+      " ", 5)
+  assert absent == "[]", absent
+  assert (int(planned), int(ready), int(pending), int(attacked)) == (168, 12, 0, 72)
+  assert int(planned) + int(ready) + int(attacked) <= int(stored)
