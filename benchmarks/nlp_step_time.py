@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/nlp_step_time.py [--jit] [--layers 4 --hidden 256 ...]
     .venv/bin/python benchmarks/nlp_step_time.py --bert_base_embedding [--jit]   # 21,128 x 768, 2 layers
+    .venv/bin/python benchmarks/nlp_step_time.py --bert_base --batch 8 --steps 2 --repeats 1 \
+        --warmup 1 --peak_memory [--jit]   # BERT-base: 12 x 768, 21,128 characters, 128 tokens
+
+`--peak_memory` runs each method in a process of its own (the ratios still
+come from one process: plain runs first in each) and reports the peak
+resident memory of that process beside its step time.
 
 Every method trains the same keras-hub BERT on the same batches through the
 same `Trainer`; each is timed over `--steps` steps after a warm-up loop (which
@@ -158,6 +164,12 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--jit", action="store_true", help="XLA-compile the step")
+  parser.add_argument("--bert_base", action="store_true",
+                      help="BERT-base Chinese: 12 layers x 768, 12 heads, vocabulary 21,128 "
+                           "(overrides --vocab/--hidden/--heads/--layers)")
+  parser.add_argument("--warmup", type=int, default=3, help="steps before timing")
+  parser.add_argument("--peak_memory", action="store_true",
+                      help="each method in its own process, with its peak resident memory")
   parser.add_argument("--bert_base_embedding", action="store_true",
                       help="BERT-base Chinese's embedding: vocabulary 21,128 x hidden 768, "
                            "12 heads, 2 layers (overrides --vocab/--hidden/--heads/--layers)")
@@ -178,6 +190,10 @@ def main():
     args.no_reference = True
   if args.bert_base_embedding:
     args.vocab, args.hidden, args.heads, args.layers = 21128, 768, 12, 2
+  if args.bert_base:
+    args.vocab, args.hidden, args.heads, args.layers = 21128, 768, 12, 12
+  if args.peak_memory:
+    return peak_memory_rows(args)
   rng = np.random.RandomState(0)
   n = 4 * args.batch
   arrays = {"token_ids": rng.randint(5, args.vocab, (n, args.length)).astype(np.int32),
@@ -199,7 +215,7 @@ def main():
     iterator = iter(distributed_dataset(trainer.strategy, arrays, args.batch, shuffle=True,
                                         repeats_per_batch=trainer.method.batch_replays))
     key = name + ("_sparse_reduce" if sparse else "")
-    times[key] = best_step_time(trainer, iterator, args.steps, args.repeats)
+    times[key] = best_step_time(trainer, iterator, args.steps, args.repeats, args.warmup)
     print(report(key, times[key], times["plain"], None if sparse else TARGETS.get(name)),
           flush=True)
   if not args.no_reference:
@@ -212,6 +228,24 @@ def main():
             f"reference_fgm / keras_plain: {times['reference_fgm'] / times['keras_plain']:.2f}x")
   if args.profile:
     profile(args, arrays, times["plain"])
+
+
+def peak_memory_rows(args):
+  """Each method in a child process (plain first in each, for its ratio),
+  with the child's peak resident memory (`os.wait4`'s ru_maxrss)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  flags = [a for a in sys.argv[1:] if a != "--peak_memory" and not a.startswith("--methods")]
+  methods = [m for m in args.methods.split(",") if m]
+  print(f"{'method':28s} {'ms/step':>8s}  ratio  peak RSS (child process: plain, then the method)")
+  for name in methods:
+    proc = subprocess.Popen([sys.executable, __file__, *flags, "--no_reference",
+                             f"--methods={name}"], stdout=subprocess.PIPE, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    line = [l for l in output.splitlines() if l.startswith(name + " ") or l.startswith(name)][-1:]
+    print(f"{(line[0] if line else name + ' failed (status ' + str(status) + ')')}  "
+          f"{usage.ru_maxrss / 2**20:.2f} GiB", flush=True)
 
 
 def profile(args, arrays, plain):
