@@ -387,3 +387,40 @@ def test_sigterm_and_resume_give_bit_identical_weights_and_memory(tmp_path):
   assert before < total, (before, total)
   print(f"ATTA: SIGTERM at step {step} of 600, resumed: weights and memory bit-identical; "
         f"training {before:.1f} s + {total - before:.1f} s vs {straight_seconds:.1f} s straight")
+
+
+def test_atta_attack_passes_leave_batchnorm_statistics_alone():
+  """Only the training pass moves BatchNorm's moving statistics (as PGD's
+  ascent passes, and the reference attacks in inference mode): with a zero
+  step size every pass sees the same images, so 1 and 5 attack passes must
+  leave the same statistics."""
+  def stats(num_steps):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 2, 1))
+    hidden = keras.layers.BatchNormalization(momentum=0.5)(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(int(LABELS.max()) + 1)(hidden))
+    method = ATTATraining(epsilon=EPS, step_size=0.0, num_steps=num_steps, init_scale=0.05)
+    method.build(model, input_shape=(4, 2, 2, 1), num_examples=6)
+
+    def loss_fn(labels, logits, weights):
+      return tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True) * weights) / 4
+
+    method.compute_gradients(model, loss_fn, tf.constant(IMAGES[:4]), tf.constant(LABELS[:4]),
+                             tf.ones([4]), example_ids=tf.constant([0, 1, 2, 3]))
+    layer = model.layers[2]
+    return layer.moving_mean.numpy(), layer.moving_variance.numpy()
+
+  one, five = stats(1), stats(5)
+  np.testing.assert_array_equal(one[0], five[0])
+  np.testing.assert_array_equal(one[1], five[1])
+  assert np.any(one[0] != 0)  # the training pass did move them
+
+
+def test_atta_with_random_crops_and_flips_is_refused_in_one_line():
+  from tfadv.tasks.image import ImageClassificationTask  # pylint: disable=g-import-not-at-top
+  task = ImageClassificationTask(dataset=None, model_fn=lambda *a, **k: None, augment=True)
+  with pytest.raises(SettingError, match=r"^ATTATraining keeps each training image's "
+                     r"perturbation .* set ImageClassificationTask.augment = False") as caught:
+    build_trainer(tiny_cnn, ATTATraining(), global_batch_size=B, task=task)
+  assert "\n" not in str(caught.value)

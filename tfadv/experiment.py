@@ -59,6 +59,12 @@ def build_trainer(model_fn: Callable[[], keras.Model], method: Optional[Method] 
   strategy = strategy or tf.distribute.get_strategy()
   method = method if method is not None else Plain()
   method.seed_with(seed)
+  if method.keeps_input_perturbations and getattr(task, "augment", False):
+    raise errors.SettingError(
+        f"{type(method).__name__} keeps each training image's perturbation from its "
+        "last epoch, which a random crop or flip would misalign (ATTA's reference "
+        "undoes the augmentation first): set ImageClassificationTask.augment = False, "
+        "or train with PGDTraining or FreeTraining.")
   per_replica_batch = global_batch_size // strategy.num_replicas_in_sync
   if task is not None:
     split_batch = split_batch or task.split_batch

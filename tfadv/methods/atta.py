@@ -73,6 +73,7 @@ from tfadv import checks
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import keep_if_finite, scaled_gradient
 from tfadv.methods.base import Method, MethodOutput
+from tfadv.models.state import ascent_pass
 from tfadv.perturbation import feasible_box, ramped, stuck_share
 
 
@@ -116,6 +117,7 @@ class ATTATraining(Method):
 
   name = "atta"
   uses_example_ids = True
+  keeps_input_perturbations = True
 
   def __init__(self, epsilon: float = 0.1, step_size: float = 0.025,
                num_steps: int = 1, clip_min: float = 0.0, clip_max: float = 1.0,
@@ -186,7 +188,9 @@ class ATTATraining(Method):
     delta = tf.clip_by_value(start, low, high)
     delta_gradient = tf.zeros_like(delta)
     for _ in range(self.num_steps):
-      with tf.GradientTape() as tape:
+      # An ascent pass: BatchNorm's moving statistics move only with the
+      # training pass below (as PGD's; the reference attacks in eval mode).
+      with tf.GradientTape() as tape, ascent_pass(model):
         tape.watch(delta)
         logits = model(images + delta, training=True)
         loss = loss_fn(labels, logits, weights)

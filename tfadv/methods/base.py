@@ -85,6 +85,9 @@ class Method:
   batch_replays = 1
   uses_example_ids = False
   uses_replay_index = False
+  # Keeps a perturbation of each training example's *input* across epochs
+  # (ATTA): a random crop or flip would move the example under it.
+  keeps_input_perturbations = False
 
   def build(self, model: keras.Model, input_shape=None) -> None:
     del model, input_shape
