@@ -459,3 +459,43 @@ def test_a_wide_beam_is_brute_force_and_beam_never_trails_greedy(seed):
   assert attacked("beam", 10_000) == want
   greedy, beam = attacked("greedy", 10), attacked("beam", 10)
   assert all(b is not None for g, b in zip(greedy, beam) if g not in (None, "skipped"))
+
+
+def test_the_attack_gradient_is_loss_scaled_in_float16():
+  """A confident float16 model's embedding gradient (≈ 1e-8) underflows to
+  zero unless the loss is scaled, as every other evaluation attack scales it
+  (`loss_scaling_by`, opened by the trainer's evaluation); with a zero
+  gradient the greedy search verifies the wrong candidate (top_k = 1) and
+  misses the one substitution that flips the prediction."""
+  from tfadv.loss_scaling import loss_scaling_by  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    ids_in = keras.Input((L,), dtype="int32", name="token_ids")
+    mask_in = keras.Input((L,), dtype="bool", name="padding_mask")
+    embedding = keras.layers.Embedding(V, H, name="token_embedding")
+    pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
+        t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedding(ids_in), mask_in])
+    head = keras.layers.Dense(2)
+    model = keras.Model({"token_ids": ids_in, "padding_mask": mask_in}, head(pooled))
+    table = np.zeros((V, H), np.float32)
+    big = VOCAB.index("国")
+    table[big, 0] = 2000.0  # 0.01 · 2000 = 20 > the margin of 14: flips
+    embedding.embeddings.assign(table)
+    head.kernel.assign(np.array([[0.0, 0.01]] + [[0.0, 0.0]] * (H - 1), np.float32))
+    head.bias.assign(np.array([14.0, 0.0], np.float32))  # class 0, p(1) ≈ 8e-7
+    ids = np.full((1, L), VOCAB.index("中"), np.int32)
+    ids[0, 0] = VOCAB.index("[CLS]")
+    mask = np.ones((1, L), bool)
+    pinyin = np.full((V, 2), -1, np.int32)
+    pinyin[VOCAB.index("中")] = [VOCAB.index("钟"), big]  # the flip is the second slot
+    attack = CharSubstitutionAttack(budget=1, max_fraction=1.0, embedding_candidates=0,
+                                    pinyin_candidates=2, top_k=1)
+    attack.set_vocabulary(VOCAB, pinyin=pinyin)
+    labels = tf.constant([0])
+    with loss_scaling_by(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())):
+      logits, extra = attack.adversarial_outputs(
+          model, {"token_ids": ids, "padding_mask": mask}, labels, None, per_example_ce)
+    assert int(np.argmax(logits.numpy(), -1)[0]) == 1, extra
+    assert big in extra["token_ids"].numpy()[0]
+  finally:
+    keras.mixed_precision.set_global_policy("float32")

@@ -47,8 +47,9 @@ import tensorflow as tf
 
 from tfadv import checks
 from tfadv.attacks import Attack
-from tfadv.errors import SettingError
 from tfadv.data.vocab import SPECIAL_TOKENS, _is_cjk
+from tfadv.errors import SettingError
+from tfadv.loss_scaling import scaled_gradient
 
 CACHE = "char_substitution_pinyin.npz"
 
@@ -270,7 +271,9 @@ class CharSubstitutionAttack(Attack):
         tape.watch(zero)
         with hook.adding(zero):
           round_loss = tf.reduce_sum(loss_fn(labels, self._forward(model, inputs, current)))
-      gradient = tf.cast(tape.gradient(round_loss, zero), tf.float32)
+      # Scaled as every evaluation attack's (float16: small gradients underflow);
+      # the gains rank candidates, which no positive scale changes.
+      gradient = tf.cast(scaled_gradient(tape, round_loss, zero), tf.float32)
       here = tf.gather(table, current)
       gain = tf.einsum("blch,blh->blc", tf.gather(table, tf.maximum(candidates, 0))
                        - here[:, :, None, :], gradient)
