@@ -790,3 +790,25 @@ def test_validation_split_is_carved_from_train_and_a_training_records_it(tmp_pat
   assert record["train_seconds"] > 0
   assert not (model_dir / "eval_results.json").exists()
 
+
+
+def test_a_replaying_methods_warm_up_ends_at_a_new_batch():
+  """Free replays each batch m times: a start inside a batch's replays is
+  moved to the next batch, so the method's first step is a batch's first
+  delivery (its buffer starts there), not its third."""
+  arrays = image_arrays(4 * B)
+  default = tf.distribute.get_strategy()
+  warm = build_trainer(lambda: tiny_cnn(0), FreeTraining(epsilon=EPS, replays=4),
+                       global_batch_size=B, optimizer_fn=lambda: keras.optimizers.SGD(0.05),
+                       split_batch=split, adversarial_start_step=6, input_shape=(B, H, H, 1))
+  assert warm.adversarial_start_step == 8
+  iterator = iter(distributed_dataset(default, arrays, B, shuffle=True, seed=5,
+                                      repeats_per_batch=4))
+  first = warm.train(iterator, 10)
+  assert first["steps"] == 8 and first["adversarial"] == 0.0
+  second = warm.train(iterator, 4)
+  assert second["steps"] == 4 and second["adversarial"] == 1.0
+  aligned = build_trainer(lambda: tiny_cnn(0), FreeTraining(epsilon=EPS, replays=4),
+                          global_batch_size=B, split_batch=split, adversarial_start_step=8,
+                          input_shape=(B, H, H, 1))
+  assert aligned.adversarial_start_step == 8

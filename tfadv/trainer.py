@@ -152,7 +152,9 @@ class Trainer:
     adversarial_start_step: steps before it are plain training steps (a
       warm-up: FreeLB users report NaN when adversarial steps start at once,
       zhuchen03/FreeLB#19); the method's buffers are neither read nor
-      written then. The scalar `adversarial` (0 or 1) says which ran.
+      written then. The scalar `adversarial` (0 or 1) says which ran. With
+      a method that replays each batch m times (Free) it is rounded up to a
+      multiple of m, so the method starts at a new batch.
     epsilon_ramp_steps: R > 0 ramps the method's perturbation sizes (ε, and
       the ascent steps and initial magnitudes that go with it; Su's penalty
       weight; R3F's σ) linearly from ε/R at `adversarial_start_step` to ε
@@ -211,7 +213,14 @@ class Trainer:
     self._train_loop = tf.function(self._train_loop_fn)
     # Warm-up: steps before `adversarial_start_step` are plain steps (their
     # own compiled loop; a loop never spans the start).
-    self.adversarial_start_step = int(adversarial_start_step)
+    # A method that replays each batch (Free) starts at a new batch: its
+    # buffers begin at replay 0, not mid-batch from a zero buffer.
+    replays = method.batch_replays
+    self.adversarial_start_step = -(-int(adversarial_start_step) // replays) * replays
+    if self.adversarial_start_step != adversarial_start_step:
+      logging.info("adversarial_start_step %d -> %d: %s replays each batch %d times and "
+                   "starts at a new batch.", adversarial_start_step,
+                   self.adversarial_start_step, type(method).__name__, replays)
     if epsilon_ramp_steps < 0:
       raise ValueError(f"epsilon_ramp_steps={epsilon_ramp_steps}; expected >= 0.")
     self.epsilon_ramp_steps = int(epsilon_ramp_steps)
