@@ -424,3 +424,12 @@ def test_atta_with_random_crops_and_flips_is_refused_in_one_line():
                      r"perturbation .* set ImageClassificationTask.augment = False") as caught:
     build_trainer(tiny_cnn, ATTATraining(), global_batch_size=B, task=task)
   assert "\n" not in str(caught.value)
+
+
+def test_the_memory_limit_reads_available_not_free_memory(tmp_path):
+  from tfadv.methods.atta import available_host_memory  # pylint: disable=g-import-not-at-top
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\n"
+                     "MemAvailable:   20000000 kB\nCached:         18000000 kB\n")
+  assert available_host_memory(str(meminfo)) == 20000000 * 1024
+  assert available_host_memory(str(tmp_path / "absent")) is not None  # free pages instead

@@ -77,8 +77,18 @@ from tfadv.models.state import ascent_pass
 from tfadv.perturbation import feasible_box, ramped, stuck_share
 
 
-def available_host_memory() -> Optional[int]:
-  """Bytes of physical memory available now (None where unknown)."""
+def available_host_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
+  """Bytes of memory available for a new allocation now (None where unknown):
+  Linux's MemAvailable, which counts the page cache the kernel gives back,
+  not MemFree (`SC_AVPHYS_PAGES`), which does not and can refuse a run that
+  fits; elsewhere the free pages."""
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError):
