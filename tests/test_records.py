@@ -14,7 +14,7 @@ import builders
 from builders import REPO, write_tiny_fashion_idx
 from tfadv.data import pipeline, records
 from tfadv.data.sources import ArraySource
-from tfadv.errors import InputDataError, MissingInputError
+from tfadv.errors import InputDataError, MissingInputError, SettingError
 
 PLAIN = os.path.join(REPO, "configs", "fashion_mnist_plain.gin")
 
@@ -199,6 +199,16 @@ def test_a_text_task_trains_on_its_store_to_the_same_weights(fewclue_dir, tmp_pa
   for a, b in zip(builders.weights(memory["experiment"].model),
                   builders.weights(stored["experiment"].model)):
     np.testing.assert_array_equal(a, b)
+  signature = records.read_metadata(str(tmp_path / "store"))["signature"]
+  assert signature["TextClassificationTask.sequence_length"] == 32
+  assert signature["ClueDataset.validation_fraction"] == 0.0
+  # A run whose rows would differ from the store's is stopped before training.
+  for binding, key in (("TextClassificationTask.sequence_length = 48", "sequence_length"),
+                       ("ClueDataset.validation_fraction = 0.15", "validation_fraction")):
+    with pytest.raises(SettingError, match=rf"was written with \S*{key} = .*this run has"):
+      builders.run("train", tmp_path / f"other_{key}", strategy, bindings + [
+          f"Experiment.record_store = '{tmp_path / 'store'}'", binding])
+    assert not (tmp_path / f"other_{key}" / "checkpoint").exists()
 
 
 def test_a_missing_or_foreign_store_stops_with_one_line_naming_the_fix(tmp_path, idx_dir):

@@ -227,6 +227,7 @@ class Experiment:
     self.strategy = strategy
     print_fn = print_fn or functools.partial(print, flush=True)
     if self.record_store:
+      records.check_signature(self.record_store, self.task.store_signature())
       self.task.record_store = self.record_store
       records.copy_prepared(self.record_store, model_dir)
     self.task.prepare(model_dir)

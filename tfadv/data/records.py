@@ -54,7 +54,7 @@ import tensorflow as tf
 
 from tfadv.data.sources import (ArraySource, ExampleSource, PythonReadSource, decode_images,
                                 decode_raw)
-from tfadv.errors import InputDataError, MissingInputError
+from tfadv.errors import InputDataError, MissingInputError, SettingError
 
 FORMAT = "tfadv-records-1"
 METADATA = "metadata.json"
@@ -144,7 +144,7 @@ def write_store(out_dir: str,
                 shard_bytes: int = 256 << 20, labels: Optional[List[str]] = None,
                 description: str = "", prepared: Optional[List[str]] = None,
                 chunk_rows: int = 4096, layout: str = "array_record",
-                block_bytes: int = 64 << 10) -> str:
+                block_bytes: int = 64 << 10, signature: Optional[dict] = None) -> str:
   """Writes `splits` ({split: arrays, or a function returning them}) as a store.
 
   Args:
@@ -163,6 +163,8 @@ def write_store(out_dir: str,
       variable-length string; see the module docstring).
     block_bytes: with the fixed layout, about this many bytes per block file
       (at least one row).
+    signature: the settings the rows follow from (`Task.store_signature`),
+      which a run on the store checks (`check_signature`).
 
   Returns:
     `out_dir`.
@@ -176,6 +178,7 @@ def write_store(out_dir: str,
   local_dir = tempfile.mkdtemp(prefix="tfadv_store_") if remote else out_dir
   os.makedirs(local_dir, exist_ok=True)
   metadata = {"format": FORMAT, "layout": layout, "description": description,
+              "signature": dict(signature or {}),
               "features": None,
               "splits": {}, "prepared": sorted(set(prepared or []) | (
                   {LABELS} if labels is not None else set()))}
@@ -277,6 +280,20 @@ def read_metadata(store: str) -> dict:
     raise InputDataError(f"{path}: format {metadata.get('format')!r}, expected "
                          f"{FORMAT!r}; write the store again with this tfadv.")
   return metadata
+
+
+def check_signature(store: str, signature: dict) -> None:
+  """A run's task settings against those its store was written with: a
+  setting that differs (a sequence length, a validation carve, a dataset's
+  seed) is a one-line `SettingError`, not rows silently read as if it did
+  not. A store written before signatures were kept is not checked."""
+  written = read_metadata(store).get("signature") or {}
+  for key in sorted(set(written) | set(signature)):
+    if key in written and key in signature and written[key] != signature[key]:
+      raise SettingError(
+          f"Experiment.record_store = {store!r} was written with {key} = {written[key]!r}, "
+          f"this run has {signature[key]!r}: write a store for this config "
+          "(python -m tfadv.tools.write_records) or bind the store's value.")
 
 
 def store_labels(store: str) -> Optional[List[str]]:

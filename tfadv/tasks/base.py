@@ -98,6 +98,32 @@ class Task(abc.ABC):
   # by `Experiment.record_store`.
   record_store: Optional[str] = None
 
+  # What decides a store's rows (`store_signature`): the task's and its
+  # dataset's settings of these names, where they have them. Paths (and the
+  # names derived from them) are left out: a store may be read from a bucket
+  # the data never saw.
+  SIGNATURE_TASK = ("sequence_length", "preset", "vocabulary_size", "vocabulary_min_count",
+                    "image_size", "resize_size", "crop")
+  SIGNATURE_DATASET = ("train_file", "eval_file", "fields", "validation_fraction",
+                       "validation_seed", "num_folds", "validation_fold", "seed",
+                       "num_train", "num_eval", "num_validation", "max_chars")
+
+  def store_signature(self) -> dict:
+    """The settings a record store of this task is written with
+    (`write_records` saves them; a run on the store checks its own against
+    them, `tfadv.data.records.check_signature`)."""
+    signature = {}
+    for owner, names in ((self, self.SIGNATURE_TASK),
+                         (getattr(self, "dataset", None), self.SIGNATURE_DATASET)):
+      for name in names:
+        value = getattr(owner, name, None) if owner is not None else None
+        if value is not None:
+          value = list(value) if isinstance(value, tuple) else value
+          if name.endswith("_file"):  # a file's name, not where it was read from
+            value = os.path.basename(str(value))
+          signature[f"{type(owner).__name__}.{name}"] = value
+    return json.loads(json.dumps(signature, default=str))
+
   @abc.abstractmethod
   def prepare(self, model_dir: str) -> None:
     """Creates or loads what the model needs beside its weights, in `model_dir`."""

@@ -53,7 +53,8 @@ def write(task, out: str, splits=None, shard_bytes: int = 256 << 20, encode_png=
   return records.write_store(
       out, {split: (lambda split=split: task.source(split)) for split in splits},
       encodings={k: "png" for k in encode_png}, shard_bytes=shard_bytes,
-      description=description, prepared=prepared, layout=layout)
+      description=description, prepared=prepared, layout=layout,
+      signature=task.store_signature())
 
 
 def main(argv):
