@@ -60,6 +60,9 @@ BAD = {
     "tfadv.char_substitution.CharSubstitutionAttack": ({}, {
         "budget": [ZERO, 1.5], "max_fraction": [NEG, 1.5], "pinyin_candidates": [-1],
         "embedding_candidates": [-1], "top_k": [ZERO], "budget_rule": ["round"]}),
+    "tfadv.smoothing.SubstitutionSmoothing": ({}, {
+        "probability": [0.0, 1.0, NEG], "num_samples": [ZERO], "num_selection": [ZERO],
+        "confidence": [1.0, 0.0], "radii": [(1, 0)]}),
     "tfadv.experiment.Experiment": ({"task": None}, {
         "train_steps": [ZERO], "global_batch_size": [ZERO, -32], "eval_batch_size": [-1],
         "adversarial_start_step": [-1], "epsilon_ramp_steps": [-1], "steps_per_loop": [ZERO],

@@ -1,6 +1,7 @@
 """Imports every module with gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
-from tfadv import attacks, char_substitution, distribute, experiment, optimization
+from tfadv import (attacks, char_substitution, distribute, experiment, optimization,
+                   smoothing)
 from tfadv.data import clue, corpus, images, reviews, text_files
 from tfadv.methods import (atta, embedding_output, fgm, free, freelb, gradient_penalty,
                            pgd, plain, r3f)

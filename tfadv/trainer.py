@@ -228,6 +228,9 @@ class Trainer:
       self._plain_method = Plain()
       self._replica_plain = tf.function(self._replica_plain_step, jit_compile=jit_compile)
       self._plain_loop = tf.function(functools.partial(self._train_loop_fn, plain=True))
+    # Attacks proper (not a defence's own predictions): the worst case is over them.
+    self._num_attacks = sum(not getattr(a, "predicts_alone", False)
+                            for a in self.eval_attacks.values())
     self._eval_loop = tf.function(self._eval_loop_fn)
 
   def _loss_fn(self, labels, logits, weights):
@@ -292,17 +295,24 @@ class Trainer:
       for name, attack in self.eval_attacks.items():
         adv_logits, extra = attack_outputs(
             attack, self.model, inputs, labels, self._eval_rng, self.per_example_loss)
-        held = tf.logical_and(clean_correct, _correct(labels, tf.cast(adv_logits, tf.float32)))
-        sums[f"correct_{name}"] = _weighted_count(held, weights)
-        worst = tf.logical_and(worst, held)
+        held = _correct(labels, tf.cast(adv_logits, tf.float32))
+        if getattr(attack, "predicts_alone", False):
+          # A defence's own prediction (smoothing): right or wrong whatever the
+          # base model says, and no attack of the worst case.
+          sums[f"correct_{name}"] = _weighted_count(held, weights)
+        else:
+          held = tf.logical_and(clean_correct, held)
+          sums[f"correct_{name}"] = _weighted_count(held, weights)
+          worst = tf.logical_and(worst, held)
         if getattr(attack, "per_example_metrics", None):  # TextAttack's: over attacked or broken
           over = {"attacked": clean_correct,
-                  "successful": tf.logical_and(clean_correct, ~held)}
+                  "successful": tf.logical_and(clean_correct, ~held),
+                  "all": tf.ones_like(clean_correct)}
           sums[f"attacked_{name}"] = _weighted_count(clean_correct, weights)
           for metric, among in attack.per_example_metrics.items():
             sums[f"{name}_{metric}"] = tf.reduce_sum(
                 tf.cast(extra[metric], tf.float32) * weights * tf.cast(over[among], tf.float32))
-    if len(self.eval_attacks) > 1:
+    if self._num_attacks > 1:
       # Per example, the worst case over the attacks: correct under all of them.
       sums[f"correct_{WORST_CASE}"] = _weighted_count(worst, weights)
     return sums
@@ -382,15 +392,16 @@ class Trainer:
     metrics = {"loss": sums["loss"] / examples,
                self.accuracy_name: sums["correct"] / counted,
                "examples": sums["examples"]}
-    names = list(self.eval_attacks) + ([WORST_CASE] if len(self.eval_attacks) > 1 else [])
+    names = list(self.eval_attacks) + ([WORST_CASE] if self._num_attacks > 1 else [])
     for name in names:
       metrics[f"{self.accuracy_name}_{name}"] = sums[f"correct_{name}"] / counted
     for name, attack in self.eval_attacks.items():
       if getattr(attack, "per_example_metrics", None):
         attacked = sums[f"attacked_{name}"]
         broken = attacked - sums[f"correct_{name}"]
-        metrics[f"success_rate_{name}"] = broken / max(attacked, 1.0)
+        if not getattr(attack, "predicts_alone", False):
+          metrics[f"success_rate_{name}"] = broken / max(attacked, 1.0)
         for metric, among in attack.per_example_metrics.items():
           metrics[f"{name}_{metric}"] = sums[f"{name}_{metric}"] / max(
-              broken if among == "successful" else attacked, 1.0)
+              {"successful": broken, "all": counted}.get(among, attacked), 1.0)
     return metrics
