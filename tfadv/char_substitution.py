@@ -318,6 +318,8 @@ class CharSubstitutionAttack(Attack):
     of it and the greedy search's result `greedy`."""
     batch, length = tf.shape(ids)[0], ids.shape[1]
     slots = candidates.shape[-1]
+    real = tf.cast(inputs[self.padding_mask_key], tf.bool)
+    used = tf.reduce_max(tf.where(real, tf.range(1, length + 1)[None, :], 0))  # past the last real token
     beam = ids[:, None, :]                      # [B, w, L], w = 1 in round 1
     beam_loss = clean_loss[:, None]
     beam_valid = active[:, None]
@@ -346,9 +348,13 @@ class CharSubstitutionAttack(Attack):
                                        tf.repeat(labels, many)), [batch, width, slots])
         return tf.where(valid, loss, -np.inf), tf.logical_and(flip, valid)
 
-      loss, flip = tf.map_fn(at_position, tf.range(length), parallel_iterations=1,
+      # Positions past the batch's longest text hold padding only: skipped.
+      loss, flip = tf.map_fn(at_position, tf.range(used), parallel_iterations=1,
                              fn_output_signature=(tf.TensorSpec(None, tf.float32),
                                                   tf.TensorSpec(None, tf.bool)))
+      rest = [[0, length - used], [0, 0], [0, 0], [0, 0]]
+      loss = tf.pad(loss, rest, constant_values=-np.inf)
+      flip = tf.pad(flip, rest, constant_values=False)
       loss = tf.reshape(tf.transpose(loss, [1, 2, 0, 3]), [batch, -1])   # [B, w·L·S]
       flip = tf.reshape(tf.transpose(flip, [1, 2, 0, 3]), [batch, -1])
       queries += tf.reduce_sum(tf.cast(tf.math.is_finite(loss), tf.float32), -1)
