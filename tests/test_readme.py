@@ -128,3 +128,16 @@ def test_the_validation_split_size_readme_names(fewclue_dir):
   tnews = ClueDataset(os.path.join(fewclue_dir, "tnews"), validation_fraction=0.15)
   size = len(tnews.examples("validation")[0])
   assert f"a {size}-example validation split" in _readme().replace("\n", " ")
+
+
+@pytest.mark.parametrize("task", ["bustm", "eprstmt"])
+@pytest.mark.parametrize("method", ["plain", "fgm", "fgm_output"])
+def test_pair_config_headers_quote_their_records(task, method):
+  records = _records("text_fewclue_pairs_runs.json")
+  mean, std = _percent([records[f"{task}_{method}_seed{s}"]["accuracy"] for s in range(3)])
+  with open(os.path.join(REPO, "configs", f"{task}_{method}.gin"), encoding="utf-8") as f:
+    header = f.read().split("include")[0]
+  assert f"dev accuracy {mean:.2f} ± {std:.2f}%" in header
+  if method != "plain":
+    plain, _ = _percent([records[f"{task}_plain_seed{s}"]["accuracy"] for s in range(3)])
+    assert f"{abs(mean - plain):.2f}" in header
