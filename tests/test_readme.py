@@ -141,3 +141,16 @@ def test_pair_config_headers_quote_their_records(task, method):
   if method != "plain":
     plain, _ = _percent([records[f"{task}_plain_seed{s}"]["accuracy"] for s in range(3)])
     assert f"{abs(mean - plain):.2f}" in header
+
+
+def test_readme_reads_the_pair_table_as_its_records_say():
+  records = _records("text_fewclue_pairs_runs.json")
+
+  def gap(task, method):
+    mean = lambda m: _percent([records[f"{task}_{m}_seed{s}"]["accuracy"] for s in range(3)])
+    return mean(method)[0] - mean("plain")[0]
+
+  text = " ".join(_readme().split())
+  assert (f"ties plain ({gap('bustm', 'fgm_output'):.2f}, {gap('eprstmt', 'fgm_output'):.2f} "
+          "points" in text.replace("−", "-"))
+  assert (f"loses {-gap('bustm', 'fgm'):.2f} and {-gap('eprstmt', 'fgm'):.2f}" in text)
