@@ -49,6 +49,8 @@ BAD = {
         "epsilon": [NEG], "step_size": [NEG], "num_steps": [ZERO], "init_scale": [NEG],
         "max_memory_bytes": [ZERO], "clip_min": [5.0]}),
     "tfadv.methods.plain.Plain": ({}, {}),  # no arguments
+    "tfadv.methods.char_at.CharSubstitutionTraining": ({}, {
+        "attacked_share": [1.5, NEG], "adversarial_weight": [NEG]}),
     "tfadv.attacks.InputAttack": ({}, {
         "epsilon": [NEG], "step_size": [NEG], "num_steps": [ZERO], "norm": ["l1"],
         "restarts": [ZERO], "clip_max": [NEG]}),

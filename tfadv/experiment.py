@@ -235,6 +235,8 @@ class Experiment:
     for attack in self.eval_attacks.values():  # e.g. tables of the task's vocabulary
       if hasattr(attack, "prepare"):
         attack.prepare(self.task, model_dir)
+    if hasattr(self.method, "prepare"):  # a training attack's tables (character AT)
+      self.method.prepare(self.task, model_dir)
     if self.train_epochs is not None:
       self.train_steps = self._steps_for_epochs()
     self.trainer = build_trainer(

@@ -12,6 +12,7 @@ By where the perturbation lives:
 """
 from tfadv.methods.atta import ATTATraining
 from tfadv.methods.base import Method, MethodOutput
+from tfadv.methods.char_at import CharSubstitutionTraining
 from tfadv.methods.embedding_output import EmbeddingOutputFGM, EmbeddingOutputPGD
 from tfadv.methods.fgm import EmbeddingFGM
 from tfadv.methods.free import EmbeddingOutputFree, FreeTraining
