@@ -140,7 +140,8 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
   the ε chosen on validation for the result it quotes, with the step size the
   table ran at that ε. The controls table (pre-registered grids) supersedes the
   validated table for each method as soon as it has chosen that method's ε on
-  the task; Free's config follows the row of the carry it binds."""
+  the task, and the cross-validated choice (same grids) supersedes both;
+  Free's config follows the row of the carry it binds."""
   import glob  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   from tfadv import main as main_lib  # pylint: disable=g-import-not-at-top
@@ -151,6 +152,10 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
     return {method: epsilon for (t, method), epsilon in recorded.items() if t == task}
   validated = of_task("text-methods-table-validated")
   controls = of_task("text-controls-table")
+  try:
+    cross_validated = of_task("text-cv-selection")
+  except (ValueError, KeyError):  # not written yet
+    cross_validated = {}
   assert len(validated) == 7
   files = sorted(glob.glob(f"configs/{task}_*.gin"))
   assert len(files) == 9  # the validated table's 8, and R3F
@@ -169,7 +174,9 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
       carry = gin.query_parameter("EmbeddingOutputFree.carry")
       assert f"carry '{carry}'" in header, path  # the carry its result was measured with
       row = f"free_{carry}"
-    if row in controls:
+    if row in cross_validated:
+      epsilon, table = cross_validated[row], "cross-validation"
+    elif row in controls:
       epsilon, table = controls[row], "controls table"
     elif method in validated:
       epsilon, table = validated[method], "validated table"

@@ -154,3 +154,25 @@ def test_readme_reads_the_pair_table_as_its_records_say():
   assert (f"ties plain ({gap('bustm', 'fgm_output'):.2f}, {gap('eprstmt', 'fgm_output'):.2f} "
           "points" in text.replace("−", "-"))
   assert (f"loses {-gap('bustm', 'fgm'):.2f} and {-gap('eprstmt', 'fgm'):.2f}" in text)
+
+
+def test_the_cross_validated_tnews_choice_is_read_and_bound_as_recorded():
+  """README's sentence and the TNEWS FGM/GP configs' headers: the ε the
+  cross-validation section chose, and its dev runs' mean ± std in the records."""
+  from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
+  chosen = runs.chosen_epsilons(os.path.join(REPO, "docs", "results.md"), "text-cv-selection")
+  records = _records("text_controls_table_runs.json")
+  plain, _ = _percent([records[f"tnews_plain_seed{s}"]["accuracy"] for s in range(3)])
+  for method in ("fgm", "gp"):
+    epsilon = chosen[("tnews", method)]
+    mean, std = _percent([records[f"tnews_{method}_eps{epsilon:g}_seed{s}"]["accuracy"]
+                          for s in range(3)])
+    with open(os.path.join(REPO, "configs", f"tnews_{method}.gin"), encoding="utf-8") as f:
+      header = " ".join(f.read().split("include")[0].replace("#", " ").split())
+    assert f"dev accuracy {mean:.2f} ± {std:.2f}% ({mean - plain:+.2f} over plain" in header
+    assert "5-fold cross-validation" in header
+  epsilon = chosen[("tnews", "fgm")]
+  mean, std = _percent([records[f"tnews_fgm_eps{epsilon:g}_seed{s}"]["accuracy"]
+                        for s in range(3)])
+  assert (f"matrix FGM takes ε {epsilon:g}: {mean:.2f} ± {std:.2f} on dev, "
+          f"{mean - plain:+.2f} over plain") in " ".join(_readme().split())

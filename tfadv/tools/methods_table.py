@@ -284,7 +284,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
              if FLAGS.report else []),
            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
-           f"of wall time summed over {len(finished)} runs, "
+           f"of wall time summed over {len(finished) + len(cv_runs)} runs, "
            f"{elapsed_seconds / 60:.1f} min elapsed in this invocation with --jobs={FLAGS.jobs} "
            "(runs read back from an earlier one count 0).", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
