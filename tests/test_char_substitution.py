@@ -18,16 +18,22 @@ V, H, L, N = len(VOCAB), 4, 12, 24
 FIRST_CJK = VOCAB.index(CJK[0])
 
 
-def additive_model(seed=0):
-  """logits = W·Σ_i mask_i E[x_i] + b: the effect of each position adds up, so
-  the first-order gain is exact and greedy equals brute force (2 classes)."""
+def pooled_model(head, seed=0):
+  """logits = head(Σ_i mask_i E[x_i]), E the model's `token_embedding` table;
+  `head` maps the pooled tensor to logits (its layers built after E's)."""
   keras.utils.set_random_seed(seed)
   ids = keras.Input((L,), dtype="int32", name="token_ids")
   mask = keras.Input((L,), dtype="bool", name="padding_mask")
   embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
   pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
       t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
-  return keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(2)(pooled))
+  return keras.Model({"token_ids": ids, "padding_mask": mask}, head(pooled))
+
+
+def additive_model(seed=0):
+  """logits = W·Σ_i mask_i E[x_i] + b: the effect of each position adds up, so
+  the first-order gain is exact and greedy equals brute force (2 classes)."""
+  return pooled_model(lambda pooled: keras.layers.Dense(2)(pooled), seed)
 
 
 def texts(seed=0):
@@ -373,14 +379,8 @@ def interaction_model():
   """logits = [0, −1 + 10·p₀·p₁], p = Σ_i mask_i E[x_i]: no single character
   moves p₀·p₁ far, two of the right ones do. Greedy is provably not optimal
   here (test below): its best first step is a dead end."""
-  ids = keras.Input((L,), dtype="int32", name="token_ids")
-  mask = keras.Input((L,), dtype="bool", name="padding_mask")
-  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
-  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
-      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
-  logits = keras.layers.Lambda(lambda p: tf.stack(
-      [tf.zeros_like(p[:, 0]), -1.0 + 10.0 * p[:, 0] * p[:, 1]], -1))(pooled)
-  model = keras.Model({"token_ids": ids, "padding_mask": mask}, logits)
+  model = pooled_model(keras.layers.Lambda(lambda p: tf.stack(
+      [tf.zeros_like(p[:, 0]), -1.0 + 10.0 * p[:, 0] * p[:, 1]], -1)))
   table = np.zeros((V, H), np.float32)
   a, b, c = (VOCAB.index(ch) for ch in "钟忠国")
   table[a, 0] = 1.0            # alone: p₀·p₁ = 0
@@ -431,14 +431,8 @@ def test_a_wide_beam_is_brute_force_and_beam_never_trails_greedy(seed):
   """Random tanh-MLP models: with every single substitution kept, two rounds
   are an exhaustive search (brute force's fewest changes, example by
   example); with the default width, every example greedy breaks is broken."""
-  keras.utils.set_random_seed(seed)
-  ids = keras.Input((L,), dtype="int32", name="token_ids")
-  mask = keras.Input((L,), dtype="bool", name="padding_mask")
-  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
-  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
-      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
-  model = keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(2)(
-      keras.layers.Dense(16, activation="tanh")(pooled)))
+  model = pooled_model(lambda pooled: keras.layers.Dense(2)(
+      keras.layers.Dense(16, activation="tanh")(pooled)), seed)
   inputs = texts(seed)
   labels = np.argmax(model(inputs).numpy(), -1)
   labels[::4] = 1 - labels[::4]  # some examples wrong before the attack: skipped
@@ -470,13 +464,9 @@ def test_the_attack_gradient_is_loss_scaled_in_float16():
   from tfadv.loss_scaling import loss_scaling_by  # pylint: disable=g-import-not-at-top
   keras.mixed_precision.set_global_policy("mixed_float16")
   try:
-    ids_in = keras.Input((L,), dtype="int32", name="token_ids")
-    mask_in = keras.Input((L,), dtype="bool", name="padding_mask")
-    embedding = keras.layers.Embedding(V, H, name="token_embedding")
-    pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
-        t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedding(ids_in), mask_in])
     head = keras.layers.Dense(2)
-    model = keras.Model({"token_ids": ids_in, "padding_mask": mask_in}, head(pooled))
+    model = pooled_model(head)
+    embedding = model.get_layer("token_embedding")
     table = np.zeros((V, H), np.float32)
     big = VOCAB.index("国")
     table[big, 0] = 2000.0  # 0.01 · 2000 = 20 > the margin of 14: flips

@@ -133,3 +133,11 @@ def test_unknown_task_and_missing_release_are_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       f"get_data: {server.url}/tnews_public.zip: not found (HTTP 404); check --tasks or "
       "--base_url.")
+
+
+def test_importing_the_tool_defines_no_flags_other_tools_own():
+  """One test process imports several tools: get_data's --out, --tasks and
+  --retries are defined only when it runs (write_records owns --out,
+  methods_table --tasks)."""
+  from tfadv.tools import write_records  # pylint: disable=g-import-not-at-top
+  assert "out" in write_records.FLAGS and "retries" not in write_records.FLAGS

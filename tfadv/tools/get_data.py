@@ -57,16 +57,6 @@ REQUIRED = ("train.json", "dev.json")
 # <out>/SHA256SUMS; add its lines here to pin the releases.
 CHECKSUMS: Dict[str, str] = {}
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks to fetch.")
-flags.DEFINE_string("out", None, "Where the task directories go (local or gs://); "
-                    "default: the cache the tests look in, ~/.cache/tfadv/data/<suite>.")
-flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tfadv",
-                                              "downloads"),
-                    "Local directory of downloads (partial ones resume from here).")
-flags.DEFINE_string("base_url", None, "Another server holding the release's layout "
-                    "(a mirror; tests use a local one).")
-flags.DEFINE_integer("retries", 3, "Attempts per file; each resumes where the last stopped.")
 
 
 def default_out(suite: str) -> str:
@@ -225,6 +215,23 @@ def fetch(suite: str, tasks: List[str], out: str, cache_dir: str,
   return installed
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The tool's flags: defined when it runs, so importing `fetch` defines none
+  (other tools own flags of the same names)."""
+  flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks to fetch.")
+  flags.DEFINE_string("out", None, "Where the task directories go (local or gs://); "
+                      "default: the cache the tests look in, ~/.cache/tfadv/data/<suite>.")
+  flags.DEFINE_string("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "tfadv",
+                                                "downloads"),
+                      "Local directory of downloads (partial ones resume from here).")
+  flags.DEFINE_string("base_url", None, "Another server holding the release's layout "
+                      "(a mirror; tests use a local one).")
+  flags.DEFINE_integer("retries", 3, "Attempts per file; each resumes where the last stopped.")
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("clue", "fewclue"):
     print("usage: python -m tfadv.tools.get_data clue|fewclue --tasks=tnews,iflytek --out=DIR",
@@ -240,4 +247,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
