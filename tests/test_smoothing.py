@@ -103,7 +103,8 @@ def test_copies_substitute_at_the_stated_rate_with_the_candidates_only():
   smoothing = _smoothing({A: [B, C]}, 0.3)
   ids = tf.constant(_sentences([A] * 8)["token_ids"])
   real = tf.constant(_sentences([A] * 8)["padding_mask"])
-  copies = smoothing._copies(tf.zeros((V, H)), ids, real, 1, 2000).numpy()[0]  # pylint: disable=protected-access
+  sets = smoothing._candidate_sets(tf.zeros((V, H)), ids)  # pylint: disable=protected-access
+  copies = smoothing._copies(sets, ids, real, 1, 2000).numpy()[0]  # pylint: disable=protected-access
   body = copies[:, 1:9]
   assert set(np.unique(body)) == {A, B, C}
   assert np.mean(body != A) == pytest.approx(0.3, abs=0.01)

@@ -318,8 +318,8 @@ class CharSubstitutionAttack(Attack):
     of it and the greedy search's result `greedy`."""
     batch, length = tf.shape(ids)[0], ids.shape[1]
     slots = candidates.shape[-1]
-    real = tf.cast(inputs[self.padding_mask_key], tf.bool)
-    used = tf.reduce_max(tf.where(real, tf.range(1, length + 1)[None, :], 0))  # past the last real token
+    # Past the batch's last attackable position nothing can change: skipped.
+    used = tf.reduce_max(tf.where(position_ok, tf.range(1, length + 1)[None, :], 0))
     beam = ids[:, None, :]                      # [B, w, L], w = 1 in round 1
     beam_loss = clean_loss[:, None]
     beam_valid = active[:, None]
@@ -348,7 +348,6 @@ class CharSubstitutionAttack(Attack):
                                        tf.repeat(labels, many)), [batch, width, slots])
         return tf.where(valid, loss, -np.inf), tf.logical_and(flip, valid)
 
-      # Positions past the batch's longest text hold padding only: skipped.
       loss, flip = tf.map_fn(at_position, tf.range(used), parallel_iterations=1,
                              fn_output_signature=(tf.TensorSpec(None, tf.float32),
                                                   tf.TensorSpec(None, tf.bool)))

@@ -127,12 +127,13 @@ class SubstitutionSmoothing:
     return (tf.reshape(compact, tf.concat([shape, [slots]], 0)),
             tf.reshape(tf.reduce_sum(tf.cast(valid, tf.int32), -1), shape))
 
-  def position_overlaps(self, table, ids, real):
+  def position_overlaps(self, table, ids, real, candidate_sets=None):
     """ω [B, L]: the least overlap, over the candidates c an attacker may put
     at each position, of the position's noise at x_j and at c (1 where the
-    position cannot be changed)."""
+    position cannot be changed). `candidate_sets`: `_candidate_sets(table,
+    ids)`, when the caller has them."""
     p = self.probability
-    mine, count = self._candidate_sets(table, ids)                       # [B, L, S], [B, L]
+    mine, count = candidate_sets or self._candidate_sets(table, ids)     # [B, L, S], [B, L]
     attackable = real & (count > 0)
     theirs, their_count = self._candidate_sets(table, tf.maximum(mine, 0))  # [B, L, S, S], [B, L, S]
     # μ_j on its support: x_j with 1 − p, each candidate with p / k.
@@ -140,8 +141,8 @@ class SubstitutionSmoothing:
     in_support = tf.concat([tf.ones_like(ids[..., None], tf.bool), mine >= 0], -1)
     k = tf.cast(tf.maximum(count, 1), tf.float32)[..., None]
     mu = tf.where(in_support, tf.concat(
-        [tf.fill(tf.shape(ids[..., None]), 1.0 - p), tf.broadcast_to(p / k, tf.shape(mine))], -1)
-                  * 1.0, 0.0)
+        [tf.fill(tf.shape(ids[..., None]), 1.0 - p), tf.broadcast_to(p / k, tf.shape(mine))], -1),
+                  0.0)
     # ν_c on the same support: c with 1 − p (1 when c has no candidates), each of c's own candidates p / k_c.
     kc = tf.cast(their_count, tf.float32)
     stay = tf.where(their_count > 0, 1.0 - p, 1.0)[..., None]            # [B, L, S, 1]
@@ -156,9 +157,10 @@ class SubstitutionSmoothing:
     omega = tf.minimum(tf.reduce_min(overlap, -1), 1.0)
     return tf.where(attackable & tf.gather(self.threat._allowed, ids), omega, 1.0)  # pylint: disable=protected-access
 
-  def _copies(self, table, ids, real, count_seed, copies):
-    """[B, copies, L] randomly substituted copies of `ids`."""
-    mine, count = self._candidate_sets(table, ids)
+  def _copies(self, candidate_sets, ids, real, count_seed, copies):
+    """[B, copies, L] randomly substituted copies of `ids`, whose candidate
+    sets (`_candidate_sets`) are given."""
+    mine, count = candidate_sets
     shape = tf.concat([tf.shape(ids)[:1], [copies], tf.shape(ids)[1:]], 0)
     replace = tf.random.stateless_uniform(shape, [self.seed, count_seed], alg="philox")
     pick = tf.random.stateless_uniform(shape, [self.seed, count_seed + 1], alg="philox")
@@ -189,12 +191,15 @@ class SubstitutionSmoothing:
     inputs = {key: tf.convert_to_tensor(value) for key, value in inputs.items()}
     ids = tf.cast(inputs[self.threat.token_ids_key], tf.int32)
     real = tf.cast(inputs[self.threat.padding_mask_key], tf.bool)
-    selection = self._votes(model, inputs, self._copies(table, ids, real, 1, self.num_selection))
+    candidate_sets = self._candidate_sets(table, ids)  # once: copies and overlaps share them
+    selection = self._votes(model, inputs,
+                            self._copies(candidate_sets, ids, real, 1, self.num_selection))
     top = tf.argmax(selection, -1, output_type=tf.int32)
-    votes = self._votes(model, inputs, self._copies(table, ids, real, 3, self.num_samples))
+    votes = self._votes(model, inputs,
+                        self._copies(candidate_sets, ids, real, 3, self.num_samples))
     p_lower = clopper_pearson_lower(tf.gather(votes, top, batch_dims=1), self.num_samples,
                                     1.0 - self.confidence)
-    omega = self.position_overlaps(table, ids, real)
+    omega = self.position_overlaps(table, ids, real, candidate_sets)
     smallest = tf.sort(omega, axis=-1)                                    # ascending
     characters = tf.reduce_sum(tf.cast(real & ~tf.gather(self.threat._special, ids), tf.float32), 1)  # pylint: disable=protected-access
     budget = self.threat.sentence_budget(characters)
