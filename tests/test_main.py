@@ -147,15 +147,17 @@ def test_each_clue_config_runs_the_epsilon_its_header_reports(task):
   from tfadv import main as main_lib  # pylint: disable=g-import-not-at-top
   from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
   # The tables' own records of their choices (methods_table wrote them).
-  def of_task(section):
-    recorded = runs.chosen_epsilons("docs/results.md", section)
+  def of_task(path, section):
+    try:
+      recorded = runs.chosen_epsilons(path, section)
+    except ValueError:  # no choice written yet
+      return {}
     return {method: epsilon for (t, method), epsilon in recorded.items() if t == task}
-  validated = of_task("text-methods-table-validated")
-  controls = of_task("text-controls-table")
-  try:
-    cross_validated = of_task("text-cv-selection")
-  except (ValueError, KeyError):  # not written yet
-    cross_validated = {}
+  validated = of_task("docs/history.md", "text-methods-table-validated")
+  controls = of_task("docs/results/text-controls-table.md", "text-controls-table")
+  cross_validated = {**of_task("docs/results/text-cv-selection.md", "text-cv-selection"),
+                     **of_task("docs/results/text-cv-selection-iflytek.md",
+                               "text-cv-selection-iflytek")}
   assert len(validated) == 7
   files = sorted(glob.glob(f"configs/{task}_*.gin"))
   assert len(files) == 9  # the validated table's 8, and R3F

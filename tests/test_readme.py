@@ -160,7 +160,8 @@ def test_the_cross_validated_tnews_choice_is_read_and_bound_as_recorded():
   """README's sentence and the TNEWS FGM/GP configs' headers: the ε the
   cross-validation section chose, and its dev runs' mean ± std in the records."""
   from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
-  chosen = runs.chosen_epsilons(os.path.join(REPO, "docs", "results.md"), "text-cv-selection")
+  chosen = runs.chosen_epsilons(os.path.join(REPO, "docs", "results", "text-cv-selection.md"),
+                                "text-cv-selection")
   records = _records("text_controls_table_runs.json")
   plain, _ = _percent([records[f"tnews_plain_seed{s}"]["accuracy"] for s in range(3)])
   for method in ("fgm", "gp"):

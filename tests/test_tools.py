@@ -25,6 +25,25 @@ def test_replace_section_keeps_the_other_sections(tmp_path):
   assert content.count("<!-- text -->") == 1 and content.count("<!-- /vision -->") == 1
 
 
+def test_a_page_prints_the_tables_command_without_where_it_went_or_how_fast(monkeypatch):
+  monkeypatch.setattr(sys, "argv", ["x", "--flagfile=t.flags", "--jobs=2", "--out_dir=/tmp/a",
+                                    "--report", "--title=a b"])
+  assert runs.command_line("tfadv.tools.methods_table") == (
+      "python -m tfadv.tools.methods_table --flagfile=t.flags '--title=a b'")
+  assert runs.page_path("docs/results", "t-x") == "docs/results/t-x.md"
+
+
+def test_a_record_is_found_wherever_its_data_lives_and_only_with_its_settings(tmp_path):
+  store = runs.RecordStore(str(tmp_path / "r.json"))
+  store.put("a", ["Experiment.seed = 0", "ClueDataset.data_dir = '../shared/data/fewclue/tnews'"],
+            {"accuracy": 0.5})
+  moved = ["Experiment.seed = 0", "ClueDataset.data_dir = '/root/.cache/tfadv/fewclue/tnews/'"]
+  assert store.get("a", moved)["accuracy"] == 0.5
+  assert store.get("a", ["Experiment.seed = 0", "ClueDataset.data_dir = 'x/iflytek'"]) is None
+  assert store.get("a", ["Experiment.seed = 1", moved[1]]) is None
+  assert store.get("a", moved + ["EmbeddingFGM.epsilon = 1.0"]) is None
+
+
 def test_a_finished_run_is_read_back_not_repeated(tmp_path):
   run = runs.Run("r", "configs/missing.gin", [], str(tmp_path))
   (tmp_path / "r").mkdir()
@@ -134,11 +153,11 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tnews fgm: ε = 0.3 chosen on validation." in proc.stdout
-  text = (out / "results.md").read_text()
+  text = (out / "t.md").read_text()
   assert "| plain | 31.00 ± 1.41 (n=2) |" in text
   assert "| fgm | 33.00 ± 0.00 (n=2) [+2.00] |" in text  # ε = 0.3's dev, not ε = 1's
   assert "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |" in text
-  assert runs.chosen_epsilons(str(out / "results.md"), "t") == {("tnews", "fgm"): 0.3}
+  assert runs.chosen_epsilons(str(out / "t.md"), "t") == {("tnews", "fgm"): 0.3}
   assert text.count("| tnews | fgm ε=0.3 (chosen) |") == 2
   assert text.count("| tnews | fgm ε=1 |") == 2
   assert text.count("| tnews | plain |") == 2  # the other runs, once each
@@ -155,7 +174,7 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   proc = subprocess.run(argv + ["--report"], capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not (work / "tnews_fgm_eps1_seed1").exists()
-  text = (out / "results.md").read_text()
+  text = (out / "t.md").read_text()
   assert "| plain | 31.00 ± 1.41 (n=2) |" in text and "| fgm |" not in text
   assert "Not run yet (1 runs" in text and "TNEWS fgm (1)." in text
   assert text.count("| tnews | fgm ε=0.3 |") == 2  # listed, not chosen
@@ -175,13 +194,13 @@ def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):
           "--same_epsilon=fgm_random:fgm", "--section=c", "--report"]
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  text = (out / "results.md").read_text()
+  text = (out / "c.md").read_text()
   assert "TNEWS fgm_random (2)." in text  # chosen ε known: its 2 runs are to come
   for seed in (0, 1):  # they ran (fabricated) at fgm's ε = 0.3, not at 1
     _finished_run(work, f"tnews_fgm_random_eps0.3_seed{seed}", 0.42, 0.31)
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  text = (out / "results.md").read_text()
+  text = (out / "c.md").read_text()
   assert "| fgm_random | 31.00 ± 0.00 (n=2) |" in text and "Not run yet" not in text
   # The run the table plans: fgm's config, its ε binding, the control's binding
   # (in its own process: the tool's flags would clash with other tools' here).
@@ -216,7 +235,8 @@ def _tool(work, out, data, *flags):
           *flags]
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  return proc.stdout, (out / "results.md").read_text()
+  section = [f.split("=", 1)[1] for f in flags if f.startswith("--section=")]
+  return proc.stdout, (out / f"{section[0]}.md").read_text()
 
 
 def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spread(tmp_path):
@@ -269,7 +289,7 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
            "--attack_budgets=1,2", "--attack_only", "--report"]
   stdout, text = _tool(work, out, data, *flags)
   assert "Wrote the attack section" in stdout
-  section = runs.read_section(str(out / "results.md"), "a-attacks")
+  section = runs.read_section(str(out / "a.md"), "a-attacks")
   assert "<!-- a -->" not in text  # --attack_only leaves the table's own section alone
   head = ("| method | clean | under B=1 | success B=1 | chars B=1 | queries B=1 | "
           "under B=2 | success B=2 | chars B=2 | queries B=2 |")
@@ -394,7 +414,7 @@ def test_attack_pass_attacks_each_run_as_it_trains_and_trains_again_a_run_whose_
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert not log.exists()
-  section = runs.read_section(str(out / "results.md"), "k-attacks")
+  section = runs.read_section(str(out / "k.md"), "k-attacks")
   assert "| plain (n=3) | 31.00 ± 1.00 | 15.50 ± 0.50 | 50.00 ± 0.00 |" in section
 
 
@@ -422,19 +442,19 @@ def test_transcribed_runs_rebuild_the_section_they_were_read_from(tmp_path):
     return proc.stdout
 
   tool("--report")
-  before = (out / "results.md").read_text()
+  before = (out / "x.md").read_text()
   git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
   subprocess.run(git[:-2] + ["init", "-q", str(repo)], check=True)
-  subprocess.run(git + ["add", "docs/results.md"], check=True)
+  subprocess.run(git + ["add", "docs/x.md"], check=True)
   subprocess.run(git + ["commit", "-q", "-m", "table"], check=True)
   shutil.rmtree(work)
   work.mkdir()
   (out / "x_runs.json").unlink()
-  assert "Kept 6 runs and 4 attack evaluations of HEAD:docs/results.md" in tool(
+  assert "Kept 6 runs and 4 attack evaluations of HEAD:docs/x.md" in tool(
       "--transcribe_from=HEAD")
   stdout = tool("--report")
   assert "tnews fgm: ε = 0.3 chosen on validation." in stdout
-  after = (out / "results.md").read_text()
+  after = (out / "x.md").read_text()
   for line in ("| plain | 31.00 ± 1.41 (n=2) |", "| fgm | 36.00 ± 0.00 (n=2) [+5.00] |",
                "| tnews | fgm | 0.3 | 0.3: 45.00, 1: 41.00 |",
                "| TNEWS | fgm | plain | +5.00 | 1.41 | better |",
@@ -446,6 +466,12 @@ def test_transcribed_runs_rebuild_the_section_they_were_read_from(tmp_path):
   # records said 25%); characters changed and queries are read from the list.
   assert ("| fgm (n=2) | 36.00 ± 0.00 | 18.00 ± 0.00 | 50.00 ± 0.00 | 1.00 ± 0.00 | "
           "9.00 ± 0.00 |") in after
+  # A commit from before one page per table kept every section in docs/results.md.
+  subprocess.run(git + ["mv", "docs/x.md", "docs/results.md"], check=True)
+  subprocess.run(git + ["commit", "-q", "-m", "one file"], check=True)
+  (out / "x_runs.json").unlink()
+  assert "Kept 6 runs and 4 attack evaluations of HEAD:docs/results.md" in tool(
+      "--transcribe_from=HEAD")
 
 
 def test_demo_prints_each_run_its_progress_and_a_table_over_seeds(tmp_path):
@@ -515,7 +541,7 @@ def test_vision_table_means_targets_and_records_that_survive_the_model_dirs(tmp_
           f"--records={records}", "--config_dir=/nonexistent"]
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  text = (out / "results.md").read_text()
+  text = (out / "vision-robustness-table.md").read_text()
   assert "| pgd7 | 2 | 85.00 ± 0.00 |" in text and "**68.00 ± 1.41**" in text
   assert "67.00 ± 1.41 | 0.0 ± 0.0 | 40.0 ± 0.0 |" in text  # PGD-50×10, stuck, minutes
   # Free-8: 0.50 points under PGD-7 at 0.150×: met; ATTA: 7 points under: missed.
@@ -532,15 +558,15 @@ def test_vision_table_means_targets_and_records_that_survive_the_model_dirs(tmp_
   assert "Experiment.seed = 1" in saved["atta_seed1"]["params"]
   # The model dirs are gone (another machine): the records alone rebuild the table.
   shutil.rmtree(work)
-  (out / "results.md").unlink()
+  (out / "vision-robustness-table.md").unlink()
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "**68.00 ± 1.41**" in (out / "results.md").read_text()
+  assert "**68.00 ± 1.41**" in (out / "vision-robustness-table.md").read_text()
   # Other bindings: the records do not count, and --report starts nothing.
   proc = subprocess.run(argv + ["--gin_param=adamw.learning_rate = 0.01", "--report"],
                         capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  text = (out / "results.md").read_text()
+  text = (out / "vision-robustness-table.md").read_text()
   assert "Runs so far: 0 of 8" in text
   assert "not yet run: seed 0: all 4 rows; seed 1: all 4 rows." in text
 
@@ -574,7 +600,7 @@ def test_vision_selection_reads_validation_only_and_the_incumbent_wins_a_tie(tmp
             "--tie=0.6", "--report", *extra]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return (out / "results.md").read_text()
+    return (out / "vision-validation-selection.md").read_text()
 
   # Straight-through 0.5 points higher: inside the band, the incumbent stays.
   write({"free8": [0.670, 0.672], "free8_straight_through": [0.675, 0.677]})

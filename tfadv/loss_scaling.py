@@ -84,7 +84,7 @@ def keep_if_finite(new, old, gradients=None):
 
   A select, not a `tf.cond`: under XLA a conditional over a
   batch × length × hidden buffer cost FreeLB-3 a fifth of a plain step more
-  (docs/results.md).
+  (docs/results/step-time.md).
   """
   if gradients is None:
     return tf.where(all_finite([new], across_replicas=False), new, old)

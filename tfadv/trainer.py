@@ -55,7 +55,7 @@ def apply_method(method: Method, model: keras.Model,
 
   `sparse_reduce=True` all-reduces `IndexedSlices` gradients (an embedding
   table's) as the rows the batch touched instead of densely; measured slower
-  on one host (docs/results.md, "Multi-replica cost"), and kept for
+  on one host (docs/results/step-time.md, "Multi-replica cost"), and kept for
   measurement only.
 
   `example_ids` (the batch's training-split rows) go to a method that

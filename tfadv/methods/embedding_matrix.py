@@ -9,7 +9,7 @@ its norm needs the duplicates combined. Two ways, chosen by `combine`:
   into E's shape (vocabulary × hidden), exactly what `tf.convert_to_tensor`
   does to an `IndexedSlices` and what the trainer already does to apply the
   update. It compiles to one scatter-add under XLA and is as fast as the
-  hand-written dense FGM there and without XLA (docs/results.md, both sizes).
+  hand-written dense FGM there and without XLA (docs/results/step-time.md, both sizes).
 - `"sorted"`: a sort and a segment sum over the occurrences (static sizes, no
   vocabulary-sized tensor). Without XLA it costs about the same; under XLA
   on CPU the sort and gathers are fused into the backward pass and make the

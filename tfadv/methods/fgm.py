@@ -11,7 +11,7 @@ One training step:
 Δ is formed densely in E's shape by default (`combine="dense"`: one
 scatter-add of the occurrence rows, the same cost as the hand-written FGM with
 and without XLA); `combine="sorted"` keeps the older sort-based sparse form,
-which is ~10× slower under XLA (`tfadv.methods.embedding_matrix`, docs/results.md).
+which is ~10× slower under XLA (`tfadv.methods.embedding_matrix`, docs/results/step-time.md).
 
 E + Δ is never written into the variable: the adversarial pass runs inside a
 `keras.StatelessScope` that substitutes the value E + Δ for E. Rows of tokens

@@ -33,7 +33,7 @@ On images, how δ meets the pixel range is `FreeTraining.clamp_rule`:
   gradient is zero, sign(0) = 0, and that entry of δ never moves again. On
   data with saturated pixels (Fashion-MNIST's black background) those
   entries are absorbing: robust accuracy 34.8% against PGD-7's 67.4%
-  (docs/results.md). The authors only ran CIFAR-10 and ImageNet.
+  (docs/history.md, the one-seed vision table). The authors only ran CIFAR-10 and ImageNet.
 - `"straight_through"`: the pass runs on clip(x + δ, lo, hi) and the gradient
   at the clamped image is passed to δ unchanged (tfadv's earlier rule,
   Free-8 67.8% on Fashion-MNIST).
@@ -76,7 +76,7 @@ class FreeTraining(Method):
     clamp_rule: "project" (default), "reference" or "straight_through"
       (module docstring). `through_clamp` is gone: True was "reference",
       False "straight_through". The default was checked on a validation
-      split of Fashion-MNIST (docs/results.md, "the Free clamp rule chosen on
+      split of Fashion-MNIST (docs/results/vision-validation-selection.md, "the Free clamp rule chosen on
       validation"): "project" and "straight_through" tie there (67.18 vs
       67.22% worst-case robust, 3 seeds).
 

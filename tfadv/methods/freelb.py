@@ -75,7 +75,7 @@ class FreeLB(BufferedEmbeddingOutputMethod):
     mask = self._mask(inputs)
     # The buffer's static shape (a reshape, which checks it at run time too):
     # `tf.ensure_shape` here made the XLA-compiled step 6x slower (FreeLB-3
-    # 18.7x plain instead of 3.0x; docs/results.md).
+    # 18.7x plain instead of 3.0x; docs/results/step-time.md).
     delta = tf.reshape(self._start(mask), self.perturbation.shape)
 
     def ascent_loss(labels, logits, weights):

@@ -7,9 +7,10 @@ Each run is `python -m tfadv.main --gin_file=configs/<task>_<method>.gin` in
 its own process (one clean gin and TensorFlow state per run), trained on the
 task's train split and evaluated on dev. A run whose model dir already holds
 `eval_results.json` is read back, not repeated, so a killed table resumes
-where it stopped. The tool writes its section of `<out_dir>/results.md` (mean ± std
-per method and task, every run with its wall time, the command) and
-`<out_dir>/results_text.png`.
+where it stopped. The tool writes the table's page, `<out_dir>/<section>.md`
+(mean ± std per method and task, every run with its wall time, the command;
+text outside its `<!-- section -->` markers is kept), and its plot. A table
+is a spec file of flags, `configs/tables/*.flags` (`--flagfile=`).
 
 `--sweep=fgm:0.1,0.3,3` adds rows for other ε values of a method (on
 `--sweep_seeds`; `--sweep=gp@iflytek:0.1` on named tasks only), for when the
@@ -66,7 +67,6 @@ runs at a time, each pinned to its own CPU core when there are enough.
 """
 
 import os
-import platform
 import time
 
 from absl import app, flags
@@ -76,7 +76,7 @@ from tfadv.tools import runs
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "../shared/data/fewclue", "FewCLUE directory "
                     "holding tnews/ and iflytek/.")
-flags.DEFINE_string("out_dir", "docs", "Where results.md and results.png go.")
+flags.DEFINE_string("out_dir", "docs/results", "Where the table's page and plot go.")
 flags.DEFINE_string("work_dir", "runs/methods_table", "Model dirs of the runs.")
 flags.DEFINE_string("config_dir", "configs", "Where <task>_<method>.gin live.")
 flags.DEFINE_list("tasks", ["tnews", "iflytek"], "Tasks (rows).")
@@ -100,8 +100,8 @@ flags.DEFINE_string("preset", None, "keras-hub preset (name or directory) that "
 flags.DEFINE_integer("jobs", 1, "Runs at a time.")
 flags.DEFINE_bool("report", False, "Start no run: write the section from the runs "
                   "already finished and list the ones still to run.")
-flags.DEFINE_string("section", None, "The section of results.md (and the plot's name) "
-                    "this table writes; default by --preset.")
+flags.DEFINE_string("section", None, "The table's section, its page's name "
+                    "(<out_dir>/<section>.md) and its plot's; default by --preset.")
 flags.DEFINE_string("title", None, "The section's title.")
 flags.DEFINE_multi_string("tie", [], "task:points: on that task, ε candidates whose mean "
                           "validation accuracies are within POINTS of the best tie with "
@@ -124,7 +124,7 @@ flags.DEFINE_integer("attack_examples", 20, "Dev examples each attack evaluation
 flags.DEFINE_string("records", None, "Finished runs' records (JSON, committed with the "
                     "docs), read before running and updated after; default "
                     "<out_dir>/<section>_runs.json; '' keeps none.")
-flags.DEFINE_string("transcribe_from", None, "A commit whose <out_dir>/results.md lists "
+flags.DEFINE_string("transcribe_from", None, "A commit whose page (or docs/results.md) lists "
                     "this table's runs (its section's per-run lists): keeps each listed "
                     "run's numbers in --records, marked transcribed, for runs whose model "
                     "dirs were lost; starts nothing.")
@@ -267,8 +267,7 @@ def plot(groups, path):
   fig.savefig(path, dpi=110)
 
 
-def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_seconds,
-                   path, missing=(), scores=None, cv_runs=()):
+def write_markdown(groups, finished, selection, chosen, total_seconds, path, missing=(), scores=None, cv_runs=()):
   tasks = list(dict.fromkeys(task for task, _ in groups))
   variants = list(dict.fromkeys(v for _, v in groups))
   title = "## Text: FewCLUE TNEWS and IFLYTEK (plain, FGM, GP)"
@@ -280,13 +279,8 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, elapsed_s
            "Produced by (from the repository root, FewCLUE beside it as WORKSPACE.md describes):", "",
            "```", runs.command_line("tfadv.tools.methods_table").replace(" --report", ""),
            "```", "",
-           *(["Written with `--report` from the runs finished so far (none started).", ""]
-             if FLAGS.report else []),
-           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-           f"Python {platform.python_version()}. Whole table: {total_seconds / 60:.1f} min "
-           f"of wall time summed over {len(finished) + len(cv_runs)} runs, "
-           f"{elapsed_seconds / 60:.1f} min elapsed in this invocation with --jobs={FLAGS.jobs} "
-           "(runs read back from an earlier one count 0).", "",
+           f"Whole table: {total_seconds / 60:.1f} min of wall time summed over "
+           f"{len(finished) + len(cv_runs)} runs (each run's own in its row).", "",
            "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
            "in brackets the difference from plain training's mean:", "",
            "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
@@ -636,6 +630,16 @@ def fold_choices(cv_runs):
           for key, groups in by_key.items()}
 
 
+# Where every table's section was, before one page per table (`transcribe`
+# reads old commits).
+LEGACY_PAGE = "docs/results.md"
+
+
+def page() -> str:
+  """This table's page, `<out_dir>/<section>.md`."""
+  return runs.page_path(FLAGS.out_dir, section_name())
+
+
 def section_name() -> str:
   return FLAGS.section or ("text-methods-table-pretrained" if FLAGS.preset
                            else "text-methods-table")
@@ -733,7 +737,7 @@ def attack_pass(finished, chosen):
   records = runs.run_pinned(one, list(enumerate(trained, 1)), FLAGS.jobs)
   evaluated = [(run, r) for run, r in zip(trained, records) if r is not None]
   missing = [run for run, r in zip(trained, records) if r is None]
-  path = os.path.join(FLAGS.out_dir, "results.md")
+  path = page()
   write_attack_markdown(evaluated, missing, path)
   print(f"Wrote the attack section of {path} ({len(evaluated)} evaluations).", flush=True)
 
@@ -755,9 +759,15 @@ def transcribe(revision):
   attacked accuracies (success rates follow from them: successful /
   (successful + failed) = 1 − under attack / clean)."""
   import subprocess  # pylint: disable=g-import-not-at-top
-  path = os.path.join(FLAGS.out_dir, "results.md")
-  content = subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
-                           capture_output=True, text=True).stdout
+  for path in (page(), LEGACY_PAGE):  # before one page per table, one results.md
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True,
+                           text=True)
+    if shown.returncode == 0 and f"<!-- {section_name()} -->" in shown.stdout:
+      break
+  else:
+    raise app.UsageError(f"{revision} has no section {section_name()!r} in {page()} or "
+                         f"{LEGACY_PAGE}.")
+  content = shown.stdout
   store, note = record_store(), f"{revision}:{path}"
   section = runs.read_section_text(content, section_name())
   chosen_runs, count = {}, 0
@@ -847,12 +857,12 @@ def main(argv):
   if FLAGS.attack_only:  # the table's own section is its training invocation's
     attack_pass(finished, chosen)
     return
-  write_markdown(groups, finished, selection, chosen, total, time.time() - start,
-                 os.path.join(FLAGS.out_dir, "results.md"), missing, scores, cv_runs)
+  write_markdown(groups, finished, selection, chosen, total, page(), missing, scores,
+                 cv_runs)
   if groups:  # nothing to plot before the first run finishes
     plot(groups, os.path.join(FLAGS.out_dir, _plot_name()))
-  print(f"Wrote {FLAGS.out_dir}/results.md and {_plot_name()} "
-        f"({total / 60:.1f} min of runs).")
+  print(f"Wrote {page()} and {_plot_name()} ({total / 60:.1f} min of runs, "
+        f"{(time.time() - start) / 60:.1f} min in this invocation).", flush=True)
   if FLAGS.attack_budgets:
     attack_pass(finished, chosen)
 

@@ -13,16 +13,18 @@ rows in `--restart_rows` a second process (`--mode=evaluate`) runs PGD-50
 with 10 restarts at step 0.01 (Wong et al.'s MNIST protocol) on the first
 `--restart_images` test images (`eval_results_test_first2000.json`).
 
-The tool writes its section of `<out_dir>/results.md` (every run, then mean ±
-std over seeds per row, and the targets checked on the means) and
-`<out_dir>/results_vision.png`. Finished runs are read back, not repeated: a
+The tool writes its page, `<out_dir>/vision-robustness-table.md` (every run,
+then mean ± std over seeds per row, and the targets checked on the means;
+text outside the section's markers is kept), and
+`<out_dir>/results_vision.png`. Its spec: `configs/tables/vision_robustness.flags`. Finished runs are read back, not repeated: a
 killed table resumes where it stopped; `--report` only reads what is there.
 With `--validation_fraction` (> 0) the tool makes a choice instead of the
 table: every run trains on train less a stratified, seeded validation split
 (`ImageDataset.validation_fraction`, `--mode=train`), is evaluated on that
 split only (the same attacks; nothing of the test set is read), and the
 section `vision-validation-selection` gives each row's validation numbers and
-the row chosen by the rule fixed before the runs: the best mean worst-case
+the row chosen by the rule fixed before the runs
+(`configs/tables/vision_selection.flags`, page `vision-validation-selection.md`): the best mean worst-case
 robust accuracy, where a row whose mean is within `--tie` points of the best
 ties with it and the first tied row in `--rows` order (the incumbent) wins.
 
@@ -33,7 +35,6 @@ from the planned run's is run again.
 """
 
 import os
-import platform
 import threading
 import time
 
@@ -72,7 +73,8 @@ RESTART_ATTACK = [
     "pgd50x10/InputAttack.num_steps = 50", "pgd50x10/InputAttack.random_start = True",
     "pgd50x10/InputAttack.restarts = 10"]
 
-flags.DEFINE_string("out_dir", "docs", "Where results.md and the plot go.")
+flags.DEFINE_string("out_dir", "docs/results", "Where the table's page "
+                    "(<section>.md) and its plot go.")
 flags.DEFINE_string("work_dir", "runs/vision_table", "Model dirs of the runs.")
 flags.DEFINE_string("config_dir", "configs", "Where fashion_mnist_<config>.gin live.")
 flags.DEFINE_list("rows", [row for row in ROWS if row != "free8_2x"],
@@ -240,8 +242,7 @@ def write_section(planned, records, elapsed):
       "", "Produced by (from the repository root; resumable, `--report` rewrites this "
       "section from the finished runs):", "", "```",
       runs.command_line("tfadv.tools.robustness_table").replace(" --report", ""), "```", "",
-      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-      "each run pinned to one core (`--jobs=2`: two at a time). Setting: Madry's CNN at a quarter "
+      "Each run pinned to one core. Setting: Madry's CNN at a quarter "
       "width (16, 32 filters, 256 units), 8 epochs of 128 (Free-m: 8/m epochs, m "
       "replays, the same 3,750 optimizer steps), Adam 1e-3 linear decay, ℓ∞ ε = 0.1; "
       "PGD-7 step 0.025, FGSM-RS α = 1.25ε, ATTA-1 α = 0.025. **Training time**: "
@@ -279,11 +280,11 @@ def write_section(planned, records, elapsed):
                  f"{r['wall_seconds'] / 60:.2f} min |")
   lines += ["", "![vision table](results_vision.png)"]
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  runs.replace_section(os.path.join(FLAGS.out_dir, "results.md"),
+  runs.replace_section(runs.page_path(FLAGS.out_dir, "vision-robustness-table"),
                        "vision-robustness-table", "\n".join(lines))
   if by_row:
     plot(by_row, os.path.join(FLAGS.out_dir, "results_vision.png"))
-  print(f"Wrote {FLAGS.out_dir}/results.md ({len(records)}/{len(planned)} runs, "
+  print(f"Wrote {FLAGS.out_dir} ({len(records)}/{len(planned)} runs, "
         f"{elapsed / 60:.1f} min in this invocation).", flush=True)
 
 
@@ -334,9 +335,9 @@ def write_selection_section(planned, records, elapsed):
   else:
     lines += ["", "Chosen: – (not every run has finished)."]
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  runs.replace_section(os.path.join(FLAGS.out_dir, "results.md"),
+  runs.replace_section(runs.page_path(FLAGS.out_dir, "vision-validation-selection"),
                        "vision-validation-selection", "\n".join(lines))
-  print(f"Wrote {FLAGS.out_dir}/results.md ({len(records)}/{len(planned)} runs, "
+  print(f"Wrote {FLAGS.out_dir} ({len(records)}/{len(planned)} runs, "
         f"{elapsed / 60:.1f} min in this invocation).", flush=True)
 
 

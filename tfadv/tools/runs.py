@@ -170,9 +170,13 @@ class RecordStore:
     return {}
 
   def get(self, name: str, params: Sequence[str]) -> Optional[dict]:
-    """The record kept for `name` if it ran with `params`, else None."""
+    """The record kept for `name` if it ran with `params`, else None. Where
+    the data lives is not a setting: a `data_dir` binding matches by its last
+    folder (`../shared/data/fewclue/tnews` is `~/.cache/.../fewclue/tnews`)."""
     kept = self.load().get(name)
-    return kept if kept is not None and kept.get("params") == list(params) else None
+    if kept is None or kept.get("params") is None:
+      return None
+    return kept if _located(kept["params"]) == _located(params) else None
 
   def put(self, name: str, params: Sequence[str], record: dict) -> dict:
     """Keeps `record` (with `params`) under `name`; returns what was kept."""
@@ -188,6 +192,15 @@ class RecordStore:
         json.dump(saved, f, indent=1, sort_keys=True)
       os.replace(self.path + ".tmp", self.path)
     return record
+
+
+_DATA_DIR = re.compile(r"^(\S+\.data_dir = )'(.*?)/*'$")
+
+
+def _located(params: Sequence[str]) -> List[str]:
+  """`params` with each `data_dir` binding's path cut to its last folder."""
+  return [_DATA_DIR.sub(lambda m: f"{m.group(1)}'{os.path.basename(m.group(2))}'", p)
+          for p in params]
 
 
 def run_pinned(function: Callable, items: Sequence, jobs: int) -> list:
@@ -327,7 +340,24 @@ def chosen_epsilons(path: str, section: str) -> Dict[Tuple[str, str], float]:
   return chosen
 
 
+# Flags that change where a table's page goes, where its data lives or how
+# fast it is made, not what it holds: left out of the command a page prints,
+# so that a page regenerated with `--report` (anywhere, with any --jobs) has
+# no diff.
+_PLACEMENT_FLAGS = ("--report", "--jobs", "--out_dir", "--data_dir")
+
+
 def command_line(module: str) -> str:
   """The command that is running, as a user would type it (absl's argv has
-  the flags removed, so this reads sys.argv)."""
-  return f"python -m {module} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  the flags removed, so this reads sys.argv), less `_PLACEMENT_FLAGS`: run
+  as `... --flagfile=t.flags --jobs=2 --out_dir=/tmp/a --report`, a page
+  prints `python -m <module> --flagfile=t.flags`."""
+  kept = [a for a in sys.argv[1:]
+          if a.split("=", 1)[0] not in _PLACEMENT_FLAGS + ("--noreport",)]
+  return f"python -m {module} " + " ".join(shlex.quote(a) for a in kept)
+
+
+def page_path(out_dir: str, section: str) -> str:
+  """The page a table's tool writes: one file per table, `<out_dir>/<section>.md`
+  (its attack pass, `<section>-attacks`, goes on the same page)."""
+  return os.path.join(out_dir, f"{section}.md")
