@@ -177,3 +177,87 @@ def test_the_cross_validated_tnews_choice_is_read_and_bound_as_recorded():
                         for s in range(3)])
   assert (f"matrix FGM takes ε {epsilon:g}: {mean:.2f} ± {std:.2f} on dev, "
           f"{mean - plain:+.2f} over plain") in " ".join(_readme().split())
+
+
+def _chosen(task):
+  """{method: ε} the configs follow on `task`: the controls table's choice,
+  superseded by a cross-validated one (docs/results/)."""
+  from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
+  chosen = {}
+  for page in ("text-controls-table", "text-cv-selection", "text-cv-selection-iflytek"):
+    try:
+      found = runs.chosen_epsilons(os.path.join(REPO, "docs", "results", f"{page}.md"), page)
+    except ValueError:  # no choice written yet
+      continue
+    chosen.update({method: e for (t, method), e in found.items() if t == task})
+  return chosen
+
+
+def _header(path):
+  with open(path, encoding="utf-8") as f:
+    return " ".join(f.read().split("include")[0].replace("#", " ").split())
+
+
+CLUE_CONFIGS = sorted(os.path.basename(p) for task in ("tnews", "iflytek") for p in
+                      __import__("glob").glob(os.path.join(REPO, "configs", f"{task}_*.gin")))
+
+
+@pytest.mark.parametrize("config", CLUE_CONFIGS)
+def test_every_clue_config_header_quotes_its_records(config):
+  """The result a TNEWS/IFLYTEK config's header quotes (dev mean ± std, the
+  difference from plain, accuracy under 1 and 2 characters) is its row's in
+  the records: the run at the ε its table chose; the matrix-form GP's in the
+  superseded validated table it names (docs/history.md)."""
+  task, method = config[:-len(".gin")].split("_", 1)
+  header = _header(os.path.join(REPO, "configs", config))
+  if method.endswith("_matrix"):  # measured only by the validated table, now history
+    from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
+    section = runs.read_section(os.path.join(REPO, "docs", "history.md"),
+                                "text-methods-table-validated")
+    row = _table(section, "| method | TNEWS")
+    cell = dict((r[0], r[1:]) for r in row)[method][0 if task == "tnews" else 1]
+    mean_std, diff = re.match(r"(\S+ ± \S+) \(n=3\) \[(\S+)\]", cell).groups()
+    assert f"dev accuracy {mean_std}% ({diff} over plain)" in header and "docs/history.md" in header
+    return
+  records = _records("text_controls_table_runs.json")
+  if method == "plain":
+    run = "plain"
+  else:
+    row = method
+    if method == "free_output":
+      with open(os.path.join(REPO, "configs", config), encoding="utf-8") as f:
+        carry = re.search(r"EmbeddingOutputFree\.carry = '(\w+)'", f.read())
+      row = f"free_{carry.group(1) if carry else 'reset'}"
+    run = f"{row}_eps{_chosen(task)[row]:g}"
+  names = [f"{task}_{run}_seed{s}" for s in range(3)]
+  mean, std = _percent([records[n]["accuracy"] for n in names])
+  assert f"dev accuracy {mean:.2f} ± {std:.2f}%" in header, (config, mean, std)
+  plain = [f"{task}_plain_seed{s}" for s in range(3)]
+  plain_mean, _ = _percent([records[n]["accuracy"] for n in plain])
+  if method != "plain":
+    quoted = re.search(r"\(([+\-−]\d+\.\d\d) (?:over|from) plain", header)
+    assert quoted and float(quoted.group(1).replace("−", "-")) == round(mean - plain_mean, 2), (
+        config, mean - plain_mean)
+  attacked = re.search(r"under a 1-character attack (\S+)% \(plain (\S+)%\), under 2 "
+                       r"characters (\S+)% \(plain (\S+)%\)", header)
+  if attacked:
+    for budget, value, base in ((1, *attacked.groups()[:2]), (2, *attacked.groups()[2:])):
+      key = f"accuracy_sub{budget}"
+      assert float(value) == round(_percent([records[n + "/attacks"][key] for n in names])[0], 2)
+      assert float(base) == round(_percent([records[n + "/attacks"][key] for n in plain])[0], 2)
+
+
+@pytest.mark.parametrize("config,row", [("fashion_mnist_pgd7.gin", "pgd7"),
+                                        ("fashion_mnist_free8.gin", "free8"),
+                                        ("fashion_mnist_free4.gin", "free4"),
+                                        ("fashion_mnist_atta.gin", "atta"),
+                                        ("fashion_mnist_fgsm.gin", "fgsm"),
+                                        ("fashion_mnist_plain.gin", "natural")])
+def test_every_vision_config_header_quotes_its_records(config, row):
+  records = _records("vision_table_runs.json")
+  runs = [records[f"{row}_seed{s}"] for s in range(3)]
+  header = _header(os.path.join(REPO, "configs", config))
+  clean, clean_std = _percent([r["accuracy"] for r in runs])
+  robust, robust_std = _percent([r["accuracy_worst_case"] for r in runs])
+  assert (f"clean {clean:.2f} ± {clean_std:.2f}%, worst-case robust {robust:.2f} ± "
+          f"{robust_std:.2f}%") in header, (config, clean, robust)
