@@ -82,10 +82,11 @@ BAD = {
     "tfadv.distribute.make_strategy": ({}, {"kind": ["gpu"], "num_cpu_devices": [-2]}),
     "tfadv.data.clue.ClueDataset": ({"data_dir": "unused"}, {
         "malformed": ["ignore"], "validation_fraction": [1.0, NEG], "num_folds": [1, -2],
-        "validation_fold": [-1]}),
+        "validation_fold": [-1], "num_eval": [ZERO]}),
     "tfadv.data.text_files.TextFileDataset": ({"data_dir": "unused"}, {
         "malformed": ["fix"], "format": ["xml"], "validation_fraction": [1.0],
-        "text_field": [""], "label_field": [3], "text_pair_field": [""], "num_folds": [1]}),
+        "text_field": [""], "label_field": [3], "text_pair_field": [""], "num_folds": [1],
+        "num_eval": [-3]}),
     "tfadv.data.corpus.PretrainingCorpus": ({"data_dir": "unused"}, {"num_eval": [ZERO]}),
     "tfadv.data.images.ImageDataset": ({}, {
         "source": ["web"], "num_train": [ZERO], "num_eval": [ZERO],

@@ -200,3 +200,18 @@ def test_a_dataset_validates_on_its_fold_and_trains_on_the_rest(tmp_path):
     assert not set(train) & set(validation)
     seen += validation
   assert sorted(seen) == sorted(r["text"] for r in rows)
+
+
+def test_num_eval_keeps_the_first_eval_records_under_their_own_split_name(tmp_path):
+  _pair_files(tmp_path)
+  kwargs = dict(data_dir=str(tmp_path), eval_file="test.jsonl", text_field="query",
+                text_pair_field="candidate", label_field="match")
+  whole = TextFileDataset(**kwargs)
+  first = TextFileDataset(num_eval=3, **kwargs)
+  texts, labels = first.examples("eval")
+  assert texts == [(a, b) for a, b, _ in PAIRS[::-1][:3]]
+  assert labels == [y for _, _, y in PAIRS[::-1][:3]]
+  assert first.examples("train") == whole.examples("train")
+  assert (whole.eval_split, first.eval_split) == ("test", "test_first3")
+  with pytest.raises(SettingError, match="num_eval"):
+    TextFileDataset(num_eval=0, **kwargs)

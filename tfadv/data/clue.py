@@ -56,6 +56,7 @@ class ClueDataset(TextFileDataset):
       validates on the same examples).
     num_folds, validation_fold: k-fold cross-validation instead of the
       fraction (`TextFileDataset`).
+    num_eval: the first N dev records only (`TextFileDataset`).
 
   Example:
   >>> ds = ClueDataset("../shared/data/fewclue/tnews")
@@ -69,13 +70,14 @@ class ClueDataset(TextFileDataset):
                eval_file: str = "dev.json", labels_file: Optional[str] = "labels.json",
                malformed: str = "error", name: Optional[str] = None,
                validation_fraction: float = 0.0, validation_seed: int = 0,
-               num_folds: int = 0, validation_fold: int = 0):
+               num_folds: int = 0, validation_fold: int = 0,
+               num_eval: Optional[int] = None):
     super().__init__(data_dir, train_file=train_file, eval_file=eval_file,
                      labels_file=labels_file, text_field=CLUE_FIELDS.text,
                      label_field=CLUE_FIELDS.label, format="jsonl", malformed=malformed,
                      name=name, validation_fraction=validation_fraction,
                      validation_seed=validation_seed, num_folds=num_folds,
-                     validation_fold=validation_fold)
+                     validation_fold=validation_fold, num_eval=num_eval)
 
   def missing_message(self, path: str) -> str:
     task = os.path.basename(os.path.normpath(self.data_dir))

@@ -384,6 +384,11 @@ class TextFileDataset(TextDataset):
       replacing `validation_fraction`: k-fold cross-validation, one run per
       fold (`tfadv.tools.methods_table --cv_folds`). 0: no folds.
     validation_fold: which fold validates (0 .. K − 1).
+    num_eval: evaluate the first N records of the eval file only (None: all);
+      the split is then named "<eval>_first<N>" (`eval_results_dev_first200.json`),
+      so an evaluation of a subset is recorded beside the whole file's, never
+      over it (as `ImageDataset.num_eval`). For costly evaluations (the
+      tight character attack).
 
   Example:
   >>> ds = TextFileDataset("../shared/data/fewclue/bustm", train_file="train.json",
@@ -401,8 +406,10 @@ class TextFileDataset(TextDataset):
                label_field: str = "label", format: str = "auto",  # pylint: disable=redefined-builtin
                malformed: str = "error", name: Optional[str] = None,
                validation_fraction: float = 0.0, validation_seed: int = 0,
-               num_folds: int = 0, validation_fold: int = 0):
+               num_folds: int = 0, validation_fold: int = 0,
+               num_eval: Optional[int] = None):
     checks.check(self.owner, malformed=(malformed, checks.one_of(MALFORMED_POLICIES)),
+                 num_eval=(num_eval, checks.AT_LEAST_ONE),
                  format=(format, checks.one_of(FORMATS)),
                  validation_fraction=(validation_fraction, checks.OPEN_FRACTION),
                  num_folds=(num_folds, checks.NON_NEGATIVE_INT),
@@ -426,6 +433,7 @@ class TextFileDataset(TextDataset):
     self.validation_seed = validation_seed
     self.num_folds = num_folds
     self.validation_fold = validation_fold
+    self.num_eval = num_eval
     self.name = name or os.path.basename(os.path.normpath(data_dir or train_file)) or "text"
     self._cache = {}
 
@@ -436,8 +444,10 @@ class TextFileDataset(TextDataset):
 
   @property
   def eval_split(self) -> str:
-    """The evaluated split's name, from its file: "dev" for dev.json."""
-    return os.path.splitext(os.path.basename(self.eval_file))[0]
+    """The evaluated split's name, from its file: "dev" for dev.json
+    ("dev_first200" with `num_eval` 200)."""
+    base = os.path.splitext(os.path.basename(self.eval_file))[0]
+    return base if not self.num_eval else f"{base}_first{self.num_eval}"
 
   def _path(self, file_name: str) -> str:
     if os.path.isabs(file_name) or "://" in file_name or not self.data_dir:
@@ -476,7 +486,7 @@ class TextFileDataset(TextDataset):
     self.check_split(which)
     if which == "eval":
       split = self.split("eval")
-      return split.texts, split.labels
+      return split.texts[:self.num_eval], split.labels[:self.num_eval]
     split = self.split("train")
     if self.num_folds:  # k-fold cross-validation: fold `validation_fold` validates
       train, validation = carve_fold(split.labels, self.num_folds, self.validation_fold,
