@@ -327,6 +327,50 @@ def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path)
     assert binding in params
 
 
+def test_attack_pass_reports_the_tight_search_beside_greedy_and_smoothing(tmp_path):
+  """--attack_searches=greedy,beam adds sub<B>_beam with its share of greedy's
+  standing examples broken (1 − beam / greedy, per seed); --attack_smoothing
+  the smoothed and certified accuracies; --attack_gin_param binds the
+  evaluations only (here the first 5 dev records: split dev_first5)."""
+  work, out, data = _workspace(tmp_path)
+  for seed, (greedy, beam) in enumerate(((0.20, 0.10), (0.25, 0.15))):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.31)
+    (work / f"tnews_plain_seed{seed}" / "eval_results_dev_first5_attacks.json").write_text(
+        json.dumps({"step": 300, "split": "dev_first5", "accuracy": 0.4,
+                    "accuracy_sub1": greedy, "accuracy_sub1_beam": beam,
+                    "sub1_queries": 9.0, "sub1_beam_queries": 300.0,
+                    "accuracy_smooth": 0.35, "smooth_certified1": 0.1 * (seed + 1),
+                    "smooth_certified2": 0.0}))
+    (work / f"tnews_plain_seed{seed}" / "wall_seconds_dev_first5_attacks.txt").write_text("9\n")
+  flags = ["--methods=plain", "--cv_below=0", "--section=b", "--attack_budgets=1",
+           "--attack_searches=greedy,beam", "--attack_smoothing",
+           "--attack_gin_param=ClueDataset.num_eval = 5", "--attack_only", "--report"]
+  _, text = _tool(work, out, data, *flags)
+  section = runs.read_section(str(out / "b.md"), "b-attacks")
+  assert ("| method | clean | under B=1 | success B=1 | chars B=1 | queries B=1 | beam B=1 | "
+          "beam breaks B=1 | beam queries B=1 | smoothed | certified 1 | certified 2 |") in section
+  # beam 12.50 ± 3.54; breaks: 1 − 0.10/0.20 = 50%, 1 − 0.15/0.25 = 40%: 45.00 ± 7.07.
+  assert ("| plain (n=2) | 40.00 ± 0.00 | 22.50 ± 3.54 | – | – | 9.00 ± 0.00 | 12.50 ± 3.54 | "
+          "45.00 ± 7.07 | 300.00 ± 0.00 | 35.00 ± 0.00 | 15.00 ± 7.07 | 0.00 ± 0.00 |") in section
+  assert "| tnews | plain | 1 | 40.00 | 25.00 / – / 9.00 | 15.00 / 300.00 | 35.00 / 20.00 / 0.00 |" in section
+  probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
+           "r = t.attack_run(t.NlpRun('iflytek', 'plain', 0)); print(r.params)")
+  proc = subprocess.run([sys.executable, "-c", probe, f"--work_dir={work}", "--attack_budgets=2",
+                         "--attack_searches=beam", "--attack_smoothing",
+                         "--attack_gin_param=tnews:ClueDataset.num_eval = 5",
+                         "--attack_gin_param=iflytek:ClueDataset.num_eval = 7"],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  params = proc.stdout.strip().split("\n")[-1]
+  for binding in ("Experiment.eval_attacks = {'sub2_beam': @sub2_beam/CharSubstitutionAttack(), "
+                  "'smooth': @smooth/SubstitutionSmoothing()}",
+                  "sub2_beam/CharSubstitutionAttack.budget = 2",
+                  "sub2_beam/CharSubstitutionAttack.search = 'beam'",
+                  "ClueDataset.num_eval = 7"):
+    assert binding in params
+  assert "num_eval = 5" not in params
+
+
 def test_methods_table_records_survive_the_model_dirs_and_other_bindings_run_again(tmp_path):
   work, out, data = _workspace(tmp_path)
   _plain_and_fgm_candidates(work)

@@ -67,6 +67,7 @@ runs at a time, each pinned to its own CPU core when there are enough.
 """
 
 import os
+import re
 import time
 
 from absl import app, flags
@@ -119,6 +120,17 @@ flags.DEFINE_list("attack_budgets", [], "The attack pass: each chosen run of "
                   "Empty: no attack pass.")
 flags.DEFINE_list("attack_methods", None, "Methods the attack pass evaluates (default: "
                   "every method of the table).")
+flags.DEFINE_list("attack_searches", ["greedy"], "The attack pass's searches: 'greedy' "
+                  "(sub<B>) and/or 'beam', the tight search under the same threat model "
+                  "(sub<B>_beam; `CharSubstitutionAttack.search`), reported beside the "
+                  "greedy one with the share of the examples greedy left standing that it "
+                  "breaks.")
+flags.DEFINE_bool("attack_smoothing", False, "The attack pass also evaluates "
+                  "`SubstitutionSmoothing` (name 'smooth'): the smoothed classifier's "
+                  "accuracy and its certified accuracy at radius 1 and 2.")
+flags.DEFINE_multi_string("attack_gin_param", [], "A binding of the attack pass's "
+                          "evaluations only ('TASK:binding' for one task's), e.g. "
+                          "'ClueDataset.num_eval = 200' (the first 200 dev records).")
 flags.DEFINE_integer("attack_examples", 20, "Dev examples each attack evaluation writes "
                      "under each budget (attack_examples_dev_attacks_sub<B>.jsonl).")
 flags.DEFINE_string("records", None, "Finished runs' records (JSON, committed with the "
@@ -377,17 +389,59 @@ def _comparison_lines(groups, tasks, key, what):
 
 
 ATTACK_TAG = "attacks"
+SMOOTH = "smooth"  # the smoothing evaluation's name (accuracy_smooth, smooth_certified<d>)
 ATTACK_ROWS = "Every attack evaluation (under attack / characters changed / queries):"
 
 
+SEARCHES = ("greedy", "beam")
+
+
+def attack_names():
+  """{attack name: (budget, search)}: `sub<B>` the greedy search, `sub<B>_beam`
+  the tight one, for each --attack_budgets budget and --attack_searches search."""
+  for search in FLAGS.attack_searches:
+    if search not in SEARCHES:
+      raise app.UsageError(f"--attack_searches: {search!r} is not one of {SEARCHES}.")
+  return {f"sub{int(b)}" + ("" if search == "greedy" else f"_{search}"): (int(b), search)
+          for b in FLAGS.attack_budgets for search in FLAGS.attack_searches}
+
+
+def attack_bindings(task: str):
+  """The --attack_gin_param bindings of `task`'s evaluations."""
+  bindings = []
+  for spec in FLAGS.attack_gin_param:
+    name, sep, binding = spec.partition(":")
+    if sep and "=" not in name and "." not in name:  # TASK:binding
+      if name.strip() == task:
+        bindings.append(binding.strip())
+    else:
+      bindings.append(spec.strip())
+  return bindings
+
+
+def attack_split(task: str) -> str:
+  """The split name the attack pass's evaluations record: "dev", or
+  "dev_first<N>" under an --attack_gin_param `num_eval` binding."""
+  for binding in attack_bindings(task):
+    found = re.fullmatch(r"\S*\.num_eval = (\d+)", binding)
+    if found:
+      return f"dev_first{int(found.group(1))}"
+  return "dev"
+
+
 def attack_run(run: NlpRun) -> runs.Run:
-  """`run`'s best checkpoint evaluated on dev under the character attack,
-  one `sub<B>` attack per --attack_budgets budget."""
-  names = {f"sub{int(b)}": int(b) for b in FLAGS.attack_budgets}
-  attacks = ", ".join(f"'{name}': @{name}/CharSubstitutionAttack()" for name in names)
-  params = [f"Experiment.eval_attacks = {{{attacks}}}",
-            *(f"{name}/CharSubstitutionAttack.budget = {b}" for name, b in names.items()),
-            f"Experiment.attack_examples = {FLAGS.attack_examples}"]
+  """`run`'s best checkpoint evaluated on dev under the character attack
+  (`attack_names`), and under smoothing with --attack_smoothing."""
+  names = attack_names()
+  entries = [f"'{name}': @{name}/CharSubstitutionAttack()" for name in names]
+  if FLAGS.attack_smoothing:
+    entries.append(f"'{SMOOTH}': @{SMOOTH}/SubstitutionSmoothing()")
+  params = [f"Experiment.eval_attacks = {{{', '.join(entries)}}}",
+            *(f"{name}/CharSubstitutionAttack.budget = {b}" for name, (b, _) in names.items()),
+            *(f"{name}/CharSubstitutionAttack.search = '{search}'"
+              for name, (_, search) in names.items() if search != "greedy"),
+            f"Experiment.attack_examples = {FLAGS.attack_examples}",
+            *attack_bindings(run.task)]
   return runs.Run(run.name, run.gin_file, run.params + params, FLAGS.work_dir,
                   mode="evaluate", tag=ATTACK_TAG)
 
@@ -415,9 +469,27 @@ def write_attack_markdown(evaluated, missing, path):
            "successful / (successful + failed), examples wrong before the attack "
            "(skipped) left out; characters changed per successful attack; queries = "
            "forward passes per attacked example. Mean ± sample std over seeds (n).", ""]
+  tight = [s for s in FLAGS.attack_searches if s != "greedy"]
+  if tight:
+    lines += ["`beam B=b`: accuracy under the tight search of the same threat model "
+              "(`CharSubstitutionAttack.search = 'beam'`: every single substitution, "
+              "then a beam of the best with every further one; an example counts as "
+              "broken when it or the greedy search breaks it); `beam breaks B=b`: the "
+              "share of the examples the greedy search left standing that it breaks, "
+              "1 − beam / under, per seed.", ""]
+  if FLAGS.attack_smoothing:
+    lines += ["`smoothed`: the accuracy of `SubstitutionSmoothing`'s majority vote over "
+              "randomly substituted copies; `certified d`: the share of examples it "
+              "classifies correctly with a certified radius of at least d characters "
+              "(Clopper–Pearson bound at its confidence level).", ""]
   head = ["method", "clean"]
   for b in budgets:
     head += [f"under B={b}", f"success B={b}", f"chars B={b}", f"queries B={b}"]
+  for b in budgets:
+    for s in tight:
+      head += [f"{s} B={b}", f"{s} breaks B={b}", f"{s} queries B={b}"]
+  if FLAGS.attack_smoothing:
+    head += ["smoothed", "certified 1", "certified 2"]
   for task in tasks:
     lines += [f"**{TASK_TITLES.get(task, task)}** (dev, %):", "",
               "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -430,21 +502,44 @@ def write_attack_markdown(evaluated, missing, path):
                   _mean_std_cell(records, f"success_rate_sub{b}", 100),
                   _mean_std_cell(records, f"sub{b}_changed", 1),
                   _mean_std_cell(records, f"sub{b}_queries", 1)]
+      for b in budgets:
+        for s in tight:
+          cells += [_mean_std_cell(records, f"accuracy_sub{b}_{s}", 100),
+                    _mean_std_cell([{"v": _breaks(r, b, s)} for r in records
+                                    if _breaks(r, b, s) is not None], "v", 100),
+                    _mean_std_cell(records, f"sub{b}_{s}_queries", 1)]
+      if FLAGS.attack_smoothing:
+        cells += [_mean_std_cell(records, f"accuracy_{SMOOTH}", 100),
+                  _mean_std_cell(records, f"{SMOOTH}_certified1", 100),
+                  _mean_std_cell(records, f"{SMOOTH}_certified2", 100)]
       lines.append(f"| {method} (n={len(records)}) | " + " | ".join(cells) + " |")
     lines.append("")
   for b in budgets:
     lines += _comparison_lines(groups, tasks, f"accuracy_sub{b}",
                                f"dev accuracy under the {b}-character attack")
+    for s in tight:
+      lines += _comparison_lines(groups, tasks, f"accuracy_sub{b}_{s}",
+                                 f"dev accuracy under the {b}-character {s} search")
+  if FLAGS.attack_smoothing:
+    lines += _comparison_lines(groups, tasks, f"{SMOOTH}_certified1",
+                               "certified accuracy at radius 1")
+  extra = [f"{s} B={b} (under / queries)" for b in budgets for s in tight]
+  extra += ["smoothed / certified 1 / 2"] if FLAGS.attack_smoothing else []
   lines += ["", ATTACK_ROWS, "",
             "| task | method | seed | clean | " + " | ".join(
-                f"B={b}" for b in budgets) + " | wall time |",
-            "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
+                [f"B={b}" for b in budgets] + extra) + " | wall time |",
+            "|---|---|---|---|" + "---|" * (len(budgets) + len(extra)) + "---|"]
   for run, record in evaluated:
+    cells = [f"{100 * record[f'accuracy_sub{b}']:.2f} / "
+             f"{_number(record, f'sub{b}_changed')} / "
+             f"{_number(record, f'sub{b}_queries')}" for b in budgets]
+    cells += [f"{_percent(record, f'accuracy_sub{b}_{s}')} / "
+              f"{_number(record, f'sub{b}_{s}_queries')}" for b in budgets for s in tight]
+    if FLAGS.attack_smoothing:
+      cells.append(" / ".join(_percent(record, key) for key in (
+          f"accuracy_{SMOOTH}", f"{SMOOTH}_certified1", f"{SMOOTH}_certified2")))
     lines.append(f"| {run.task} | {run.method} | {run.seed}{_mark(record)} | "
-                 f"{100 * record['accuracy']:.2f} | " + " | ".join(
-                     f"{100 * record[f'accuracy_sub{b}']:.2f} / "
-                     f"{_number(record, f'sub{b}_changed')} / "
-                     f"{_number(record, f'sub{b}_queries')}" for b in budgets)
+                 f"{100 * record['accuracy']:.2f} | " + " | ".join(cells)
                  + f" | {record['wall_seconds']:.0f} s |")
   if any(TRANSCRIBED in record for _, record in evaluated):
     lines += ["", TRANSCRIBED_NOTE]
@@ -453,6 +548,21 @@ def write_attack_markdown(evaluated, missing, path):
               "`--report` evaluates them, once their runs have finished)."]
   section = section_name() + "-attacks"
   runs.replace_section(path, section, "\n".join(lines))
+
+
+def _breaks(record, budget, search):
+  """The share of the examples the greedy search left standing that `search`
+  breaks: 1 − (accuracy under it) / (accuracy under greedy); None if greedy
+  left none."""
+  greedy, tight = record.get(f"accuracy_sub{budget}"), record.get(
+      f"accuracy_sub{budget}_{search}")
+  if greedy is None or tight is None or greedy <= 0:
+    return None
+  return 1 - tight / greedy
+
+
+def _percent(record, key) -> str:
+  return f"{100 * record[key]:.2f}" if key in record else "–"
 
 
 def _mean_std_cell(records, key, scale):
@@ -698,7 +808,7 @@ def attack_now(run, cpus):
   evaluation = attack_run(run)
   if store.get(evaluation.key, evaluation.params) is None:
     evaluation.cpus = cpus
-    store.put(evaluation.key, evaluation.params, evaluation.result("dev"))
+    store.put(evaluation.key, evaluation.params, evaluation.result(attack_split(run.task)))
 
 
 def attack_pass(finished, chosen):
@@ -713,7 +823,8 @@ def attack_pass(finished, chosen):
   def one(numbered, cpus):
     i, run = numbered
     evaluation = attack_run(run)
-    record = store.get(evaluation.key, evaluation.params) or evaluation.finished("dev")
+    split = attack_split(run.task)
+    record = store.get(evaluation.key, evaluation.params) or evaluation.finished(split)
     if record is None and not FLAGS.report:
       if run.finished("dev") is None:  # its model dir is gone: train it again
         kept = store.get(run.key, run.params)
@@ -724,7 +835,7 @@ def attack_pass(finished, chosen):
           print(f"{run.name}: trained again, dev accuracy {100 * again['accuracy']:.2f}% "
                 f"(kept record: {100 * kept['accuracy']:.2f}%)", flush=True)
       evaluation.cpus = cpus
-      record = evaluation.result("dev")
+      record = evaluation.result(split)
       print(f"[{i}/{len(trained)}] {run.name} attacked: dev accuracy "
             f"{100 * record['accuracy']:.2f}%, " + ", ".join(
                 f"under {b} character{'s' if b > 1 else ''} "
