@@ -210,6 +210,9 @@ def test_every_clue_config_header_quotes_its_records(config):
   superseded validated table it names (docs/history.md)."""
   task, method = config[:-len(".gin")].split("_", 1)
   header = _header(os.path.join(REPO, "configs", config))
+  if "Expected: not measured yet" in header:  # pre-registered, not run: no number to quote
+    assert not re.search(r"\d+\.\d\d ± ", header), config
+    return
   if method.endswith("_matrix"):  # measured only by the validated table, now history
     from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
     section = runs.read_section(os.path.join(REPO, "docs", "history.md"),
