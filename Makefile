@@ -46,8 +46,9 @@ test-lowest: $(LOWEST)/.installed
 test-fast: install
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-# Mutation testing of attacks.py, perturbation.py and loss_scaling.py, each
-# with the tests that cover it: writes docs/mutation.md (about an hour).
+# Mutation testing of the numerical core (tfadv/attacks/, perturbation.py,
+# loss_scaling.py, methods/atta.py), each file with the tests that cover it:
+# writes docs/mutation.md (hours on 2 cores; tests/mutation.py --files=...).
 mutation: install
 	$(PY) -m pip install -q 'mutmut==2.5.1'
 	$(PY) tests/mutation.py

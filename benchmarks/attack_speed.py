@@ -27,7 +27,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
 from nlp_step_time import add_model_arguments, make_backbone  # pylint: disable=g-import-not-at-top
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.data.vocab import SPECIAL_TOKENS
 from tfadv.experiment import build_trainer

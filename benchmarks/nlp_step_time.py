@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from timing import best_step_time, report  # pylint: disable=g-import-not-at-top
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import (CharSubstitutionTraining, EmbeddingFGM, EmbeddingGradientPenalty,
                            EmbeddingOutputFGM,

@@ -26,11 +26,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # file -> the tests that cover it (pytest arguments). Fast tests only, so that
 # a run fits this machine; each list was checked to pass unmutated.
-TARGETS = {
-    "attacks": ("tfadv/attacks.py", [
-        "tests/test_attacks.py", "tests/test_vision.py", "tests/test_embedding_output.py",
-        "-k", "(apgd or pgd or attack or worst or restarts or dlr or robust or iterate "
-              "or fgsm or float16) and not xla and not replicas and not ordered"]),
+_ATTACK_TESTS = [
+    "tests/test_attacks.py", "tests/test_vision.py", "tests/test_embedding_output.py",
+    "-k", "(apgd or pgd or attack or worst or restarts or dlr or robust or iterate "
+          "or fgsm or float16) and not xla and not replicas and not ordered"]
+TARGETS = {  # tfadv/attacks.py until it became the package (one file per family)
+    "attacks_base": ("tfadv/attacks/base.py", _ATTACK_TESTS),
+    "attacks_pgd": ("tfadv/attacks/pgd.py", _ATTACK_TESTS),
+    "attacks_apgd": ("tfadv/attacks/apgd.py", _ATTACK_TESTS),
+    "attacks_embedding": ("tfadv/attacks/embedding.py", _ATTACK_TESTS),
     "perturbation": ("tfadv/perturbation.py", [
         "tests/test_embedding_output.py", "tests/test_vision.py", "tests/test_attacks.py",
         "-m", "not slow", "-k", "not per_replica and not idx and not fashion and not shapes "
@@ -59,8 +63,12 @@ TARGETS.update({
     "experiment": ("tfadv/experiment.py", [
         "tests/test_contracts.py", "tests/test_training.py",
         "-k", "checkpoint_is_chosen or kill_and_resume or new_task"]),
+    "char_substitution": ("tfadv/attacks/char_substitution.py", [
+        "tests/test_char_substitution.py", "tests/test_char_at.py", "-m", "not slow",
+        "-k", "not xla and not replicas"]),
 })
-CORE = ("attacks", "perturbation", "loss_scaling", "atta")
+CORE = ("attacks_base", "attacks_pgd", "attacks_apgd", "attacks_embedding", "perturbation",
+        "loss_scaling", "atta")
 # Not mutated: string and f-string literals (error messages and gin names; a
 # string that selects behaviour, `norm == "linf"`, is still mutated through
 # its operator) and decorators (`@gin.configurable`). Everything else is.
@@ -90,22 +98,22 @@ EQUIVALENT = {
         "not a model variable), so trainable=False only documents that",
     ("tfadv/methods/atta.py", "delta_gradient = None"):
         "the initial value is only returned when num_steps = 0, which the constructor refuses",
-    ("tfadv/attacks.py", "with tf.GradientTape(watch_accessed_variables=True) as tape:"):
-        _NO_TAPE_VARIABLES,
-    ("tfadv/attacks.py",
+    **{(f"tfadv/attacks/{name}.py", "with tf.GradientTape(watch_accessed_variables=True) as tape:"):
+       _NO_TAPE_VARIABLES for name in ("pgd", "apgd", "embedding", "char_substitution")},
+    ("tfadv/attacks/pgd.py",
      "broken = tf.not_equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
-    ("tfadv/attacks.py",
+    ("tfadv/attacks/apgd.py",
      "correct = tf.equal(tf.argmax(logits, +1, output_type=tf.int32), tf.cast(labels, tf.int32))"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
-    ("tfadv/attacks.py",
+    ("tfadv/attacks/apgd.py",
      "t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) - 1e-12)"): _GUARD,
-    ("tfadv/attacks.py",
+    ("tfadv/attacks/apgd.py",
      "t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) + 2e-12)"): _GUARD,
-    ("tfadv/attacks.py", "t = t / (per_example_norm(t) - 1e-12)"): _GUARD,
-    ("tfadv/attacks.py", "t = t / (per_example_norm(t) + 2e-12)"): _GUARD,
-    ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] - 1e-12)"): _GUARD,
-    ("tfadv/attacks.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
+    ("tfadv/attacks/apgd.py", "t = t / (per_example_norm(t) - 1e-12)"): _GUARD,
+    ("tfadv/attacks/apgd.py", "t = t / (per_example_norm(t) + 2e-12)"): _GUARD,
+    ("tfadv/attacks/apgd.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] - 1e-12)"): _GUARD,
+    ("tfadv/attacks/apgd.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
     ("tfadv/perturbation.py", "TINY = 2e-12"): _GUARD,
     ("tfadv/perturbation.py", "return gradient / (per_example_norm(gradient) - TINY)"): _GUARD,
     ("tfadv/perturbation.py",
@@ -119,10 +127,10 @@ EQUIVALENT = {
      "return epsilon * direction * tf.pow(u, 1.0 / tf.maximum(dims, 2.0))"): _COUNT,
     ("tfadv/perturbation.py",
      "return tf.reduce_sum(zero * mask) / tf.maximum(tf.reduce_sum(mask), 2.0)"): _COUNT,
-    ("tfadv/attacks.py",
+    ("tfadv/attacks/apgd.py",
      "clean_wrong = tf.not_equal(tf.argmax(clean_logits, +1, output_type=tf.int32),"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
-    ("tfadv/attacks.py",
+    ("tfadv/attacks/apgd.py",
      "window = tf.constant([float(checks.get(i, 2)) for i in range(self.num_steps)])"):
         "the window is read only at check iterations (`is_check`); the filler for the "
         "others is never used",

@@ -8,7 +8,7 @@ import tensorflow as tf
 import builders
 from test_char_substitution import (VOCAB, additive_model, per_example_ce, random_pinyin,
                                     texts)
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.methods import CharSubstitutionTraining, EmbeddingFGM
 
 N = 24

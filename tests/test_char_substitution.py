@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfadv.char_substitution import CharSubstitutionAttack, attackable, pinyin_table
+from tfadv.attacks.char_substitution import CharSubstitutionAttack, attackable, pinyin_table
 from tfadv.data.vocab import SPECIAL_TOKENS
 from tfadv.experiment import build_trainer
 from tfadv.data.pipeline import distributed_dataset

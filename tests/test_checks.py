@@ -51,15 +51,15 @@ BAD = {
     "tfadv.methods.plain.Plain": ({}, {}),  # no arguments
     "tfadv.methods.char_at.CharSubstitutionTraining": ({}, {
         "attacked_share": [1.5, NEG], "adversarial_weight": [NEG]}),
-    "tfadv.attacks.InputAttack": ({}, {
+    "tfadv.attacks.pgd.InputAttack": ({}, {
         "epsilon": [NEG], "step_size": [NEG], "num_steps": [ZERO], "norm": ["l1"],
         "restarts": [ZERO], "clip_max": [NEG]}),
-    "tfadv.attacks.APGD": ({}, {
+    "tfadv.attacks.apgd.APGD": ({}, {
         "epsilon": [NEG], "num_steps": [ZERO], "loss": ["hinge"], "norm": ["l1"],
         "restarts": [ZERO], "rho": [1.5, 0.0], "clip_min": [1.0]}),
-    "tfadv.attacks.EmbeddingOutputAttack": ({}, {
+    "tfadv.attacks.embedding.EmbeddingOutputAttack": ({}, {
         "epsilon": [NEG], "step_size": [NEG], "num_steps": [ZERO]}),
-    "tfadv.char_substitution.CharSubstitutionAttack": ({}, {
+    "tfadv.attacks.char_substitution.CharSubstitutionAttack": ({}, {
         "budget": [ZERO, 1.5], "max_fraction": [NEG, 1.5], "pinyin_candidates": [-1],
         "embedding_candidates": [-1], "top_k": [ZERO], "budget_rule": ["round"]}),
     "tfadv.smoothing.SubstitutionSmoothing": ({}, {
@@ -141,7 +141,7 @@ def test_an_out_of_range_argument_is_one_line_naming_it(name, param, value):
 
 def test_in_range_edges_are_accepted():
   from tfadv.methods import EmbeddingFGM, FreeLB  # pylint: disable=g-import-not-at-top
-  from tfadv.char_substitution import CharSubstitutionAttack  # pylint: disable=g-import-not-at-top
+  from tfadv.attacks.char_substitution import CharSubstitutionAttack  # pylint: disable=g-import-not-at-top
   EmbeddingFGM(epsilon=0.0)
   FreeLB(ascent_steps=1, step_size=0.0)
   CharSubstitutionAttack(budget=1, max_fraction=1.0, pinyin_candidates=0)

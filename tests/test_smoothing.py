@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from test_char_substitution import VOCAB, V, H, L
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.experiment import build_trainer
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.smoothing import SubstitutionSmoothing, clopper_pearson_lower

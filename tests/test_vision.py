@@ -13,6 +13,7 @@ from builders import IB as B, IC as C, IH as H  # batch, image side, classes
 from builders import image_arrays, image_split as split, tiny_cnn
 from builders import run as run_experiment, tiny_fashion_bindings, write_idx, write_tiny_fashion_idx
 from tfadv import attacks as attacks_lib, compat
+from tfadv.attacks import pgd as pgd_lib
 from tfadv.attacks import APGD, InputAttack, apgd_checkpoints, dlr_loss
 from tfadv.data.images import IdxFormatError, ImageDataset, read_idx
 from tfadv.data.pipeline import distributed_dataset
@@ -95,7 +96,7 @@ def test_every_pgd_iterate_stays_in_the_ball_and_pixel_range(norm, monkeypatch):
   x, y = split(image_arrays())
   eps = EPS if norm == "linf" else 0.5
   iterates = []
-  monkeypatch.setattr(attacks_lib, "project", lambda *a, **k: iterates.append(
+  monkeypatch.setattr(pgd_lib, "project", lambda *a, **k: iterates.append(
       _real_project(*a, **k)) or iterates[-1])
   attack = InputAttack(epsilon=eps, step_size=eps / 2, num_steps=5, norm=norm,
                        random_start=True)

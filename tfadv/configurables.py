@@ -1,7 +1,6 @@
 """Imports every module with gin configurables, so gin files can name them."""
 # pylint: disable=unused-import
-from tfadv import (attacks, char_substitution, distribute, experiment, optimization,
-                   smoothing)
+from tfadv import attacks, distribute, experiment, optimization, smoothing
 from tfadv.data import clue, corpus, images, reviews, text_files
 from tfadv.methods import (atta, char_at, embedding_output, fgm, free, freelb,
                            gradient_penalty, pgd, plain, r3f)

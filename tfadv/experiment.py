@@ -134,7 +134,7 @@ class Experiment:
       `accuracy_<name>` under each attack (robust accuracy), and with two or
       more the per-example worst case: `tfadv.attacks.InputAttack`/`APGD`
       for image tasks, `EmbeddingOutputAttack` and
-      `tfadv.char_substitution.CharSubstitutionAttack` for text tasks.
+      `tfadv.attacks.CharSubstitutionAttack` for text tasks.
     attack_examples: after evaluating, write N of the evaluated split's
       examples, evenly spaced over it, under each attack that can show them
       (the character substitutions) to `attack_examples_<split>_<attack>.jsonl`.

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv import checks
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 
 
 def clopper_pearson_lower(successes, trials, alpha: float, iterations: int = 60):

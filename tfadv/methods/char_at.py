@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 
 from tfadv import checks
-from tfadv.char_substitution import CharSubstitutionAttack
+from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.errors import SettingError
 from tfadv.methods.base import Method, MethodOutput, add_gradients, clean_gradients
 from tfadv.models.state import ascent_pass

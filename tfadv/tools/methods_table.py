@@ -40,7 +40,7 @@ the two standard deviations), as every method is against plain.
 
 `--attack_budgets=1,2` adds the attack pass: each chosen run is evaluated
 again on all of dev under the character-substitution attack
-(`tfadv.char_substitution.CharSubstitutionAttack`, budget B) with TextAttack's
+(`tfadv.attacks.CharSubstitutionAttack`, budget B) with TextAttack's
 metrics, in its own section (`<section>-attacks`), with `--attack_examples`
 attacked examples of each run, evenly spaced over dev, written beside it.
 `--attack_only` runs that pass alone, over the runs finished so far, beside an

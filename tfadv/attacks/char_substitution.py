@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfadv import checks
-from tfadv.attacks import Attack
+from tfadv.attacks.base import Attack
 from tfadv.data.vocab import SPECIAL_TOKENS, _is_cjk
 from tfadv.errors import SettingError
 from tfadv.loss_scaling import scaled_gradient
@@ -260,7 +260,7 @@ class CharSubstitutionAttack(Attack):
     labels = tf.cast(labels, tf.int32)
     active = tf.logical_and(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
                             budget > 0)
-    clean_active, clean_loss = active, loss
+    clean_active = active
     queries = tf.ones([batch], tf.float32)
     changed = tf.zeros([batch, length], tf.bool)
     current = ids
@@ -310,10 +310,10 @@ class CharSubstitutionAttack(Attack):
     if self.search == "greedy":
       return greedy
     return self._beam(model, inputs, labels, loss_fn, ids, candidates, position_ok,
-                      budget, clean_active, clean_loss, greedy)
+                      budget, clean_active, greedy)
 
   def _beam(self, model, inputs, labels, loss_fn, ids, candidates, position_ok, budget,
-            active, clean_loss, greedy):
+            active, greedy):
     """The "beam" search (class docstring), then the per-example worst case
     of it and the greedy search's result `greedy`."""
     batch, length = tf.shape(ids)[0], ids.shape[1]
@@ -321,7 +321,6 @@ class CharSubstitutionAttack(Attack):
     # Past the batch's last attackable position nothing can change: skipped.
     used = tf.reduce_max(tf.where(position_ok, tf.range(1, length + 1)[None, :], 0))
     beam = ids[:, None, :]                      # [B, w, L], w = 1 in round 1
-    beam_loss = clean_loss[:, None]
     beam_valid = active[:, None]
     beam_changed = tf.zeros_like(beam, tf.bool)
     broken = tf.zeros([batch], tf.bool)
@@ -382,7 +381,7 @@ class CharSubstitutionAttack(Attack):
             fn_output_signature=(tf.TensorSpec(None, tf.int32), tf.TensorSpec(None, tf.bool)))
         beam = tf.transpose(beam, [1, 0, 2])
         beam_changed = tf.transpose(beam_changed, [1, 0, 2])
-        beam_loss, beam_valid = top_loss, tf.math.is_finite(top_loss)
+        beam_valid = tf.math.is_finite(top_loss)
     greedy_logits, extra = greedy
     greedy_broken = tf.not_equal(tf.argmax(greedy_logits, -1, output_type=tf.int32), labels)
     use_beam = broken & ~(greedy_broken & (extra["changed"] <= found_changed))
