@@ -117,9 +117,9 @@ class SubstitutionSmoothing:
     of each id in `ids` ([B, L] or deeper) under the threat model."""
     shape = tf.shape(ids)
     flat = tf.reshape(ids, [1, -1])
-    candidates = self.threat._candidates(table, flat)[0]  # pylint: disable=protected-access
+    candidates = self.threat.candidates(table, flat)[0]
     valid = tf.logical_and(candidates >= 0, candidates != flat[0][:, None])
-    valid = tf.logical_and(valid, tf.gather(self.threat._allowed, tf.maximum(flat[0], 0))[:, None])  # pylint: disable=protected-access
+    valid = tf.logical_and(valid, self.threat.substitutable(tf.maximum(flat[0], 0))[:, None])
     order = tf.argsort(tf.cast(~valid, tf.int32), axis=-1, stable=True)
     compact = tf.where(tf.gather(valid, order, batch_dims=1),
                        tf.gather(candidates, order, batch_dims=1), -1)
@@ -155,7 +155,7 @@ class SubstitutionSmoothing:
     overlap = tf.reduce_sum(tf.minimum(mu[..., None, :], nu), -1)        # [B, L, S]
     overlap = tf.where(mine >= 0, overlap, np.inf)
     omega = tf.minimum(tf.reduce_min(overlap, -1), 1.0)
-    return tf.where(attackable & tf.gather(self.threat._allowed, ids), omega, 1.0)  # pylint: disable=protected-access
+    return tf.where(attackable & self.threat.substitutable(ids), omega, 1.0)
 
   def _copies(self, candidate_sets, ids, real, count_seed, copies):
     """[B, copies, L] randomly substituted copies of `ids`, whose candidate
@@ -201,7 +201,7 @@ class SubstitutionSmoothing:
                                     1.0 - self.confidence)
     omega = self.position_overlaps(table, ids, real, candidate_sets)
     smallest = tf.sort(omega, axis=-1)                                    # ascending
-    characters = tf.reduce_sum(tf.cast(real & ~tf.gather(self.threat._special, ids), tf.float32), 1)  # pylint: disable=protected-access
+    characters = tf.reduce_sum(tf.cast(real & ~self.threat.is_special(ids), tf.float32), 1)
     budget = self.threat.sentence_budget(characters)
     correct = tf.equal(top, tf.cast(labels, tf.int32))
     extra = {}

@@ -207,8 +207,20 @@ class CharSubstitutionAttack(Attack):
       pinyin = cached_pinyin_table(vocabulary, self.pinyin_candidates, model_dir)
     self._pinyin = tf.constant(pinyin, tf.int32)
 
-  def _candidates(self, table, ids):
-    """[B, L, P + k] candidate ids (−1: none) of every position."""
+  def substitutable(self, ids):
+    """Whether each id may be replaced or replace another: a CJK character
+    of the vocabulary, not a special token (`attackable`)."""
+    return tf.gather(self._allowed, ids)
+
+  def is_special(self, ids):
+    """Whether each id is a special token ([CLS], [SEP], [PAD], ...), which
+    does not count as one of a sentence's characters."""
+    return tf.gather(self._special, ids)
+
+  def candidates(self, table, ids):
+    """[B, L, P + k] candidate ids (−1: none) of every position: its
+    same-pinyin characters, then its `embedding_candidates` nearest rows of
+    the token-embedding `table` (substitutable ones only)."""
     same_sound = tf.gather(self._pinyin, ids)
     if self.embedding_candidates == 0:
       return same_sound
@@ -221,7 +233,7 @@ class CharSubstitutionAttack(Attack):
     distance = tf.where(tf.logical_and(self._allowed[None, None, :], ~own), distance,
                         np.inf)
     _, nearest = tf.math.top_k(-distance, k=self.embedding_candidates)
-    usable = tf.gather(self._allowed, nearest)
+    usable = self.substitutable(nearest)
     # A neighbour already among the same-sound candidates is not tried twice.
     repeated = tf.reduce_any(nearest[..., :, None] == same_sound[..., None, :], -1)
     nearest = tf.where(tf.logical_and(usable, ~repeated), nearest, -1)
@@ -249,10 +261,10 @@ class CharSubstitutionAttack(Attack):
     real = tf.cast(inputs[self.padding_mask_key], tf.bool)
     batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
     characters = tf.reduce_sum(tf.cast(
-        tf.logical_and(real, ~tf.gather(self._special, ids)), tf.float32), 1)
+        tf.logical_and(real, ~self.is_special(ids)), tf.float32), 1)
     budget = tf.minimum(float(self.budget), self.sentence_budget(characters))
-    position_ok = tf.logical_and(real, tf.gather(self._allowed, ids))
-    candidates = self._candidates(table, ids)  # fixed by the original text
+    position_ok = tf.logical_and(real, self.substitutable(ids))
+    candidates = self.candidates(table, ids)  # fixed by the original text
     slots = candidates.shape[-1]
 
     logits = self._forward(model, inputs, ids)
