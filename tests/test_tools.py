@@ -123,12 +123,13 @@ def _workspace(tmp_path):
   return work, out, data
 
 
-def _finished_run(work_dir, name, validation, dev, step=300):
+def _finished_run(work_dir, name, validation, dev, step=300, train_seconds=None):
   path = work_dir / name
   path.mkdir()
   (path / "eval_results_dev.json").write_text(json.dumps({
       "accuracy": dev, "loss": 2.0, "step": step, "split": "dev",
-      "best": {"step": step, "metrics": {"accuracy": validation, "loss": 2.0}}}))
+      "best": {"step": step, "metrics": {"accuracy": validation, "loss": 2.0}},
+      **({"train_seconds": train_seconds} if train_seconds else {})}))
   (path / "wall_seconds.txt").write_text("10.0\n")
 
 
@@ -178,6 +179,17 @@ def test_methods_table_chooses_on_validation_and_lists_each_run_once(tmp_path):
   assert "| plain | 31.00 ± 1.41 (n=2) |" in text and "| fgm |" not in text
   assert "Not run yet (1 runs" in text and "TNEWS fgm (1)." in text
   assert text.count("| tnews | fgm ε=0.3 |") == 2  # listed, not chosen
+
+
+def test_methods_table_gives_each_rows_training_time_and_its_ratio_to_plain(tmp_path):
+  work, out, data = _workspace(tmp_path)
+  for seed, (plain, fgm) in enumerate(((100.0, 180.0), (120.0, 260.0))):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.31, train_seconds=plain)
+    _finished_run(work, f"tnews_fgm_seed{seed}", 0.40, 0.33, train_seconds=fgm)
+  _, text = _tool(work, out, data, "--methods=plain,fgm", "--cv_below=0", "--section=s",
+                  "--report")
+  assert "| plain | 110 s (1.00×) |" in text
+  assert "| fgm | 220 s (2.00×) |" in text
 
 
 def test_methods_table_runs_a_control_at_its_methods_chosen_epsilon(tmp_path):

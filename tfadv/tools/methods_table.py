@@ -342,6 +342,7 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, path, mis
           lines.append(f"| {task} | {method} | {chosen[(task, method)]:g} | "
                        f"{', '.join(f'{p:g}' for p in picks)} | {agree} of {len(picks)} |")
   lines += _comparison_lines(groups, tasks, "accuracy", "dev accuracy")
+  lines += _cost_lines(groups, tasks, variants)
   lines += ["", f"![methods table]({_plot_name()})", ""]
   if selection:
     lines += ["Every ε candidate (the chosen ones are marked):", ""]
@@ -364,6 +365,34 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, path, mis
                   f"{TASK_TITLES.get(task, task)} {method} ({n})"
                   for (task, method), n in counts.items()) + "."]
   runs.replace_section(path, section_name(), "\n".join(lines))
+
+
+def _cost_lines(groups, tasks, variants):
+  """Each row's training time (the training loop alone, mean over its seeds)
+  and its ratio to plain's on the task. Runs shared the machine two at a
+  time, so a ratio carries the load's noise: benchmarks/ measure step time."""
+  rows = []
+  for variant in variants:
+    cells = []
+    for task in tasks:
+      mine = [r["train_seconds"] for r in groups.get((task, variant), []) if "train_seconds" in r]
+      plain = [r["train_seconds"] for r in groups.get((task, "plain"), []) if "train_seconds" in r]
+      if not mine:
+        cells.append("–")
+        continue
+      cell = f"{runs.mean_std(mine)[0]:.0f} s"
+      if plain:
+        cell += f" ({runs.mean_std(mine)[0] / runs.mean_std(plain)[0]:.2f}×)"
+      cells.append(cell)
+    if any(c != "–" for c in cells):
+      rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+  if not rows:
+    return []
+  return ["", "Training time (the training loop alone, mean over seeds; in brackets the "
+          "ratio to plain's; runs shared the machine, so ratios carry its load: "
+          "`benchmarks/` measures step time):", "",
+          "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
+          "|---" * (len(tasks) + 1) + "|", *rows]
 
 
 def _comparison_lines(groups, tasks, key, what):
