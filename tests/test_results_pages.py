@@ -13,6 +13,9 @@ from tfadv.tools import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(glob.glob(os.path.join(REPO, "configs", "tables", "*.flags")))
+# Tables pre-registered and still running (across sessions): their pages list
+# the runs still to come. A table leaves this set when its last run is in.
+IN_PROGRESS = {"text_robustness.flags", "text_cv_selection_iflytek.flags"}
 
 
 def _spec_flags(spec):
@@ -62,6 +65,10 @@ def test_a_page_regenerated_from_its_records_has_no_diff(spec, tmp_path, request
   assert again == open(committed).read(), (
       f"docs/results/{section}.md differs from what `python -m tfadv.tools.{tool} "
       f"--flagfile=configs/tables/{spec} --report` writes from the records: rerun it")
-  # Every training run the spec plans is in the records.
+  # Every training run the spec plans is in the records, or the table says
+  # it is still running.
   generated = runs.read_section_text(again, section)
-  assert "Not run yet" not in generated and "not yet run" not in generated
+  complete = "Not run yet" not in generated and "not yet run" not in generated
+  assert complete == (spec not in IN_PROGRESS), (
+      f"{spec}: " + ("runs missing from the records" if not complete
+                     else "complete: remove it from IN_PROGRESS"))

@@ -292,11 +292,12 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, path, mis
            "```", runs.command_line("tfadv.tools.methods_table").replace(" --report", ""),
            "```", "",
            f"Whole table: {total_seconds / 60:.1f} min of wall time summed over "
-           f"{len(finished) + len(cv_runs)} runs (each run's own in its row).", "",
-           "Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
-           "in brackets the difference from plain training's mean:", "",
-           "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
-           "|---" * (len(tasks) + 1) + "|"]
+           f"{len(finished) + len(cv_runs)} runs (each run's own in its row).", ""]
+  if groups:
+    lines += ["Dev accuracy (%), mean ± sample std over seeds (n = number of seeds); "
+              "in brackets the difference from plain training's mean:", "",
+              "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |",
+              "|---" * (len(tasks) + 1) + "|"]
   for variant in variants:
     cells = []
     for task in tasks:
@@ -343,7 +344,8 @@ def write_markdown(groups, finished, selection, chosen, total_seconds, path, mis
                        f"{', '.join(f'{p:g}' for p in picks)} | {agree} of {len(picks)} |")
   lines += _comparison_lines(groups, tasks, "accuracy", "dev accuracy")
   lines += _cost_lines(groups, tasks, variants)
-  lines += ["", f"![methods table]({_plot_name()})", ""]
+  if groups:  # the plot is drawn once a run has finished
+    lines += ["", f"![methods table]({_plot_name()})", ""]
   if selection:
     lines += ["Every ε candidate (the chosen ones are marked):", ""]
     lines += _run_rows([(run, record, run.epsilon == chosen.get((run.task, run.method)))
