@@ -224,7 +224,7 @@ def main():
   for name, sparse in runs:
     factory = METHODS[name]
     method = factory()
-    if hasattr(method, "attack"):  # a training attack: a vocabulary of CJK characters
+    if isinstance(method, CharSubstitutionTraining):  # its attack needs a CJK vocabulary
       method.attack.set_vocabulary(synthetic_vocabulary(args.vocab))
     trainer = make_trainer(args, method, args.jit, strategy, sparse_reduce=sparse)
     iterator = iter(distributed_dataset(trainer.strategy, arrays, args.batch, shuffle=True,
