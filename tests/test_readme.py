@@ -179,6 +179,18 @@ def test_the_cross_validated_tnews_choice_is_read_and_bound_as_recorded():
           f"{mean - plain:+.2f} over plain") in " ".join(_readme().split())
 
 
+def test_the_cross_validated_iflytek_fgm_choice_is_read_as_recorded():
+  from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
+  page = os.path.join(REPO, "docs", "results", "text-cv-selection-iflytek.md")
+  epsilon = runs.chosen_epsilons(page, "text-cv-selection-iflytek")[("iflytek", "fgm")]
+  records = _records("text_controls_table_runs.json")
+  plain, _ = _percent([records[f"iflytek_plain_seed{s}"]["accuracy"] for s in range(3)])
+  mean, std = _percent([records[f"iflytek_fgm_eps{epsilon:g}_seed{s}"]["accuracy"]
+                        for s in range(3)])
+  assert (f"on IFLYTEK ε {epsilon:g} ties 1 and the smaller wins: {mean:.2f} ± {std:.2f}, "
+          f"{mean - plain:+.2f}, inside it") in " ".join(_readme().split())
+
+
 def _chosen(task):
   """{method: ε} the configs follow on `task`: the controls table's choice,
   superseded by a cross-validated one (docs/results/)."""
