@@ -213,16 +213,25 @@ def same_epsilons():
   return found
 
 
-def task_bindings(task: str):
-  """The --task_gin_param bindings of `task`."""
+def _bindings_of(task: str, specs, flag: str, unscoped: bool):
+  """The bindings of `specs` ('TASK:binding') that apply to `task`; with
+  `unscoped`, a spec with no 'TASK:' applies to every task."""
   bindings = []
-  for spec in FLAGS.task_gin_param:
+  for spec in specs:
     name, sep, binding = spec.partition(":")
+    if unscoped and not (sep and "=" not in name and "." not in name):
+      bindings.append(spec.strip())
+      continue
     if not sep or not binding.strip():
-      raise app.UsageError(f"--task_gin_param={spec!r}: expected TASK:binding.")
+      raise app.UsageError(f"--{flag}={spec!r}: expected TASK:binding.")
     if name.strip() == task:
       bindings.append(binding.strip())
   return bindings
+
+
+def task_bindings(task: str):
+  """The --task_gin_param bindings of `task`."""
+  return _bindings_of(task, FLAGS.task_gin_param, "task_gin_param", unscoped=False)
 
 
 def ties():
@@ -439,15 +448,7 @@ def attack_names():
 
 def attack_bindings(task: str):
   """The --attack_gin_param bindings of `task`'s evaluations."""
-  bindings = []
-  for spec in FLAGS.attack_gin_param:
-    name, sep, binding = spec.partition(":")
-    if sep and "=" not in name and "." not in name:  # TASK:binding
-      if name.strip() == task:
-        bindings.append(binding.strip())
-    else:
-      bindings.append(spec.strip())
-  return bindings
+  return _bindings_of(task, FLAGS.attack_gin_param, "attack_gin_param", unscoped=True)
 
 
 def attack_split(task: str) -> str:
