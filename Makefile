@@ -46,9 +46,10 @@ test-lowest: $(LOWEST)/.installed
 test-fast: install
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-# Mutation testing of the numerical core (tfadv/attacks/, perturbation.py,
-# loss_scaling.py, methods/atta.py), each file with the tests that cover it:
-# writes docs/mutation.md (hours on 2 cores; tests/mutation.py --files=...).
+# Mutation testing of every file in tests/mutation.py's TARGETS, each with the
+# tests that cover it: records in docs/mutation_runs.json, report in
+# docs/mutation.md. Many CPU hours on 2 cores; it resumes where it stopped
+# (tests/mutation.py --files=KEY,... for some).
 mutation: install
 	$(PY) -m pip install -q 'mutmut==2.5.1'
 	$(PY) tests/mutation.py

@@ -1,26 +1,37 @@
-"""Mutation testing of the numerical core: `make mutation` runs this (mutmut 2.x).
+"""Mutation testing: `make mutation` runs this (mutmut 2.x).
 
 Each file is mutated in a scratch copy of the repository, never in the
 working tree, with only the tests that cover it as mutmut's runner, so one
 mutant costs one short pytest process (about 10-20 s here, most of it
-importing TensorFlow). Files run two at a time (`--jobs`). The report,
-`docs/mutation.md`, gives per file the mutants killed, survived and timed
-out, the kill rate, and each survivor's diff with the reason it was judged
-equivalent (`EQUIVALENT`), or "not explained": a test to write.
+importing TensorFlow). Files run two at a time (`--jobs`).
 
-    .venv/bin/python tests/mutation.py                    # the core files
-    .venv/bin/python tests/mutation.py --files=perturbation --out=/tmp/m.md
+Each file's result goes to `docs/mutation_runs.json` (committed: counts,
+survivors' diffs, the source's git blob hash) as soon as its run ends, and
+`docs/mutation.md` is written from all of them: per file the mutants killed,
+survived and timed out, the kill rate, and each survivor's diff with the
+reason it was judged equivalent (`EQUIVALENT`), or "not explained": a test to
+write. A row whose source changed since it was measured says so. A run
+resumes: the scratch copy and mutmut's cache live in `.mutation-cache/KEY/`,
+so a killed run loses one mutant, and a rerun retests only what is not yet
+killed (mutmut keys its cache by the mutated line).
+
+    .venv/bin/python tests/mutation.py                    # every file in TARGETS
+    .venv/bin/python tests/mutation.py --files=runs,records --jobs=1
+    .venv/bin/python tests/mutation.py --report_only      # docs/mutation.md from the records
 """
 
 import argparse
 import concurrent.futures
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,8 +55,8 @@ TARGETS = {  # tfadv/attacks.py until it became the package (one file per family
         "-k", "agrees or (float16 and (gp or skipped or overflow or free or fgsm or evaluation))"]),
 }
 _TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py"]
-# Configured, not run by default (`--files=...`): the methods and the
-# model-selection code. Their tests train tiny models, so a file takes hours.
+# The methods and the outer loop: their tests train tiny models, so a file
+# takes hours.
 TARGETS.update({
     "fgm": ("tfadv/methods/fgm.py", _TEXT + ["-m", "not slow"]),
     "gradient_penalty": ("tfadv/methods/gradient_penalty.py", _TEXT + ["-m", "not slow"]),
@@ -67,8 +78,29 @@ TARGETS.update({
         "tests/test_char_substitution.py", "tests/test_char_at.py", "-m", "not slow",
         "-k", "not xla and not replicas"]),
 })
-CORE = ("attacks_base", "attacks_pgd", "attacks_apgd", "attacks_embedding", "perturbation",
-        "loss_scaling", "atta")
+# Issue 39's files: the methods not listed above, the trainer (its
+# evaluation accounting), the record store and its readers, the selection.
+_NOT_SLOW = ["-m", "not slow"]
+TARGETS.update({
+    "methods_base": ("tfadv/methods/base.py", _TEXT + ["tests/test_r3f.py"] + _NOT_SLOW
+                     + ["-k", "not xla and not replicas"]),
+    "plain": ("tfadv/methods/plain.py", ["tests/test_keras_api.py", "tests/test_vision.py",
+                                         "-m", "not slow", "-k", "plain or warm_up"]),
+    "r3f": ("tfadv/methods/r3f.py", ["tests/test_r3f.py"] + _NOT_SLOW),
+    "random_direction": ("tfadv/methods/random_direction.py", _TEXT + _NOT_SLOW
+                         + ["-k", "control or random"]),
+    "char_at": ("tfadv/methods/char_at.py", ["tests/test_char_at.py"] + _NOT_SLOW),
+    "trainer": ("tfadv/trainer.py", [
+        "tests/test_vision.py", "tests/test_attacks.py", "tests/test_char_substitution.py",
+        "-m", "not slow", "-k", "robust or worst or evaluat or warm_up or validation or budget"]),
+    "records": ("tfadv/data/records.py", ["tests/test_records.py", "-k",
+                                          "not loopback and not sigkill and not memory_budget"]),
+    "sources": ("tfadv/data/sources.py", ["tests/test_records.py", "tests/test_data.py",
+                                          "tests/test_imagenet.py", "-m", "not slow"]),
+    "pipeline": ("tfadv/data/pipeline.py", ["tests/test_data.py", "tests/test_records.py",
+                                            "-m", "not slow"]),
+    "runs": ("tfadv/tools/runs.py", ["tests/test_tools.py", "-k", "not cross_validates"]),
+})
 # Not mutated: string and f-string literals (error messages and gin names; a
 # string that selects behaviour, `norm == "linf"`, is still mutated through
 # its operator) and decorators (`@gin.configurable`). Everything else is.
@@ -151,15 +183,43 @@ def scratch_copy(path: str) -> None:
     shutil.copy2(os.path.join(REPO, name), os.path.join(path, name))
 
 
+RECORDS = os.path.join(REPO, "docs", "mutation_runs.json")
+_LOCK = threading.Lock()
+
+
+def blob_hash(path: str) -> str:
+  """The file's git blob hash: a record says which source it measured."""
+  return subprocess.run(["git", "hash-object", path], cwd=REPO, capture_output=True,
+                        text=True, check=True).stdout.strip()
+
+
+def load_records(path: str = RECORDS) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_record(result: dict, path: str = RECORDS) -> None:
+  """Adds one file's result to the records (read, update, atomic replace)."""
+  with _LOCK:
+    records = load_records(path)
+    records[result["source"]] = {k: v for k, v in result.items() if k != "key"}
+    with open(path + ".tmp", "w") as f:
+      json.dump(records, f, indent=1, ensure_ascii=False, sort_keys=True)
+      f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 def run_file(key: str, python: str, report_only: bool = False) -> dict:
   source, tests = TARGETS[key]
-  work = tempfile.mkdtemp(prefix=f"tfadv-mutation-{key}-")
+  # The scratch copy and mutmut's cache persist: a rerun (after a kill, or
+  # after new tests) retests only the mutants not yet killed.
+  work = os.path.join(REPO, ".mutation-cache", key)
+  if report_only and not os.path.exists(os.path.join(work, ".mutmut-cache")):
+    raise SystemExit(f"--collect: no kept run of {key} in {work}; run it without --collect")
+  os.makedirs(work, exist_ok=True)
   scratch_copy(work)
-  # mutmut's cache is kept between runs: a rerun after new tests retests the
-  # survivors only (killed mutants stay killed while the source is unchanged).
-  kept = os.path.join(REPO, ".mutation-cache", f"{key}.sqlite")
-  if os.path.exists(kept):
-    shutil.copy2(kept, os.path.join(work, ".mutmut-cache"))
   env = dict(os.environ, PYTHONPATH=work, TF_CPP_MIN_LOG_LEVEL="3")
   runner = " ".join([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
                     + [f"'{t}'" if " " in t else t for t in tests])
@@ -170,13 +230,19 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   print(f"{source}: mutating in {work}, progress in {log_path}", flush=True)
   with open(log_path, "w") as log:
     if report_only:
-      log.write("--report_only: mutmut not run; the kept cache reported.\n")
+      log.write("--collect: mutmut not run; the kept cache recorded.\n")
     else:
       subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
                       f"--runner={runner}", "--tests-dir=tests",
-                      f"--disable-mutation-types={DISABLED}"],
+                      f"--disable-mutation-types={DISABLED}",
+                      # generous: a loaded machine must not turn a survivor into a
+                      # "timed out" (counted as killed)
+                      "--test-time-multiplier=3", "--test-time-base=30"],
                      cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
   seconds = time.time() - start
+  earlier = load_records().get(source, {})
+  if earlier.get("untested") and earlier.get("source_hash") == blob_hash(source):
+    seconds += earlier.get("seconds", 0)  # a resumed run: the time of all its invocations
   rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
       "SELECT id, status FROM Mutant").fetchall()
   survivors = []
@@ -185,15 +251,15 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
       diff = subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
                             capture_output=True, text=True, check=False).stdout
       survivors.append((mutant, status, diff))
-  os.makedirs(os.path.dirname(kept), exist_ok=True)
-  shutil.copy2(os.path.join(work, ".mutmut-cache"), kept)
-  shutil.rmtree(work, ignore_errors=True)
   statuses = [status for _, status in rows]
-  return {"key": key, "source": source, "tests": tests, "seconds": seconds,
-          "total": len(rows) - statuses.count("untested"),
-          "untested": statuses.count("untested"), "killed": statuses.count("ok_killed"),
-          "survived": statuses.count("bad_survived"), "timeout": statuses.count("bad_timeout"),
-          "suspicious": statuses.count("ok_suspicious"), "survivors": survivors}
+  result = {"key": key, "source": source, "tests": tests, "seconds": round(seconds),
+            "source_hash": blob_hash(source),
+            "total": len(rows) - statuses.count("untested"),
+            "untested": statuses.count("untested"), "killed": statuses.count("ok_killed"),
+            "survived": statuses.count("bad_survived"), "timeout": statuses.count("bad_timeout"),
+            "suspicious": statuses.count("ok_suspicious"),
+            "survivors": [list(s) for s in survivors]}
+  return result
 
 
 def _mutated_line(diff: str) -> str:
@@ -202,37 +268,65 @@ def _mutated_line(diff: str) -> str:
   return added[0] if added else ""
 
 
+def _why(source: str, diff: str) -> Optional[str]:
+  """The reason a survivor is equivalent, or None. A file since split into a
+  package (attacks.py -> attacks/) takes the reasons given for its parts."""
+  line = _mutated_line(diff)
+  if (source, line) in EQUIVALENT:
+    return EQUIVALENT[(source, line)]
+  package = source[:-len(".py")] + "/"
+  if not os.path.exists(os.path.join(REPO, source)):
+    for (part, mutated), why in EQUIVALENT.items():
+      if part.startswith(package) and mutated == line:
+        return why
+  return None
+
+
 def _is_equivalent(source: str, diff: str) -> bool:
-  return (source, _mutated_line(diff)) in EQUIVALENT
+  return _why(source, diff) is not None
 
 
-def report(results, out: str) -> None:
-  lines = ["# Mutation testing of the numerical core", "",
-           "Written by `make mutation` (`tests/mutation.py`, mutmut 2.5.1): each file mutated "
-           "in a scratch copy, its covering tests as the runner. A mutant is *killed* when a "
-           "test fails (or the run times out); a survivor is listed with its diff, and either "
-           "the reason it is equivalent to the original or \"not explained\" (a test to write). "
-           f"Mutation types off: {DISABLED} (messages and gin names, not behaviour).",
-           "", "| file | mutants | killed | timed out | survived (explained equivalent) "
+def report(records: dict, out: str) -> None:
+  """Writes docs/mutation.md from the records, one row and section per file."""
+  lines = ["# Mutation testing", "",
+           "Written by `make mutation` (`tests/mutation.py`, mutmut 2.5.1) from the records in "
+           "`docs/mutation_runs.json`: each file mutated in a scratch copy, its covering tests "
+           "as the runner. A mutant is *killed* when a test fails (or the run times out); a "
+           "survivor is listed with its diff, and either the reason it is equivalent to the "
+           "original or \"not explained\" (a test to write). "
+           f"Mutation types off: {DISABLED} (messages and gin names, not behaviour). "
+           "A file marked † changed after it was measured; ‡ was measured as the file named "
+           "in its section, since split.", "",
+           "| file | mutants | killed | timed out | survived (explained equivalent) "
            "| kill rate | kill rate of the non-equivalent |", "|---|---|---|---|---|---|---|"]
+  results = [records[k] for k in sorted(records)]
   for r in results:
     killed = r["killed"] + r["timeout"]
     rate = 100.0 * killed / max(r["total"], 1)
     equivalent = sum(1 for _, status, diff in r["survivors"] if status != "bad_timeout"
                      and _is_equivalent(r["source"], diff))
     rate_real = 100.0 * killed / max(r["total"] - equivalent, 1)
-    untested = f" (+{r['untested']} not run: stopped)" if r.get("untested") else ""
-    lines.append(f"| `{r['source']}` | {r['total']}{untested} | {r['killed']} | {r['timeout']} | "
-                 f"{r['survived'] + r['suspicious']} ({equivalent}) | {rate:.1f}% | "
-                 f"{rate_real:.1f}% |")
+    untested = f" (+{r['untested']} not run yet)" if r.get("untested") else ""
+    if not os.path.exists(os.path.join(REPO, r["source"])):
+      mark = " ‡"
+    elif r.get("source_hash") != blob_hash(r["source"]):
+      mark = " †"
+    else:
+      mark = ""
+    lines.append(f"| `{r['source']}`{mark} | {r['total']}{untested} | {r['killed']} | "
+                 f"{r['timeout']} | {r['survived'] + r['suspicious']} ({equivalent}) | "
+                 f"{rate:.1f}% | {rate_real:.1f}% |")
   for r in results:
-    lines += ["", f"## `{r['source']}`", "", "Tests: `pytest " + " ".join(
+    lines += ["", f"## `{r['source']}`", ""]
+    if r.get("note"):
+      lines += [r["note"], ""]
+    lines += ["Tests: `pytest " + " ".join(
         f"'{t}'" if " " in t else t for t in r["tests"]) + "`", ""]
     survivors = [s for s in r["survivors"] if s[1] != "bad_timeout"]
     if not survivors:
       lines.append("No survivors.")
     for mutant, status, diff in survivors:
-      why = EQUIVALENT.get((r["source"], _mutated_line(diff)), "not explained")
+      why = _why(r["source"], diff) or "not explained"
       lines += [f"- mutant {mutant} ({status}): {why}", "", "```diff",
                 *[l for l in diff.splitlines() if l.startswith(("+", "-", "@"))
                   and not l.startswith(("+++", "---"))], "```", ""]
@@ -242,22 +336,28 @@ def report(results, out: str) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--files", default=",".join(CORE),
+  parser.add_argument("--files", default=",".join(TARGETS),
                       help=f"comma-separated, from {sorted(TARGETS)}")
   parser.add_argument("--jobs", type=int, default=2)
   parser.add_argument("--out", default=os.path.join(REPO, "docs", "mutation.md"))
   parser.add_argument("--report_only", action="store_true",
-                      help="write the report from the kept caches (.mutation-cache/), run nothing")
+                      help="write the report from docs/mutation_runs.json, run nothing")
+  parser.add_argument("--collect", action="store_true",
+                      help="record the files' progress from their kept caches, run nothing")
   args = parser.parse_args(argv)
   keys = args.files.split(",")
   unknown = [k for k in keys if k not in TARGETS]
   if unknown:
     parser.error(f"--files: unknown {unknown}; known: {sorted(TARGETS)}")
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    results = list(pool.map(lambda k: run_file(k, sys.executable, args.report_only), keys))
-  report(results, args.out)
-  for r in results:
-    print(f"{r['source']}: {r['killed'] + r['timeout']}/{r['total']} killed", flush=True)
+  if not args.report_only:
+    def one(key):
+      result = run_file(key, sys.executable, args.collect)
+      save_record(result)
+      print(f"{result['source']}: {result['killed'] + result['timeout']}/{result['total']} "
+            f"killed, {result['untested']} not run yet", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+      list(pool.map(one, keys))
+  report(load_records(), args.out)
   print(f"Wrote {args.out}")
 
 

@@ -740,3 +740,35 @@ print(len(planned), len(ready), len(pending), len(attacked), len(store.load()), 
   assert absent == "[]", absent
   assert (int(planned), int(ready), int(pending), int(attacked)) == (168, 12, 0, 72)
   assert int(planned) + int(ready) + int(attacked) <= int(stored)
+
+
+def _mutation_tool():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mutation.py")
+  spec = importlib.util.spec_from_file_location("tfadv_mutation_tool", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_source(tmp_path):
+  """`tests/mutation.py` keeps each file's result in a record; the report has a
+  row per record (not only the files of the last run), counts the explained
+  survivors, and marks a source that changed after it was measured."""
+  m = _mutation_tool()
+  records = str(tmp_path / "mutation_runs.json")
+  survivor = "@@ -1 +1 @@\n-  if x > 1:\n+  if across_replicas and context is not None and " \
+             "context.num_replicas_in_sync >= 1:\n"
+  for source, digest in (("tfadv/loss_scaling.py", m.blob_hash("tfadv/loss_scaling.py")),
+                         ("tfadv/tools/runs.py", "0" * 40)):
+    m.save_record({"key": source, "source": source, "tests": ["tests/x.py"], "seconds": 1,
+                   "source_hash": digest, "total": 10, "untested": 0, "killed": 9,
+                   "survived": 1, "timeout": 0, "suspicious": 0,
+                   "survivors": [[7, "bad_survived", survivor]]}, records)
+  out = str(tmp_path / "mutation.md")
+  m.report(m.load_records(records), out)
+  rows = [l for l in open(out).read().splitlines() if l.startswith("| `")]
+  assert rows == [
+      "| `tfadv/loss_scaling.py` | 10 | 9 | 0 | 1 (1) | 90.0% | 100.0% |",
+      "| `tfadv/tools/runs.py` † | 10 | 9 | 0 | 1 (0) | 90.0% | 90.0% |"]
+  assert "- mutant 7 (bad_survived): not explained" in open(out).read()
