@@ -179,12 +179,23 @@ def test_the_cross_validated_tnews_choice_is_read_and_bound_as_recorded():
           f"{mean - plain:+.2f} over plain") in " ".join(_readme().split())
 
 
-def test_the_cross_validated_iflytek_fgm_choice_is_read_as_recorded():
+def test_the_cross_validated_iflytek_choices_are_read_and_bound_as_recorded():
+  """README's sentence on IFLYTEK's FGM, and the IFLYTEK FGM/GP configs: they
+  bind the ε the cross-validation chose, and their headers say so."""
   from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
   page = os.path.join(REPO, "docs", "results", "text-cv-selection-iflytek.md")
-  epsilon = runs.chosen_epsilons(page, "text-cv-selection-iflytek")[("iflytek", "fgm")]
+  chosen = runs.chosen_epsilons(page, "text-cv-selection-iflytek")
+  epsilon = chosen[("iflytek", "fgm")]
   records = _records("text_controls_table_runs.json")
   plain, _ = _percent([records[f"iflytek_plain_seed{s}"]["accuracy"] for s in range(3)])
+  for method, binding in (("fgm", "EmbeddingFGM.epsilon"),
+                          ("gp", "EmbeddingGradientPenalty.epsilon")):
+    with open(os.path.join(REPO, "configs", f"iflytek_{method}.gin"), encoding="utf-8") as f:
+      config = f.read()
+    bound = float(re.search(rf"^{re.escape(binding)} = (\S+)$", config, re.M).group(1))
+    assert bound == chosen[("iflytek", method)], (method, bound)
+    assert "5-fold cross-validation" in _header(os.path.join(REPO, "configs",
+                                                             f"iflytek_{method}.gin"))
   mean, std = _percent([records[f"iflytek_fgm_eps{epsilon:g}_seed{s}"]["accuracy"]
                         for s in range(3)])
   assert (f"on IFLYTEK ε {epsilon:g} ties 1 and the smaller wins: {mean:.2f} ± {std:.2f}, "
