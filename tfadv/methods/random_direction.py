@@ -7,7 +7,8 @@ the method (ε, norm, padding mask or row support, passes, cost) and replaces
 only the direction: the perturbation becomes a uniformly random unit
 direction (a normalised Gaussian on the same support) scaled to exactly the
 norm the adversarial perturbation has in that step (per example for the
-output method, for the whole matrix for the matrix method; with
+output method; per row of the matrix for the matrix method, so each token's
+row, and so each example, meets as much of it as of the adversarial Δ; with
 `norm="sign"`, random signs on the entries where the gradient is non-zero).
 The clean pass still computes the gradient: its support and norm define the
 control, and the control costs what the method costs.
