@@ -167,6 +167,12 @@ EQUIVALENT = {
      "window = tf.constant([float(checks.get(i, 2)) for i in range(self.num_steps)])"):
         "the window is read only at check iterations (`is_check`); the filler for the "
         "others is never used",
+    ("tfadv/tools/runs.py", "stderr=subprocess.STDOUT, text=True, bufsize=2)"):
+        "the pipe is read line by line either way: the buffer size of the reader does "
+        "not change which lines arrive or when the loop sees them (each line is "
+        "flushed by the run)",
+    ("tfadv/tools/runs.py", 'self.cpus = ""  # CPU cores to pin the run to (taskset), or all'):
+        "an empty string is falsy like None: no pinning either way",
     ("tfadv/loss_scaling.py",
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "

@@ -13,6 +13,7 @@ from absl import app
 
 from tfadv.tools import runs
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_replace_section_keeps_the_other_sections(tmp_path):
   path = str(tmp_path / "results.md")
@@ -59,48 +60,107 @@ def test_a_finished_run_is_read_back_not_repeated(tmp_path):
   assert runs.mean_std([1.0, 3.0]) == (2.0, 2 ** 0.5)
 
 
-def test_a_resumed_run_reports_the_wall_time_of_all_its_invocations(tmp_path):
-  """A run whose first invocation died (the tool killed, the run failed)
-  reports the time of both invocations, not only the last one's."""
+class _Clock:
+  """A fake `time.time` for runs.py: it advances only when told, so the wall
+  time a run reports is exact, whatever the machine's load."""
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def _fake_main(tmp_path, lines=4):
+  """A stand-in for `tfadv.main`: prints `lines` lines; its first invocation
+  fails, the next writes its evaluation."""
   script = tmp_path / "fake_main.py"
   script.write_text(
-      "import json, os, sys, time\n"
+      "import json, os, sys\n"
       "d = sys.argv[1]\n"
       "first = not os.path.exists(os.path.join(d, 'started'))\n"
       "open(os.path.join(d, 'started'), 'w').close()\n"
-      "for _ in range(4):\n"
-      "  print('step', flush=True); time.sleep(0.3)\n"
+      f"for _ in range({lines}):\n"
+      "  print('step', flush=True)\n"
       "if first: sys.exit(1)\n"
       "json.dump({'accuracy': 0.5, 'step': 3}, open(os.path.join(d, 'eval_results.json'), 'w'))\n")
 
   class Fake(runs.Run):
     def command(self):
       return [sys.executable, str(script), self.model_dir]
+  return Fake
 
-  run = Fake("r", "unused.gin", [], str(tmp_path))
-  run.save_wall_every = 0.0
+
+def test_a_resumed_run_reports_the_wall_time_of_all_its_invocations(tmp_path, monkeypatch):
+  """A run whose first invocation died (the tool killed, the run failed)
+  reports the time of both invocations, not only the last one's: exact sums
+  on a fake clock that advances 10 s per line the run prints."""
+  clock = _Clock()
+  monkeypatch.setattr(runs.time, "time", clock)
+
+  def tick(line):
+    clock.now += 10.0
+
+  run = _fake_main(tmp_path)("r", "unused.gin", [], str(tmp_path))
   with pytest.raises(RuntimeError, match="failed"):
-    run.result("dev")
-  first = float((tmp_path / "r" / "wall_seconds.txt.partial").read_text())
-  assert first >= 1.2
-  record = run.result("dev")
-  assert record["wall_seconds"] >= first + 1.2
-  # The tool itself killed mid-run (here: its line callback raises at the
-  # third line): the time saved as the run went still counts.
-  (tmp_path / "r" / "started").unlink()
-  for name in ("wall_seconds.txt", "eval_results.json"):
-    (tmp_path / "r" / name).unlink()
+    run.result("dev", on_line=tick)
+  partial = tmp_path / "r" / "wall_seconds.txt.partial"
+  assert float(partial.read_text()) == 40.0  # 4 lines, saved at the failure
+  record = run.result("dev", on_line=tick)
+  assert record["wall_seconds"] == 80.0 and not partial.exists()
+  assert float((tmp_path / "r" / "wall_seconds.txt").read_text()) == 80.0
 
-  def killed(line, seen=[]):  # pylint: disable=dangerous-default-value
+
+@pytest.mark.parametrize("seconds_per_line,saved", [(5.5, 5.5), (5.0, None)])
+def test_a_killed_tool_keeps_the_wall_time_saved_every_five_seconds(tmp_path, monkeypatch,
+                                                                    seconds_per_line, saved):
+  """The tool itself killed mid-run (its line callback raises at the second
+  line): the time saved as the run went still counts. It is saved when more
+  than `save_wall_every` (5 s) passed since the last save: at 5.5 s, not 5."""
+  clock = _Clock()
+  monkeypatch.setattr(runs.time, "time", clock)
+  seen = []
+
+  def killed(line):
     seen.append(line)
-    if len(seen) == 3:
+    clock.now += seconds_per_line
+    if len(seen) == 2:
       raise KeyboardInterrupt
+
+  run = _fake_main(tmp_path, lines=3)("r", "unused.gin", [], str(tmp_path))
   with pytest.raises(KeyboardInterrupt):
     run.result("dev", on_line=killed)
-  assert float((tmp_path / "r" / "wall_seconds.txt.partial").read_text()) >= 0.6
-  time.sleep(1.0)  # the orphaned first invocation ends
-  assert run.result("dev")["wall_seconds"] >= 0.6 + 1.2
-  assert not (tmp_path / "r" / "wall_seconds.txt.partial").exists()
+  partial = tmp_path / "r" / "wall_seconds.txt.partial"
+  assert (float(partial.read_text()) if partial.exists() else None) == saved
+  time.sleep(0.5)  # the orphaned invocation ends
+  # Resumed: the saved part and the new invocation's (3 lines of 1 s).
+  record = run.result("dev", on_line=lambda line: setattr(clock, "now", clock.now + 1.0))
+  assert record["wall_seconds"] == (saved or 0.0) + 3.0 and not partial.exists()
+
+
+def test_a_run_command_is_tfadv_main_with_its_mode_bindings_tag_and_pinning():
+  run = runs.Run("r", "configs/x.gin", ["A.b = 1"], "work")
+  assert run.command() == [sys.executable, "-m", "tfadv.main", "--gin_file=configs/x.gin",
+                           "--model_dir=work/r", "--gin_param=A.b = 1"]
+  run = runs.Run("r", "configs/x.gin", ["A.b = 1"], "work", mode="evaluate", tag="attacks")
+  run.cpus = [0, 1]
+  assert run.key == "r/attacks"
+  assert run.command() == ["taskset", "-c", "0,1", sys.executable, "-m", "tfadv.main",
+                           "--gin_file=configs/x.gin", "--model_dir=work/r", "--mode=evaluate",
+                           "--gin_param=A.b = 1", "--gin_param=Experiment.eval_tag = 'attacks'"]
+
+
+def test_iterative_methods_step_sizes_keep_their_configs_ratio_to_epsilon():
+  """A table that moves ε moves the step size with it, at the ratio the
+  method's config has (configs/base/*.gin, read here as the reference)."""
+  import re  # pylint: disable=g-import-not-at-top
+  for method, (binding, ratio) in runs.STEP_BINDING.items():
+    with open(os.path.join(REPO, "configs", "base", f"{method}.gin")) as f:
+      config = f.read()
+    owner = binding.split(".")[0]
+    value = lambda name: float(re.search(rf"^{owner}\.{name} = (\S+)$", config, re.M).group(1))
+    assert ratio == value("step_size") / value("epsilon"), method
+  assert set(runs.STEP_BINDING) == {"pgd_output", "freelb"}
 
 
 def test_epsilon_is_chosen_by_mean_dev_accuracy_and_specs_are_checked():

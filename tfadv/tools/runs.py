@@ -97,7 +97,7 @@ class Run:
     before = 0.0
     if os.path.exists(partial):
       with open(partial) as f:
-        before = float(f.read() or 0.0)
+        before = float(f.read())  # written whole (os.replace), never empty
     start = last_saved = time.time()
 
     def save(path, now):
