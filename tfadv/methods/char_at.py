@@ -8,11 +8,17 @@ attacked examples. Here the attack is tfadv's in-graph character attack
 candidates, one gradient pass and one batched verification of `top_k`
 candidates per round, `budget` rounds), run on the model as it is at the
 step (inference mode: dropout off, nothing of the model's state moves), so
-the attacked ids cost one gradient pass and `budget` verification passes.
+the attacked ids cost one gradient pass and `budget` verification passes
+over the attacked share alone: where m divides each replica's batch (always,
+in the shipped configs) the attacked examples are gathered and only they are
+attacked, so the attack costs `attacked_share` of a whole batch's; otherwise
+the whole batch is attacked and the share kept. The positions are the same
+on N replicas as on one device either way.
 
-The update: the first `attacked_share` of each replica's examples are
-replaced by their attacked text (examples the model already gets wrong stay
-as they are, as TextAttack skips them), and `inner` (plain training by
+The update: a share `attacked_share` = k/m of the examples, those at
+positions p of the global batch with p mod m < k (every other example at
+0.5), is replaced by its attacked text (examples the model already gets
+wrong stay as they are, as TextAttack skips them), and `inner` (plain training by
 default; any embedding method, e.g. `EmbeddingFGM`, for FGM + character AT)
 takes its gradients on that batch; with `adversarial_weight` w the clean
 batch's loss is added as well: loss = clean + w · (batch with the attacked
@@ -30,7 +36,8 @@ Example:
 >>> # Experiment.method = @CharSubstitutionTraining() in a text config
 """
 
-from typing import Optional
+import fractions
+from typing import Optional, Tuple
 
 import gin
 import keras
@@ -45,13 +52,14 @@ from tfadv.models.state import ascent_pass
 
 @gin.configurable
 class CharSubstitutionTraining(Method):
-  """Trains on batches whose first `attacked_share` is attacked by the character attack (module docstring).
+  """Trains on batches whose `attacked_share` is attacked by the character attack (module docstring).
 
   Args:
     attack: the training attack (default: greedy, budget 1, TextAttack's
       budget rule).
-    attacked_share: the share of each replica's examples attacked (A2T's
-      `num_train_adv_examples` as a fraction).
+    attacked_share: the share of the examples attacked (A2T's
+      `num_train_adv_examples` as a fraction), k/m with m <= 64: the
+      examples at global batch positions p with p mod m < k.
     adversarial_weight: 0: train on the attacked batch alone; w > 0: the
       clean batch's loss plus w times the attacked batch's (A2T's `alpha`).
     inner: the method that takes the gradients on the attacked batch
@@ -69,6 +77,12 @@ class CharSubstitutionTraining(Method):
     from tfadv.methods.plain import Plain  # pylint: disable=g-import-not-at-top
     self.attack = attack if attack is not None else CharSubstitutionAttack(budget=1)
     self.attacked_share = float(attacked_share)
+    share = fractions.Fraction(self.attacked_share).limit_denominator(64)
+    if abs(float(share) - self.attacked_share) > 1e-9:
+      raise SettingError(
+          f"CharSubstitutionTraining.attacked_share = {attacked_share}: must be k/m with "
+          f"m <= 64 (the attacked positions repeat every m examples); e.g. {float(share)!r}.")
+    self.period = (share.denominator, share.numerator)  # (m, k)
     self.adversarial_weight = float(adversarial_weight)
     self.inner = inner if inner is not None else Plain()
     for attribute in ("batch_replays", "uses_example_ids", "uses_replay_index"):
@@ -92,29 +106,50 @@ class CharSubstitutionTraining(Method):
   def variables(self):
     return self.inner.variables
 
+  def attacked_positions(self, batch: int) -> Optional[Tuple[int, ...]]:
+    """The attacked positions of a replica's batch of static size `batch`
+    when m divides it (they are then the same on every replica), else None."""
+    m, k = self.period
+    if batch is None or batch % m:
+      return None
+    return tuple(p for p in range(batch) if p % m < k)
+
   def attacked_inputs(self, model, inputs, labels):
-    """`inputs` with the token ids of the examples in the first
-    `attacked_share` of the global batch attacked, and how many of this
-    replica's examples were attacked and broken."""
+    """`inputs` with the token ids of the examples at the attacked positions
+    of the global batch attacked, and how many of this replica's examples
+    were attacked and broken."""
     ids = inputs[self.attack.token_ids_key]
-    batch = tf.shape(ids)[0]
-    # The first share of the *global* batch: N replicas attack the examples
-    # one device would.
-    context = tf.distribute.get_replica_context()
-    replicas = context.num_replicas_in_sync
-    share = tf.cast(tf.math.round(self.attacked_share * tf.cast(batch * replicas, tf.float32)),
-                    tf.int32)
-    position = tf.cast(context.replica_id_in_sync_group, tf.int32) * batch + tf.range(batch)
     per_example = lambda y, logits: keras.losses.sparse_categorical_crossentropy(
         y, tf.cast(logits, tf.float32), from_logits=True)
-    with ascent_pass(model):
-      logits, extra = self.attack.adversarial_outputs(model, inputs, labels, None, per_example)
-    chosen = position < share
-    attacked = tf.where(chosen[:, None], tf.cast(extra["token_ids"], ids.dtype), ids)
-    broken = tf.logical_and(chosen, tf.not_equal(
-        tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)))
+    positions = self.attacked_positions(ids.shape[0])
+    if positions is not None:
+      # Only the attacked examples go through the attack.
+      index = tf.constant(positions, tf.int32)
+      chosen_inputs = {key: tf.gather(value, index) for key, value in inputs.items()}
+      chosen_labels = tf.gather(labels, index)
+      with ascent_pass(model):
+        logits, extra = self.attack.adversarial_outputs(model, chosen_inputs, chosen_labels,
+                                                        None, per_example)
+      attacked = tf.tensor_scatter_nd_update(ids, index[:, None],
+                                             tf.cast(extra["token_ids"], ids.dtype))
+      broken = tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32),
+                            tf.cast(chosen_labels, tf.int32))
+      count = tf.constant(float(len(positions)))
+    else:
+      # Positions in the *global* batch: N replicas attack what one device does.
+      batch = tf.shape(ids)[0]
+      context = tf.distribute.get_replica_context()
+      position = tf.cast(context.replica_id_in_sync_group, tf.int32) * batch + tf.range(batch)
+      m, k = self.period
+      chosen = position % m < k
+      with ascent_pass(model):
+        logits, extra = self.attack.adversarial_outputs(model, inputs, labels, None, per_example)
+      attacked = tf.where(chosen[:, None], tf.cast(extra["token_ids"], ids.dtype), ids)
+      broken = tf.logical_and(chosen, tf.not_equal(
+          tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)))
+      count = tf.reduce_sum(tf.cast(chosen, tf.float32))
     return ({**inputs, self.attack.token_ids_key: tf.stop_gradient(attacked)},
-            tf.reduce_sum(tf.cast(chosen, tf.float32)), tf.reduce_sum(tf.cast(broken, tf.float32)))
+            count, tf.reduce_sum(tf.cast(broken, tf.float32)))
 
   def compute_gradients(self, model, loss_fn, inputs, labels, weights) -> MethodOutput:
     inputs = {key: tf.convert_to_tensor(value) for key, value in inputs.items()}
