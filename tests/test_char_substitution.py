@@ -256,11 +256,12 @@ def test_trainer_reports_textattack_metrics(mirrored):
     assert metrics["sub_queries"] == pytest.approx(extra["queries"].numpy()[clean].mean())
 
 
-def test_attack_compiles_with_xla_to_the_same_substitutions():
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_attack_compiles_with_xla_to_the_same_substitutions(search):
   model = additive_model(4)
   inputs = {k: tf.constant(v) for k, v in texts(4).items()}
   labels = tf.constant(np.argmax(model(inputs).numpy(), -1).astype(np.int32))
-  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, search=search, beam_examples=3)
   attack.set_vocabulary(VOCAB, pinyin=random_pinyin(4))
   eager = attack.adversarial_outputs(model, inputs, labels, None, per_example_ce)[1]
   compiled = tf.function(lambda i, y: attack.adversarial_outputs(model, i, y, None,
@@ -406,17 +407,20 @@ def test_beam_search_breaks_what_brute_force_breaks_where_greedy_provably_cannot
                 for n in range(2)]
   assert brute_force(model, inputs, labels, candidates, 2) == [2, 2]
   results = {}
-  for search in ("greedy", "beam"):
+  for search in ("greedy", "beam", "beam, one example at a time"):
     # top_k = every (position, character): greedy verifies every single
     # substitution, takes the best (c), and no second one then flips.
     attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, embedding_candidates=0,
-                                    pinyin_candidates=3, top_k=4 * 3, search=search)
+                                    pinyin_candidates=3, top_k=4 * 3, search=search.split(",")[0],
+                                    beam_examples=1 if "one" in search else 4)
     attack.set_vocabulary(VOCAB, pinyin=pinyin)
     logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
                                                per_example_ce)
     results[search] = (np.argmax(logits.numpy(), -1), extra)
   assert np.all(results["greedy"][0] == labels)   # greedy: nothing broken
   assert np.all(results["beam"][0] != labels)     # beam: both, as brute force
+  np.testing.assert_array_equal(results["beam, one example at a time"][1]["token_ids"],
+                                results["beam"][1]["token_ids"])
   beam_ids = results["beam"][1]["token_ids"].numpy()
   assert results["beam"][1]["changed"].numpy().tolist() == [2.0, 2.0]
   for row in beam_ids:
@@ -453,6 +457,66 @@ def test_a_wide_beam_is_brute_force_and_beam_never_trails_greedy(seed):
   assert attacked("beam", 10_000) == want
   greedy, beam = attacked("greedy", 10), attacked("beam", 10)
   assert all(b is not None for g, b in zip(greedy, beam) if g not in (None, "skipped"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_beam_attacks_greedys_survivors_alone_in_chunks_that_change_nothing(seed,
+                                                                                 monkeypatch):
+  """The beam search sees only the examples right before the attack that the
+  greedy search left standing, `beam_examples` at a time; chunks of 1, 3 (the
+  last one padded) or all at once give the same texts, counts and queries,
+  and an example counts as broken when greedy or the beam breaks it (a
+  reference: greedy's result, and the beam run on each survivor alone)."""
+  model = pooled_model(lambda pooled: keras.layers.Dense(2)(
+      keras.layers.Dense(16, activation="tanh")(pooled)), seed)
+  inputs = texts(seed)
+  labels = np.argmax(model(inputs).numpy(), -1)
+  labels[::4] = 1 - labels[::4]  # wrong before the attack: never attacked
+  pinyin = random_pinyin(seed)
+
+  def attack(search, **kwargs):
+    # top_k 1 at B = 1: greedy verifies one substitution, so it leaves some
+    # examples standing (the beam breaks what greedy cannot in the test above).
+    a = CharSubstitutionAttack(budget=1, max_fraction=1.0, embedding_candidates=2, top_k=1,
+                               search=search, **kwargs)
+    a.set_vocabulary(VOCAB, pinyin=pinyin)
+    return a
+
+  seen = []
+  original = CharSubstitutionAttack._beam_examples
+
+  def spy(self, model, inputs, labels, loss_fn, ids, candidates, position_ok, budget, active):
+    seen.append(active.numpy().tolist())
+    return original(self, model, inputs, labels, loss_fn, ids, candidates, position_ok,
+                    budget, active)
+  monkeypatch.setattr(CharSubstitutionAttack, "_beam_examples", spy)
+  greedy_logits, _ = attack("greedy").adversarial_outputs(model, inputs, tf.constant(labels),
+                                                          None, per_example_ce)
+  standing = ((np.argmax(model(inputs).numpy(), -1) == labels)
+              & (np.argmax(greedy_logits.numpy(), -1) == labels))
+  results = []
+  for chunk in (1, 3, 1000):
+    seen.clear()
+    logits, extra = attack("beam", beam_examples=chunk).adversarial_outputs(
+        model, inputs, tf.constant(labels), None, per_example_ce)
+    results.append((np.argmax(logits.numpy(), -1), {k: v.numpy() for k, v in extra.items()}))
+    # Every chunk is `chunk` examples (or the batch's), and together they
+    # attack each survivor once.
+    assert sum(sum(active) for active in seen) == standing.sum() > 0
+    assert len(seen) == -(-standing.sum() // min(chunk, len(labels)))
+  for prediction, extra in results[1:]:
+    np.testing.assert_array_equal(prediction, results[0][0])
+    for key in extra:
+      np.testing.assert_array_equal(extra[key], results[0][1][key])
+  beam_broken = results[0][0] != labels
+  greedy_broken = np.argmax(greedy_logits.numpy(), -1) != labels
+  assert np.all(beam_broken[greedy_broken]) and greedy_broken.sum() > 0
+  # Each survivor alone: the beam breaks it exactly when it did in the batch.
+  for n in np.flatnonzero(standing):
+    alone = {k: v[n:n + 1] for k, v in inputs.items()}
+    logits, _ = attack("beam").adversarial_outputs(model, alone, tf.constant(labels[n:n + 1]),
+                                                   None, per_example_ce)
+    assert (np.argmax(logits.numpy(), -1)[0] != labels[n]) == beam_broken[n]
 
 
 def test_the_attack_gradient_is_loss_scaled_in_float16():

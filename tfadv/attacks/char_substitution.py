@@ -138,11 +138,16 @@ class CharSubstitutionAttack(Attack):
       budget and constraints): round 1 verifies every single substitution
       (all positions × all candidates, batched position by position); each
       later round keeps the `beam_width` texts of highest loss and verifies
-      every further substitution of each. An example counts as broken when
-      the beam search or the greedy search (run first) breaks it, so "beam"
-      never reports higher accuracy than "greedy" on the same examples.
-      `queries` counts both searches' forward passes.
+      every further substitution of each. The greedy search runs first, and
+      the beam search attacks only the examples it left standing, so an
+      example counts as broken when either breaks it and "beam" never
+      reports higher accuracy than "greedy" on the same examples; where
+      greedy broke an example, its text and its count of changed characters
+      are kept (the beam might have needed fewer). `queries` counts both
+      searches' forward passes.
     beam_width: texts kept between rounds of the "beam" search.
+    beam_examples: examples the beam search attacks at a time (gathered
+      from greedy's survivors, so its cost follows how many survive).
 
   Before use it needs the model's vocabulary: `prepare(task, model_dir)`
   (the experiment calls it) or `set_vocabulary(tokens)`.
@@ -159,7 +164,7 @@ class CharSubstitutionAttack(Attack):
                top_k: int = 8, token_ids_key: str = "token_ids",
                padding_mask_key: str = "padding_mask",
                layer_name: str = "token_embedding", search: str = "greedy",
-               beam_width: int = 10):
+               beam_width: int = 10, beam_examples: int = 4):
     checks.check("CharSubstitutionAttack", budget=(budget, checks.AT_LEAST_ONE),
                  max_fraction=(max_fraction, checks.FRACTION),
                  pinyin_candidates=(pinyin_candidates, checks.NON_NEGATIVE_INT),
@@ -167,7 +172,8 @@ class CharSubstitutionAttack(Attack):
                  top_k=(top_k, checks.AT_LEAST_ONE),
                  budget_rule=(budget_rule, checks.one_of(BUDGET_RULES)),
                  search=(search, checks.one_of(SEARCHES)),
-                 beam_width=(beam_width, checks.AT_LEAST_ONE))
+                 beam_width=(beam_width, checks.AT_LEAST_ONE),
+                 beam_examples=(beam_examples, checks.AT_LEAST_ONE))
     if pinyin_candidates + embedding_candidates < 1:
       raise SettingError("CharSubstitutionAttack.pinyin_candidates = 0 and "
                          "embedding_candidates = 0: expected at least one candidate.")
@@ -182,6 +188,7 @@ class CharSubstitutionAttack(Attack):
     self.layer_name = layer_name
     self.search = search
     self.beam_width = int(beam_width)
+    self.beam_examples = int(beam_examples)
     self._allowed = self._special = self._pinyin = None
     self._hook = None
 
@@ -326,8 +333,52 @@ class CharSubstitutionAttack(Attack):
 
   def _beam(self, model, inputs, labels, loss_fn, ids, candidates, position_ok, budget,
             active, greedy):
-    """The "beam" search (class docstring), then the per-example worst case
-    of it and the greedy search's result `greedy`."""
+    """The "beam" search (class docstring) on the examples the greedy search
+    (`greedy`, its result) left standing, `beam_examples` at a time, then the
+    per-example worst case of the two."""
+    greedy_logits, extra = greedy
+    greedy_broken = tf.not_equal(tf.argmax(greedy_logits, -1, output_type=tf.int32), labels)
+    need = tf.logical_and(active, ~greedy_broken)
+    batch = tf.shape(ids)[0]
+    chunk = self.beam_examples
+    # Greedy's survivors first; chunks of `chunk` of them (static shapes, a
+    # dynamic count: XLA compiles it). A chunk's slots past the survivors
+    # repeat an example, inactive: they add nothing below.
+    order = tf.argsort(tf.cast(~need, tf.int32), stable=True)
+    survivors = tf.reduce_sum(tf.cast(need, tf.int32))
+    per_example = (tf.zeros_like(ids), tf.zeros([batch], tf.float32),
+                   tf.zeros([batch], tf.float32), tf.zeros([batch], tf.float32))
+
+    def one_chunk(k, found_delta, found_changed, broken, queries):
+      slot = k * chunk + tf.range(chunk)
+      index = tf.gather(order, tf.minimum(slot, batch - 1))
+      take = lambda value: tf.gather(value, index)
+      part = self._beam_examples(
+          model, {key: take(value) for key, value in inputs.items()}, take(labels), loss_fn,
+          take(ids), take(candidates), take(position_ok), take(budget),
+          tf.logical_and(take(need), slot < survivors))
+      at = index[:, None]
+      return (k + 1,
+              tf.tensor_scatter_nd_add(found_delta, at, part[0] - take(ids)),
+              tf.tensor_scatter_nd_add(found_changed, at, part[1]),
+              tf.tensor_scatter_nd_add(broken, at, tf.cast(part[2], tf.float32)),
+              tf.tensor_scatter_nd_add(queries, at, part[3]))
+
+    _, found_delta, found_changed, broken, queries = tf.while_loop(
+        lambda k, *_: k * chunk < survivors, one_chunk, (tf.constant(0), *per_example))
+    found = ids + found_delta
+    broken = broken > 0
+    use_beam = broken & ~(greedy_broken & (extra["changed"] <= found_changed))
+    final = tf.where(use_beam[:, None], found, extra["token_ids"])
+    logits = tf.where(use_beam[:, None], self._forward(model, inputs, final), greedy_logits)
+    return logits, {"changed": tf.where(use_beam, found_changed, extra["changed"]),
+                    "queries": extra["queries"] + queries, "token_ids": final}
+
+  def _beam_examples(self, model, inputs, labels, loss_fn, ids, candidates, position_ok,
+                     budget, active):
+    """The beam search on these examples (those `active`): (the breaking
+    text, or the input where none; characters it changed; broken; queries);
+    inactive examples come back unchanged, with zeros."""
     batch, length = tf.shape(ids)[0], ids.shape[1]
     slots = candidates.shape[-1]
     # Past the batch's last attackable position nothing can change: skipped.
@@ -359,12 +410,15 @@ class CharSubstitutionAttack(Attack):
                                        tf.repeat(labels, many)), [batch, width, slots])
         return tf.where(valid, loss, -np.inf), tf.logical_and(flip, valid)
 
-      loss, flip = tf.map_fn(at_position, tf.range(used), parallel_iterations=1,
+      def at_or_after_the_last(i, at_position=at_position, width=width):
+        # Every position, a static count (XLA); those past the last
+        # attackable one cost nothing.
+        return tf.cond(i < used, lambda: at_position(i), lambda: (
+            tf.fill([batch, width, slots], -np.inf), tf.zeros([batch, width, slots], tf.bool)))
+
+      loss, flip = tf.map_fn(at_or_after_the_last, tf.range(length), parallel_iterations=1,
                              fn_output_signature=(tf.TensorSpec(None, tf.float32),
                                                   tf.TensorSpec(None, tf.bool)))
-      rest = [[0, length - used], [0, 0], [0, 0], [0, 0]]
-      loss = tf.pad(loss, rest, constant_values=-np.inf)
-      flip = tf.pad(flip, rest, constant_values=False)
       loss = tf.reshape(tf.transpose(loss, [1, 2, 0, 3]), [batch, -1])   # [B, w·L·S]
       flip = tf.reshape(tf.transpose(flip, [1, 2, 0, 3]), [batch, -1])
       queries += tf.reduce_sum(tf.cast(tf.math.is_finite(loss), tf.float32), -1)
@@ -394,13 +448,7 @@ class CharSubstitutionAttack(Attack):
         beam = tf.transpose(beam, [1, 0, 2])
         beam_changed = tf.transpose(beam_changed, [1, 0, 2])
         beam_valid = tf.math.is_finite(top_loss)
-    greedy_logits, extra = greedy
-    greedy_broken = tf.not_equal(tf.argmax(greedy_logits, -1, output_type=tf.int32), labels)
-    use_beam = broken & ~(greedy_broken & (extra["changed"] <= found_changed))
-    final = tf.where(use_beam[:, None], found, extra["token_ids"])
-    logits = tf.where(use_beam[:, None], self._forward(model, inputs, final), greedy_logits)
-    return logits, {"changed": tf.where(use_beam, found_changed, extra["changed"]),
-                    "queries": extra["queries"] + queries, "token_ids": final}
+    return found, found_changed, broken, queries
 
   def examples(self, model, task, arrays, count: int, batch_size: int = 32):
     """The first `count` examples of `arrays` (a split's rows) attacked, as dicts
@@ -437,7 +485,7 @@ class CharSubstitutionAttack(Attack):
   def get_config(self) -> dict:
     return {"budget": self.budget, "max_fraction": self.max_fraction,
             "budget_rule": self.budget_rule, "search": self.search,
-            "beam_width": self.beam_width,
+            "beam_width": self.beam_width, "beam_examples": self.beam_examples,
             "pinyin_candidates": self.pinyin_candidates,
             "embedding_candidates": self.embedding_candidates, "top_k": self.top_k,
             "token_ids_key": self.token_ids_key, "padding_mask_key": self.padding_mask_key,
