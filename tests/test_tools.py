@@ -425,6 +425,13 @@ def test_attack_pass_reports_the_tight_search_beside_greedy_and_smoothing(tmp_pa
   assert ("| plain (n=2) | 40.00 ± 0.00 | 22.50 ± 3.54 | – | – | 9.00 ± 0.00 | 12.50 ± 3.54 | "
           "45.00 ± 7.07 | 300.00 ± 0.00 | 35.00 ± 0.00 | 15.00 ± 7.07 | 0.00 ± 0.00 |") in section
   assert "| tnews | plain | 1 | 40.00 | 25.00 / – / 9.00 | 15.00 / 300.00 | 35.00 / 20.00 / 0.00 |" in section
+  # The text names what was attacked and the budget rule in force: TNEWS's
+  # config binds 'floor' (configs/base/clue.gin), a --gin_param 'ceil'.
+  assert "evaluated again on the first 5 dev records" in section
+  assert "at most 10% of the sentence's, by" in section
+  _, text = _tool(work, out, data, *flags, "--gin_param=CharSubstitutionAttack.budget_rule = 'ceil'")
+  assert ("at most max(ceil(10% of the sentence's characters), 1) (TextAttack's rule)"
+          in runs.read_section(str(out / "b.md"), "b-attacks"))
   probe = ("import sys; from tfadv.tools import methods_table as t; t.FLAGS(sys.argv); "
            "r = t.attack_run(t.NlpRun('iflytek', 'plain', 0)); print(r.params)")
   proc = subprocess.run([sys.executable, "-c", probe, f"--work_dir={work}", "--attack_budgets=2",

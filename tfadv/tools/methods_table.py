@@ -487,14 +487,22 @@ def write_attack_markdown(evaluated, missing, path):
     groups.setdefault((run.task, run.method), []).append(record)
   tasks = list(dict.fromkeys(task for task, _ in groups))
   title = FLAGS.title or "Text methods"
+  splits = {attack_split(task) for task in (tasks or FLAGS.tasks)}
+  where = ("every dev record" if splits == {"dev"} else "the first " + " / ".join(
+      sorted(s[len("dev_first"):] for s in splits)) + " dev records (`num_eval`; `clean` "
+      "is their accuracy)")
+  rules = {budget_rule(task) for task in (tasks or FLAGS.tasks)}
+  share = ("max(ceil(10% of the sentence's characters), 1) (TextAttack's rule)"
+           if rules == {"ceil"} else "10% of the sentence's" if rules == {"floor"}
+           else "each task's rule of 10% of the sentence's")
   lines = [f"## {title}: under the character-substitution attack", "",
            "Produced by (the table's command with the attack pass):", "", "```",
            runs.command_line("tfadv.tools.methods_table").replace(" --report", ""), "```", "",
            "Each chosen run's best checkpoint (the one its dev accuracy is reported "
-           "for) is evaluated again on every dev record (`--mode=evaluate`, "
+           f"for) is evaluated again on {where} (`--mode=evaluate`, "
            f"`Experiment.eval_tag = '{ATTACK_TAG}'`). The attack "
            "(`CharSubstitutionAttack`) replaces at most B characters, and at most "
-           "10% of the sentence's, by same-pinyin characters or the model's nearest "
+           f"{share}, by same-pinyin characters or the model's nearest "
            "characters in its token-embedding table, greedily, guided by the "
            "embedding gradient and verified by forward passes. Metrics as TextAttack "
            "defines them: under attack = failed / all examples; success rate = "
@@ -505,8 +513,9 @@ def write_attack_markdown(evaluated, missing, path):
   if tight:
     lines += ["`beam B=b`: accuracy under the tight search of the same threat model "
               "(`CharSubstitutionAttack.search = 'beam'`: every single substitution, "
-              "then a beam of the best with every further one; an example counts as "
-              "broken when it or the greedy search breaks it); `beam breaks B=b`: the "
+              "then a beam of the best with every further one, on the examples the "
+              "greedy search left standing; an example counts as broken when either "
+              "search breaks it); `beam breaks B=b`: the "
               "share of the examples the greedy search left standing that it breaks, "
               "1 − beam / under, per seed.", ""]
   if FLAGS.attack_smoothing:
@@ -687,6 +696,24 @@ def dependent_runs(chosen):
 
 
 _VALIDATION_SIZES = {}
+_BUDGET_RULES = {}
+
+
+def budget_rule(task: str) -> str:
+  """The character attack's budget rule on `task`'s runs: its plain config's
+  binding (configs/base/clue.gin: 'floor'; text_file.gin: 'ceil'), unless
+  --gin_param binds another."""
+  if task not in _BUDGET_RULES:
+    import gin  # pylint: disable=g-import-not-at-top
+    from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
+    gin.clear_config()
+    parse_config([os.path.join(FLAGS.config_dir, f"{task}_plain.gin")], FLAGS.gin_param)
+    try:
+      _BUDGET_RULES[task] = gin.query_parameter("CharSubstitutionAttack.budget_rule")
+    except ValueError:
+      _BUDGET_RULES[task] = "ceil"  # the attack's default
+    gin.clear_config()
+  return _BUDGET_RULES[task]
 
 
 def validation_size(task: str) -> int:
