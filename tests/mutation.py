@@ -117,6 +117,11 @@ _ONES = "dividing by a tensor of ones where the original multiplies by it: the s
 _COUNT = ("the floor guards an empty count: a count of real entries is at least the hidden "
           "size (> 2) as soon as there is one real token, and with none the result is 0 "
           "either way")
+_FIRST_PART = ("the first piece of a split does not depend on how many further splits "
+               "are made")
+_ONCE = ("the piece after the first occurrence differs only where the marker occurs "
+         "twice: `replace_section` writes each section's markers once, and a section "
+         "holds one chosen-ε table")
 EQUIVALENT = {
     ("tfadv/methods/atta.py",
      "return tf.reduce_max(tf.where(same, positions[None, :], -2), axis=1)"):
@@ -173,6 +178,19 @@ EQUIVALENT = {
         "flushed by the run)",
     ("tfadv/tools/runs.py", 'self.cpus = ""  # CPU cores to pin the run to (taskset), or all'):
         "an empty string is falsy like None: no pinning either way",
+    ("tfadv/tools/runs.py", "values = None"):
+        "None and [] are both falsy: `not values` raises the same usage error",
+    ("tfadv/tools/runs.py", "means = {value: round(mean_std(accs)[0], 13) for value, accs in "
+                            "accuracies_by_value.items()}"):
+        "rounding the means to 12 or 13 decimals (it only absorbs float noise in "
+        "sums of accuracies) gives the same order and ties for accuracies of any "
+        "split size",
+    **{("tfadv/tools/runs.py", line): _FIRST_PART for line in (
+        "return content.split(begin, 1)[1].split(end, 2)[0]",
+        'if a.split("=", 2)[0] not in _PLACEMENT_FLAGS + ("--noreport",)]')},
+    **{("tfadv/tools/runs.py", line): _ONCE for line in (
+        "return content.split(begin, 2)[1].split(end, 1)[0]",
+        "for line in text.split(CHOSEN_HEADER, 2)[1].splitlines()[2:]:")},
     ("tfadv/loss_scaling.py",
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "

@@ -839,3 +839,55 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
       "| `tfadv/loss_scaling.py` | 10 | 9 | 0 | 1 (1) | 90.0% | 100.0% |",
       "| `tfadv/tools/runs.py` † | 10 | 9 | 0 | 1 (0) | 90.0% | 90.0% |"]
   assert "- mutant 7 (bad_survived): not explained" in open(out).read()
+
+
+def test_a_record_store_file_is_sorted_with_a_one_space_indent(tmp_path):
+  """The committed records are diff-friendly: keys sorted, one space indent."""
+  store = runs.RecordStore(str(tmp_path / "r.json"))
+  store.put("b", ["x = 1"], {"accuracy": 0.5, "step": 2})
+  store.put("a", [], {"step": 1, "accuracy": 0.25})
+  want = {"a": {"accuracy": 0.25, "params": [], "step": 1},
+          "b": {"accuracy": 0.5, "params": ["x = 1"], "step": 2}}
+  assert (tmp_path / "r.json").read_text() == json.dumps(want, indent=1, sort_keys=True)
+
+
+@pytest.mark.parametrize("jobs,cores,pinned", [(1, {2, 5, 7}, False), (2, {2, 5, 7}, True),
+                                               (3, {2, 5, 7}, True), (4, {2, 5, 7}, False)])
+def test_run_pinned_gives_each_of_its_jobs_a_core_of_its_own(monkeypatch, jobs, cores, pinned):
+  """With more than one job and a core for each, each job runs on one of this
+  process's cores (`sched_getaffinity(0)`), never one another job holds; with
+  one job or too few cores nothing is pinned. Results keep the items' order."""
+  monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid: {0: cores}[pid])
+  held, clash, lock = set(), [], threading.Lock()
+
+  def work(item, cpus):
+    if cpus is not None:
+      with lock:
+        clash.extend(cpus) if held & set(cpus) else held.update(cpus)
+      time.sleep(0.05)
+      with lock:
+        held.difference_update(cpus)
+    return item, cpus
+
+  out = runs.run_pinned(work, list(range(8)), jobs)
+  assert [item for item, _ in out] == list(range(8)) and not clash
+  if pinned:
+    assert all(len(cpus) == 1 and cpus[0] in sorted(cores)[:jobs] for _, cpus in out)
+  else:
+    assert all(cpus is None for _, cpus in out)
+
+
+def test_a_choice_ties_strictly_within_the_band_and_equal_rows_are_inside_the_spread():
+  # Exactly `tie` below the best is not a tie (exact binary fractions).
+  assert runs.choose_best({0.1: [0.25], 0.3: [0.5]}, tie=0.25) == 0.3
+  assert runs.choose_best({0.1: [0.3125], 0.3: [0.5]}, tie=0.25) == 0.1
+  assert runs.versus([1.0, 1.0], [1.0, 1.0]) == (0.0, 0.0, "inside the spread")
+  assert runs.versus([2.0, 2.0], [1.0, 1.0]) == (1.0, 0.0, "better")
+  assert runs.versus([1.0, 1.0], [2.0, 2.0]) == (-1.0, 0.0, "worse")
+
+
+def test_a_section_needs_both_of_its_markers():
+  for content in ("<!-- s -->\nx\n", "x\n<!-- /s -->\n", ""):
+    with pytest.raises(ValueError, match="has no section 's'"):
+      runs.read_section_text(content, "s")
+  assert runs.read_section_text("a\n<!-- s -->\nx\n<!-- /s -->\nb", "s") == "\nx\n"
