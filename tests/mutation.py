@@ -87,8 +87,9 @@ TARGETS.update({
     "plain": ("tfadv/methods/plain.py", ["tests/test_keras_api.py", "tests/test_vision.py",
                                          "-m", "not slow", "-k", "plain or warm_up"]),
     "r3f": ("tfadv/methods/r3f.py", ["tests/test_r3f.py"] + _NOT_SLOW),
-    "random_direction": ("tfadv/methods/random_direction.py", _TEXT + _NOT_SLOW
-                         + ["-k", "control or random"]),
+    "random_direction": ("tfadv/methods/random_direction.py", _TEXT + [
+        "tests/test_r3f.py", "-m", "not slow", "-k", "control or random or r3f or replicas "
+        "or optimizer"]),
     "char_at": ("tfadv/methods/char_at.py", ["tests/test_char_at.py"] + _NOT_SLOW),
     "trainer": ("tfadv/trainer.py", [
         "tests/test_vision.py", "tests/test_attacks.py", "tests/test_char_substitution.py",
@@ -178,6 +179,9 @@ EQUIVALENT = {
         "flushed by the run)",
     ("tfadv/tools/runs.py", 'self.cpus = ""  # CPU cores to pin the run to (taskset), or all'):
         "an empty string is falsy like None: no pinning either way",
+    ("tfadv/methods/random_direction.py", "ALG = None"):
+        "None is TensorFlow's 'auto_select', which is Philox on CPU (the tests' device); "
+        "the name pins it where another device might select another generator",
     ("tfadv/tools/runs.py", "values = None"):
         "None and [] are both falsy: `not values` raises the same usage error",
     ("tfadv/tools/runs.py", "means = {value: round(mean_std(accs)[0], 13) for value, accs in "

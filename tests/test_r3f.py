@@ -143,3 +143,14 @@ def test_the_experiment_passes_its_seed_to_the_method(tmp_path, fewclue_dir):
   experiment = builders.experiment_lib.Experiment()  # pylint: disable=no-value-for-parameter
   experiment.build(str(tmp_path), tf.distribute.get_strategy(), print_fn=lambda line: None)
   assert experiment.method.draw_seed == 4 and experiment.method.get_config()["seed"] == 4
+
+
+def test_the_methods_draw_counters_are_state_the_optimizer_never_trains():
+  """A method's variables (the random draws' step count, Free's memory) are
+  checkpointed state, never trainable: nothing may hand them to an optimizer."""
+  from tfadv.methods import EmbeddingFGM, EmbeddingOutputFGM  # pylint: disable=g-import-not-at-top
+  model, _, _ = tiny_masked_model()
+  for method in (R3F(), EmbeddingFGM(direction="random"), EmbeddingOutputFGM(direction="random")):
+    method.build(model)
+    state = [v.state if isinstance(v, tf.random.Generator) else v for v in method.variables]
+    assert state and not any(v.trainable for v in state), method
