@@ -212,6 +212,22 @@ def scratch_copy(path: str) -> None:
     shutil.copy2(os.path.join(REPO, name), os.path.join(path, name))
 
 
+# A file of which only some functions are in question: its kill rate counts
+# the mutants of those functions (the trainer's evaluation accounting).
+SCOPES = {"trainer": ("_correct", "_weighted_count", "_replica_eval_step", "_reduce",
+                      "_eval_loop_fn", "evaluate")}
+
+
+def scope_lines(path: str, names) -> set:
+  """The (1-based) lines of the functions and methods called `names` in `path`."""
+  import ast  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  return {line for node in ast.walk(tree)
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names
+          for line in range(node.lineno, node.end_lineno + 1)}
+
+
 RECORDS = os.path.join(REPO, "docs", "mutation_runs.json")
 _LOCK = threading.Lock()
 
@@ -273,7 +289,14 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   if earlier.get("untested") and earlier.get("source_hash") == blob_hash(source):
     seconds += earlier.get("seconds", 0)  # a resumed run: the time of all its invocations
   rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
-      "SELECT id, status FROM Mutant").fetchall()
+      "SELECT Mutant.id, Mutant.status, Line.line_number FROM Mutant "
+      "JOIN Line ON Mutant.line = Line.id").fetchall()
+  outside = 0
+  if key in SCOPES:  # only the named functions' mutants count
+    lines = scope_lines(os.path.join(work, source), SCOPES[key])
+    outside = sum(1 for _, _, number in rows if number + 1 not in lines)
+    rows = [row for row in rows if row[2] + 1 in lines]  # mutmut's numbers are 0-based
+  rows = [(mutant, status) for mutant, status, _ in rows]
   survivors = []
   for mutant, status in rows:
     if status in ("bad_survived", "bad_timeout", "ok_suspicious"):
@@ -291,6 +314,8 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
             "survived": statuses.count("bad_survived"), "timeout": statuses.count("bad_timeout"),
             "suspicious": statuses.count("ok_suspicious"),
             "survivors": [list(s) for s in survivors]}
+  if key in SCOPES:
+    result.update(scope=list(SCOPES[key]), outside_scope=outside)
   return result
 
 
@@ -352,6 +377,10 @@ def report(records: dict, out: str) -> None:
     lines += ["", f"## `{r['source']}`", ""]
     if r.get("note"):
       lines += [r["note"], ""]
+    if r.get("scope"):
+      lines += ["Scope: the mutants of " + ", ".join(f"`{n}`" for n in r["scope"])
+                + f" (the evaluation accounting); {r['outside_scope']} mutants elsewhere in "
+                "the file are not counted.", ""]
     lines += ["Tests: `pytest " + " ".join(
         f"'{t}'" if " " in t else t for t in r["tests"]) + "`", ""]
     survivors = [s for s in r["survivors"] if s[1] != "bad_timeout"]

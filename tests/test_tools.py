@@ -891,3 +891,11 @@ def test_a_section_needs_both_of_its_markers():
     with pytest.raises(ValueError, match="has no section 's'"):
       runs.read_section_text(content, "s")
   assert runs.read_section_text("a\n<!-- s -->\nx\n<!-- /s -->\nb", "s") == "\nx\n"
+
+
+def test_a_mutation_scope_is_the_lines_of_the_functions_it_names(tmp_path):
+  m = _mutation_tool()
+  path = tmp_path / "f.py"
+  path.write_text("def a():\n  return 1\n\n\nclass C:\n  def evaluate(self):\n"
+                  "    x = 1\n    return x\n\n  def train(self):\n    pass\n")
+  assert m.scope_lines(str(path), ("a", "evaluate")) == {1, 2, 6, 7, 8}
