@@ -69,6 +69,7 @@ runs at a time, each pinned to its own CPU core when there are enough.
 import os
 import re
 import time
+from typing import Optional
 
 from absl import app, flags
 
@@ -491,9 +492,9 @@ def write_attack_markdown(evaluated, missing, path):
   where = ("every dev record" if splits == {"dev"} else "the first " + " / ".join(
       sorted(s[len("dev_first"):] for s in splits)) + " dev records (`num_eval`; `clean` "
       "is their accuracy)")
-  rules = {budget_rule(task) for task in (tasks or FLAGS.tasks)}
+  rules = {budget_rule(task) for task in (tasks or FLAGS.tasks)} - {None}
   share = ("max(ceil(10% of the sentence's characters), 1) (TextAttack's rule)"
-           if rules == {"ceil"} else "10% of the sentence's" if rules == {"floor"}
+           if rules == {"ceil"} else "10% of the sentence's" if rules <= {"floor"}
            else "each task's rule of 10% of the sentence's")
   lines = [f"## {title}: under the character-substitution attack", "",
            "Produced by (the table's command with the attack pass):", "", "```",
@@ -699,15 +700,18 @@ _VALIDATION_SIZES = {}
 _BUDGET_RULES = {}
 
 
-def budget_rule(task: str) -> str:
+def budget_rule(task: str) -> Optional[str]:
   """The character attack's budget rule on `task`'s runs: its plain config's
   binding (configs/base/clue.gin: 'floor'; text_file.gin: 'ceil'), unless
   --gin_param binds another."""
+  config = os.path.join(FLAGS.config_dir, f"{task}_plain.gin")
+  if not os.path.exists(config):
+    return None  # a table of runs whose configs are not here (transcribed): not known
   if task not in _BUDGET_RULES:
     import gin  # pylint: disable=g-import-not-at-top
     from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
     gin.clear_config()
-    parse_config([os.path.join(FLAGS.config_dir, f"{task}_plain.gin")], FLAGS.gin_param)
+    parse_config([config], FLAGS.gin_param)
     try:
       _BUDGET_RULES[task] = gin.query_parameter("CharSubstitutionAttack.budget_rule")
     except ValueError:
