@@ -264,6 +264,13 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   if report_only and not os.path.exists(os.path.join(work, ".mutmut-cache")):
     raise SystemExit(f"--collect: no kept run of {key} in {work}; run it without --collect")
   os.makedirs(work, exist_ok=True)
+  # A killed mutmut leaves the mutated file and its `.bak` (the original)
+  # behind, and the next run's baseline would test the mutant: restore the
+  # originals first (scratch_copy rewrites every tracked file).
+  for root, _, names in os.walk(work):
+    for name in names:
+      if name.endswith(".py.bak"):
+        os.remove(os.path.join(root, name))
   scratch_copy(work)
   env = dict(os.environ, PYTHONPATH=work, TF_CPP_MIN_LOG_LEVEL="3")
   runner = " ".join([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
