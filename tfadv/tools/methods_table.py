@@ -700,6 +700,23 @@ _VALIDATION_SIZES = {}
 _BUDGET_RULES = {}
 
 
+def plain_config_values(task: str, names, bindings=()) -> dict:
+  """{name: its value, or None where unbound} in `task`'s plain config with
+  `bindings` added (gin's global config is cleared before and after)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  parse_config([os.path.join(FLAGS.config_dir, f"{task}_plain.gin")], list(bindings))
+  values = {}
+  for name in names:
+    try:
+      values[name] = gin.query_parameter(name)
+    except ValueError:
+      values[name] = None
+  gin.clear_config()
+  return values
+
+
 def budget_rule(task: str) -> Optional[str]:
   """The character attack's budget rule on `task`'s runs: its plain config's
   binding (configs/base/clue.gin: 'floor'; text_file.gin: 'ceil'), unless
@@ -708,37 +725,20 @@ def budget_rule(task: str) -> Optional[str]:
   if not os.path.exists(config):
     return None  # a table of runs whose configs are not here (transcribed): not known
   if task not in _BUDGET_RULES:
-    import gin  # pylint: disable=g-import-not-at-top
-    from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
-    gin.clear_config()
-    parse_config([config], FLAGS.gin_param)
-    try:
-      _BUDGET_RULES[task] = gin.query_parameter("CharSubstitutionAttack.budget_rule")
-    except ValueError:
-      _BUDGET_RULES[task] = "ceil"  # the attack's default
-    gin.clear_config()
-  return _BUDGET_RULES[task]
+    name = "CharSubstitutionAttack.budget_rule"
+    _BUDGET_RULES[task] = plain_config_values(task, [name], FLAGS.gin_param)[name] or "ceil"
+  return _BUDGET_RULES[task]  # unbound: the attack's default, 'ceil' 
 
 
 def validation_size(task: str) -> int:
   """Records in `task`'s validation split: its config's validation_fraction
   of the lines of its train file."""
   if task not in _VALIDATION_SIZES:
-    import gin  # pylint: disable=g-import-not-at-top
-    from tfadv.config import parse_config  # pylint: disable=g-import-not-at-top
-    gin.clear_config()
-    parse_config([os.path.join(FLAGS.config_dir, f"{task}_plain.gin")], [])
-    fraction, train_file = 0.0, "train.json"
-    for dataset in ("ClueDataset", "TextFileDataset"):
-      try:
-        fraction = max(fraction, gin.query_parameter(f"{dataset}.validation_fraction"))
-      except ValueError:
-        pass
-    try:
-      train_file = gin.query_parameter("TextFileDataset.train_file")
-    except ValueError:
-      pass
-    gin.clear_config()
+    fractions = [f"{dataset}.validation_fraction"
+                 for dataset in ("ClueDataset", "TextFileDataset")]
+    values = plain_config_values(task, fractions + ["TextFileDataset.train_file"])
+    fraction = max([0.0] + [values[name] for name in fractions if values[name] is not None])
+    train_file = values["TextFileDataset.train_file"] or "train.json"
     path = os.path.join(FLAGS.data_dir, task, train_file)
     if not os.path.exists(path):
       raise app.UsageError(f"--cv_below={FLAGS.cv_below}: cannot size {task}'s validation "
