@@ -43,9 +43,16 @@ def test_tfds_source_reads_rows_by_index_as_tfds_decodes_them(tfds_dir):
     assert np.abs(ours - decoded[index]["image"]).mean() < 2.0
 
 
-def test_a_missing_or_tfrecord_tfds_dataset_is_one_line_naming_tfds_build(tmp_path):
+def test_a_missing_or_tfrecord_tfds_dataset_is_one_line_naming_tfds_build(tfds_dir, tmp_path):
+  # `tfds_dir` registers the builder (its class is defined when the fixture
+  # runs): without it the test depended on which tests its worker ran first.
   with pytest.raises(MissingInputError, match="tfds build synthetic_imagenet"):
     TfdsSource("synthetic_imagenet", "train", data_dir=str(tmp_path / "empty"))
+
+
+def test_an_unknown_tfds_name_is_one_line_naming_the_config_field():
+  with pytest.raises(MissingInputError, match=r"no dataset 'no_such_set_xyz'.*ImageDataset\.name"):
+    TfdsSource("no_such_set_xyz", "train")
 
 
 def coordinate_image(height, width):
