@@ -139,6 +139,13 @@ EQUIVALENT = {
         "the initial value is only returned when num_steps = 0, which the constructor refuses",
     **{(f"tfadv/attacks/{name}.py", "with tf.GradientTape(watch_accessed_variables=True) as tape:"):
        _NO_TAPE_VARIABLES for name in ("pgd", "apgd", "embedding", "char_substitution")},
+    ("tfadv/trainer.py",
+     "return tf.equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
+        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank the "
+        "attacks' accounting sees (a task's own count_correct handles other ranks)",
+    ("tfadv/trainer.py", "if self._num_attacks >= 1:"):
+        "with one attack the worst-case sum is computed but never reported: evaluate() "
+        "reads it only when there are two or more (the same test, > 1, decides there)",
     ("tfadv/attacks/pgd.py",
      "broken = tf.not_equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",

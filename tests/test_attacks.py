@@ -250,6 +250,71 @@ def test_robust_accuracy_ands_with_clean_correctness_per_example():
   assert metrics["accuracy_worst_case"] == 0.5
 
 
+class _ConstantAttack:
+  """Every example's adversarial logits are (0, 1): class 1 wins. Its
+  per-example values are read off the inputs (so the zero-weight padding row,
+  a copy of example 0, has example 0's)."""
+
+  predicts_alone = False
+  per_example_metrics = {"changed": "successful", "queries": "attacked", "cost": "all"}
+
+  def adversarial_outputs(self, model, inputs, labels, rng, loss_fn):
+    logits = tf.tile(tf.constant([[0.0, 1.0]]), [tf.shape(inputs)[0], 1])
+    return logits, {"changed": 10.0 * inputs[:, 0], "queries": 100.0 * inputs[:, 1],
+                    "cost": 10.0 * inputs[:, 1]}
+
+
+class _AloneAttack(_ConstantAttack):
+  """A defence's own prediction (as smoothing's): counted whatever the clean
+  prediction was."""
+
+  predicts_alone = True
+  per_example_metrics = {"certified": "all"}
+
+  def adversarial_outputs(self, model, inputs, labels, rng, loss_fn):
+    logits, _ = super().adversarial_outputs(model, inputs, labels, rng, loss_fn)
+    return logits, {"certified": tf.cast(inputs[:, 0] > 0.5, tf.float32)}
+
+
+def test_evaluation_accounting_matches_a_hand_count_with_padding_dropout_and_attack_metrics():
+  # logits = x behind a dropout layer (evaluation must not drop); 3 examples
+  # in a batch of 4, so one padding row of weight 0 (example 0 again).
+  #   example 0: (0.9, 0.1), label 0: right clean, broken by the attack
+  #   example 1: (0.2, 0.8), label 1: right clean, holds
+  #   example 2: (0.7, 0.3), label 1: wrong clean; the attack "repairs" it
+  def model_fn():
+    inputs = keras.Input((2,))
+    layer = keras.layers.Dense(2)
+    model = keras.Model(inputs, layer(keras.layers.Dropout(0.5)(inputs)))
+    layer.set_weights([np.eye(2, dtype=np.float32), np.zeros(2, np.float32)])
+    return model
+
+  images = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], np.float32)
+  labels = np.array([0, 1, 1], np.int32)
+  strategy = tf.distribute.get_strategy()
+  trainer = build_trainer(model_fn, Plain(), global_batch_size=4,
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                          split_batch=lambda b: (b["image"], b["label"]),
+                          eval_attacks={"sub": _ConstantAttack(), "alone": _AloneAttack()})
+  ds = distributed_dataset(strategy, {"image": images, "label": labels}, 4, shuffle=False)
+  metrics = trainer.evaluate(iter(ds), 1)
+  # By hand: cross-entropy of 2 logits is log(1 + e^(other − true)).
+  loss = (np.log1p(np.exp(-0.8)) + np.log1p(np.exp(-0.6)) + np.log1p(np.exp(0.4))) / 3
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+  assert metrics["examples"] == 3.0
+  np.testing.assert_allclose(metrics["accuracy"], 2 / 3)
+  np.testing.assert_allclose(metrics["accuracy_sub"], 1 / 3)  # example 1 only
+  assert metrics["success_rate_sub"] == 0.5  # 1 broken (0) of 2 attacked (0, 1)
+  assert metrics["sub_changed"] == 9.0  # over the broken: example 0's 10 × 0.9
+  np.testing.assert_allclose(metrics["sub_queries"], 45.0)  # over the attacked: (10 + 80) / 2
+  np.testing.assert_allclose(metrics["sub_cost"], 4.0)  # over all 3: (1 + 8 + 3) / 3
+  np.testing.assert_allclose(metrics["accuracy_alone"], 2 / 3)  # examples 1 and 2
+  np.testing.assert_allclose(metrics["alone_certified"], 2 / 3)  # examples 0 and 2
+  assert "success_rate_alone" not in metrics
+  # A worst case needs two attacks that are not a defence's own prediction.
+  assert "accuracy_worst_case" not in metrics
+
+
 # --- float16 evaluation -------------------------------------------------------------
 
 
