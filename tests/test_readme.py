@@ -236,6 +236,9 @@ def test_every_clue_config_header_quotes_its_records(config):
   if "Expected: not measured yet" in header:  # pre-registered, not run: no number to quote
     assert not re.search(r"\d+\.\d\d ± ", header), config
     return
+  if method.startswith("char_at"):  # measured by the robustness table
+    _check_robustness_header(task, method, header)
+    return
   if method.endswith("_matrix"):  # measured only by the validated table, now history
     from tfadv.tools import runs  # pylint: disable=g-import-not-at-top
     section = runs.read_section(os.path.join(REPO, "docs", "history.md"),
@@ -271,6 +274,27 @@ def test_every_clue_config_header_quotes_its_records(config):
       key = f"accuracy_sub{budget}"
       assert float(value) == round(_percent([records[n + "/attacks"][key] for n in names])[0], 2)
       assert float(base) == round(_percent([records[n + "/attacks"][key] for n in plain])[0], 2)
+
+
+def _check_robustness_header(task, method, header):
+  """A character-AT config quotes its robustness-table row: dev accuracy, the
+  difference from that table's plain runs, accuracy under the tight
+  1-character attack on the attacked records and plain's there."""
+  records = _records("text_robustness_table_runs.json")
+  names = [f"{task}_{method}_seed{s}" for s in range(3)]
+  plain = [f"{task}_plain_seed{s}" for s in range(3)]
+  mean, std = _percent([records[n]["accuracy"] for n in names])
+  plain_mean, plain_std = _percent([records[n]["accuracy"] for n in plain])
+  assert f"dev accuracy {mean:.2f} ± {std:.2f}%" in header, (task, method, mean, std)
+  quoted = re.search(r"\(([+\-−]\d+\.\d\d) from plain, (inside|beyond) the spread", header)
+  assert quoted and float(quoted.group(1).replace("−", "-")) == round(mean - plain_mean, 2)
+  assert quoted.group(2) == ("beyond" if abs(mean - plain_mean) > std + plain_std else "inside")
+  tight = re.search(r"tight 1-character attack (\S+)% \(plain (\S+)%\) on the first 200", header)
+  assert tight, (task, method)
+  for value, runs in zip(tight.groups(), (names, plain)):
+    attacked = _percent([records[n + "/attacks"]["accuracy_sub1_beam"] for n in runs])[0]
+    assert float(value) == round(attacked, 2), (task, method, value)
+  assert "docs/results/text-robustness-table.md" in header
 
 
 @pytest.mark.parametrize("config,row", [("fashion_mnist_pgd7.gin", "pgd7"),
