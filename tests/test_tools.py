@@ -321,8 +321,9 @@ def test_methods_table_ties_choose_the_smaller_epsilon_and_compare_over_the_spre
   flags = ["--methods=plain,fgm,fgm_random", "--select=fgm:0.3,1", "--cv_below=0",
            "--variant=fgm_random=fgm:EmbeddingFGM.direction = 'random'",
            "--same_epsilon=fgm_random:fgm", "--section=c", "--report",
-           "--compare=fgm:fgm_random"]
+           "--compare=fgm:fgm_random", "--compare=fgm:plain"]  # the second is there already
   stdout, text = _tool(work, out, data, *flags, "--tie=tnews:3")
+  assert text.count("| TNEWS | fgm | plain |") == 1
   assert "tnews fgm: ε = 0.3 chosen on validation." in stdout
   assert "means within 3 points on TNEWS of the best tie with it" in text
   # fgm 36.00 ± 0 vs plain 31.00 ± 1.41: +5.00 beyond 1.41; vs its control

@@ -251,13 +251,15 @@ def ties():
 
 
 def comparisons():
-  """[(METHOD, OTHER)]: every method against plain, then the --compare pairs."""
+  """[(METHOD, OTHER)]: every method against plain, then the --compare pairs
+  (a pair already listed is listed once)."""
   pairs = [(method, "plain") for method in FLAGS.methods if method != "plain"]
   for spec in FLAGS.compare:
     method, sep, other = spec.partition(":")
     if not sep or method.strip() not in FLAGS.methods or other.strip() not in FLAGS.methods:
       raise app.UsageError(f"--compare={spec!r}: expected METHOD:OTHER, both in --methods.")
-    pairs.append((method.strip(), other.strip()))
+    if (method.strip(), other.strip()) not in pairs:
+      pairs.append((method.strip(), other.strip()))
   return pairs
 
 
