@@ -43,3 +43,14 @@ def mirrored():
   (as a real run has one).
   """
   return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(autouse=True)
+def fresh_gin_config():
+  """Gin's bindings are process-global: a test that parses a config must not
+  hand them to whichever test its worker runs next (pytest-xdist deals tests
+  to workers differently each run; a leaked `small_cnn.filters` once changed
+  another test's model)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  yield
+  gin.clear_config()
