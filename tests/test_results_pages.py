@@ -55,12 +55,16 @@ def test_a_page_regenerated_from_its_records_has_no_diff(spec, tmp_path, request
   for png in glob.glob(os.path.join(REPO, "docs", "results", "*.png")):
     shutil.copy(png, tmp_path)
   extra = [] if vision else [f"--data_dir={request.getfixturevalue('fewclue_dir')}"]
+  records = os.path.join(REPO, flags["records"]) if "records" in flags else None
+  before = open(records, "rb").read() if records and os.path.exists(records) else None
   tool = "robustness_table" if vision else "methods_table"
   proc = subprocess.run(
       [sys.executable, "-m", f"tfadv.tools.{tool}", f"--flagfile=configs/tables/{spec}",
        "--report", f"--out_dir={tmp_path}", *extra],
       capture_output=True, text=True, check=False, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  if before is not None:  # a report reads the committed records, never rewrites them
+    assert open(records, "rb").read() == before, f"--report rewrote {flags['records']}"
   again = (tmp_path / f"{section}.md").read_text()
   assert again == open(committed).read(), (
       f"docs/results/{section}.md differs from what `python -m tfadv.tools.{tool} "

@@ -348,6 +348,29 @@ def _attack_record(work, name, clean, under1, under2, success2=0.5):
   (path / "wall_seconds_dev_attacks.txt").write_text("60.0\n")
 
 
+def test_a_report_elsewhere_leaves_the_committed_records_byte_for_byte(tmp_path):
+  # A clone elsewhere (FewCLUE at another path, no model dirs) regenerates the
+  # pages from the records: it must not rewrite them (a report once rewrote
+  # every attack record's data_dir binding to the clone's absolute path).
+  work, out, data = _workspace(tmp_path)
+  for seed in (0, 1):
+    _finished_run(work, f"tnews_plain_seed{seed}", 0.40, 0.31)
+    _attack_record(work, f"tnews_plain_seed{seed}", 0.31, 0.20, 0.10)
+  records = tmp_path / "records.json"
+  flags = ["--methods=plain", "--section=a", "--attack_budgets=1,2", f"--records={records}",
+           "--report"]
+  _, first = _tool(work, out, data, *flags)
+  kept = records.read_bytes()
+  assert b"tnews_plain_seed1/attacks" in kept and str(data).encode() in kept
+  shutil.rmtree(work)
+  work.mkdir()
+  elsewhere = tmp_path / "elsewhere" / "fewclue"
+  (elsewhere / "tnews").mkdir(parents=True)
+  _, again = _tool(work, out, elsewhere, *flags)
+  assert records.read_bytes() == kept
+  assert again == first
+
+
 def test_attack_pass_evaluates_each_chosen_run_with_textattack_metrics(tmp_path):
   work, out, data = _workspace(tmp_path)
   for seed in (0, 1):

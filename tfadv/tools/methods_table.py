@@ -889,7 +889,8 @@ def attack_pass(finished, chosen):
     i, run = numbered
     evaluation = attack_run(run)
     split = attack_split(run.task)
-    record = store.get(evaluation.key, evaluation.params) or evaluation.finished(split)
+    kept_record = store.get(evaluation.key, evaluation.params)
+    record = kept_record or evaluation.finished(split)
     if record is None and not FLAGS.report:
       if run.finished("dev") is None:  # its model dir is gone: train it again
         kept = store.get(run.key, run.params)
@@ -906,7 +907,7 @@ def attack_pass(finished, chosen):
                 f"under {b} character{'s' if b > 1 else ''} "
                 f"{100 * record[f'accuracy_sub{b}']:.2f}%" for b in budgets)
             + f" ({record['wall_seconds']:.0f} s)", flush=True)
-    if record is not None:
+    if record is not None and kept_record is None:  # a kept record is never rewritten
       record = store.put(evaluation.key, evaluation.params, record)
     return record
 
