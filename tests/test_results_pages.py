@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(glob.glob(os.path.join(REPO, "configs", "tables", "*.flags")))
 # Tables pre-registered and still running (across sessions): their pages list
 # the runs still to come. A table leaves this set when its last run is in.
-IN_PROGRESS = {"text_robustness.flags"}
+IN_PROGRESS = set()
 
 
 def _spec_flags(spec):
