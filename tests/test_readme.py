@@ -68,7 +68,7 @@ def test_readme_is_at_most_150_lines():
 
 def test_text_table_is_the_controls_table_records():
   records = _records("text_controls_table_runs.json")
-  rows = _table(_readme(), "| method | TNEWS clean")
+  rows = _table(_readme(), "| method | TNEWS | IFLYTEK |")
   assert [r[0] for r in rows] == ["plain", "matrix FGM, Su's form", "its random control",
                                   "output FGM (ε 0.1)", "its random control",
                                   "Su's gradient penalty", "R3F", "output PGD-3 (ε 0.1)",
@@ -77,7 +77,7 @@ def test_text_table_is_the_controls_table_records():
   for row in rows:
     runs = TEXT_ROWS[row[0]] or CONTROLS[previous]
     previous = row[0] if TEXT_ROWS[row[0]] else previous
-    for task, clean_cell, attack_cell in (("tnews", row[1], row[2]), ("iflytek", row[3], row[4])):
+    for task, clean_cell in (("tnews", row[1]), ("iflytek", row[2])):
       names = [f"{task}_{runs[task]}_seed{s}" for s in range(3)]
       mean, std = _percent([records[n]["accuracy"] for n in names])
       plain_mean, plain_std = _percent([records[f"{task}_plain_seed{s}"]["accuracy"]
@@ -89,15 +89,39 @@ def test_text_table_is_the_controls_table_records():
       epsilon = re.search(r"\((?:ε|λ) ([\d.]+)\)", clean_cell)
       if epsilon:  # the chosen ε (λ) the cell names is the records'
         assert runs[task].endswith(f"_eps{epsilon.group(1)}"), (row[0], task)
+
+
+ROBUSTNESS_ROWS = {"plain": "plain", "matrix FGM": "fgm", "character AT": "char_at",
+                   "FGM + character AT": "char_at_fgm"}
+
+
+def test_text_attack_table_is_the_robustness_table_records():
+  """Clean: dev accuracy, mean ± std; under 1 / 2 characters: the tight (beam)
+  search's accuracy on the attacked records, means; bold iff beyond plain by
+  more than the summed standard deviations."""
+  records = _records("text_robustness_table_runs.json")
+  rows = _table(_readme(), "| method | TNEWS clean | TNEWS 1 / 2 chars |")
+  assert [r[0] for r in rows] == list(ROBUSTNESS_ROWS)
+
+  def stats(task, method, key, attacks):
+    suffix = "/attacks" if attacks else ""
+    return _percent([records[f"{task}_{method}_seed{s}{suffix}"][key] for s in range(3)])
+
+  for row in rows:
+    method = ROBUSTNESS_ROWS[row[0]]
+    for task, clean_cell, attack_cell in (("tnews", row[1], row[2]), ("iflytek", row[3], row[4])):
+      mean, std = stats(task, method, "accuracy", False)
+      plain_mean, plain_std = stats(task, "plain", "accuracy", False)
+      got, bold = _number(clean_cell)
+      assert clean_cell.strip("*") == f"{mean:.2f} ± {std:.2f}", (row[0], task)
+      assert bold == (method != "plain" and mean - plain_mean > std + plain_std), (row[0], task)
       for budget, cell in zip((1, 2), attack_cell.split(" / ")):
-        key = f"accuracy_sub{budget}"
-        attacked = [records[n + "/attacks"][key] for n in names]
-        plain_attacked = [records[f"{task}_plain_seed{s}/attacks"][key] for s in range(3)]
+        key = f"accuracy_sub{budget}_beam"
+        mean, std = stats(task, method, key, True)
+        plain_mean, plain_std = stats(task, "plain", key, True)
         value, bold = _number(cell)
-        mean, std = _percent(attacked)
-        plain_mean, plain_std = _percent(plain_attacked)
         assert value == round(mean, 2), (row[0], task, budget)
-        assert bold == (row[0] != "plain" and mean - plain_mean > std + plain_std), (
+        assert bold == (method != "plain" and mean - plain_mean > std + plain_std), (
             row[0], task, budget)
 
 
