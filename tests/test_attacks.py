@@ -232,16 +232,21 @@ class _Identity:
     return model(inputs, training=False)
 
 
+def _evaluate_one_batch(model_fn, images, labels, attacks):
+  """`Trainer.evaluate` of one batch of 4 (padded with weight 0) under `attacks`."""
+  trainer = build_trainer(model_fn, Plain(), global_batch_size=4,
+                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
+                          split_batch=lambda b: (b["image"], b["label"]), eval_attacks=attacks)
+  ds = distributed_dataset(tf.distribute.get_strategy(), {"image": images, "label": labels}, 4,
+                           shuffle=False)
+  return trainer.evaluate(iter(ds), 1)
+
+
 def test_robust_accuracy_ands_with_clean_correctness_per_example():
   images = np.array([[0.2, 0.8], [0.8, 0.2], [0.9, 0.1], [0.1, 0.9]], np.float32)
   labels = np.array([0, 0, 1, 1], np.int32)  # examples 1 and 3 right clean
-  strategy = tf.distribute.get_strategy()
-  trainer = build_trainer(_identity_model, Plain(), global_batch_size=4,
-                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
-                          split_batch=lambda b: (b["image"], b["label"]),
-                          eval_attacks={"repair": _Repairing(), "none": _Identity()})
-  ds = distributed_dataset(strategy, {"image": images, "label": labels}, 4, shuffle=False)
-  metrics = trainer.evaluate(iter(ds), 1)
+  metrics = _evaluate_one_batch(_identity_model, images, labels,
+                                {"repair": _Repairing(), "none": _Identity()})
   assert metrics["accuracy"] == 0.5
   # The repairing attack leaves all four correctly classified, but only the
   # two clean-correct ones count as robust.
@@ -291,13 +296,8 @@ def test_evaluation_accounting_matches_a_hand_count_with_padding_dropout_and_att
 
   images = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]], np.float32)
   labels = np.array([0, 1, 1], np.int32)
-  strategy = tf.distribute.get_strategy()
-  trainer = build_trainer(model_fn, Plain(), global_batch_size=4,
-                          optimizer_fn=lambda: keras.optimizers.SGD(0.0),
-                          split_batch=lambda b: (b["image"], b["label"]),
-                          eval_attacks={"sub": _ConstantAttack(), "alone": _AloneAttack()})
-  ds = distributed_dataset(strategy, {"image": images, "label": labels}, 4, shuffle=False)
-  metrics = trainer.evaluate(iter(ds), 1)
+  metrics = _evaluate_one_batch(model_fn, images, labels,
+                                {"sub": _ConstantAttack(), "alone": _AloneAttack()})
   # By hand: cross-entropy of 2 logits is log(1 + e^(other − true)).
   loss = (np.log1p(np.exp(-0.8)) + np.log1p(np.exp(-0.6)) + np.log1p(np.exp(0.4))) / 3
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
