@@ -348,6 +348,7 @@ def _attack_record(work, name, clean, under1, under2, success2=0.5):
   (path / "wall_seconds_dev_attacks.txt").write_text("60.0\n")
 
 
+@pytest.mark.slow  # several tool processes: the full suite, not test-fast
 def test_a_report_elsewhere_leaves_the_committed_records_byte_for_byte(tmp_path):
   # A clone elsewhere (FewCLUE at another path, no model dirs) regenerates the
   # pages from the records: it must not rewrite them (a report once rewrote
@@ -520,6 +521,7 @@ app.run(methods_table.main)
 """
 
 
+@pytest.mark.slow  # several tool processes: the full suite, not test-fast
 def test_attack_pass_attacks_each_run_as_it_trains_and_trains_again_a_run_whose_dir_is_gone(
     tmp_path, monkeypatch):
   """A run trained here is attacked at once, on its model dir; a chosen run
@@ -764,6 +766,7 @@ def test_vision_selection_reads_validation_only_and_the_incumbent_wins_a_tie(tmp
   assert "Runs: 3 of 4" in text and "Chosen: – (not every run has finished)." in text
 
 
+@pytest.mark.slow  # several tool processes: the full suite, not test-fast
 def test_methods_table_cross_validates_a_small_task_and_reports_each_folds_choice(tmp_path):
   """TNEWS's 15% validation split is under --cv_below records: the ε is the
   best mean over K folds of train (the fold runs, fabricated here), not the
