@@ -258,8 +258,9 @@ def comparisons():
     method, sep, other = spec.partition(":")
     if not sep or method.strip() not in FLAGS.methods or other.strip() not in FLAGS.methods:
       raise app.UsageError(f"--compare={spec!r}: expected METHOD:OTHER, both in --methods.")
-    if (method.strip(), other.strip()) not in pairs:
-      pairs.append((method.strip(), other.strip()))
+    pair = (method.strip(), other.strip())
+    if pair not in pairs:
+      pairs.append(pair)
   return pairs
 
 
@@ -728,8 +729,9 @@ def budget_rule(task: str) -> Optional[str]:
     return None  # a table of runs whose configs are not here (transcribed): not known
   if task not in _BUDGET_RULES:
     name = "CharSubstitutionAttack.budget_rule"
+    # Unbound: the attack's default, 'ceil'.
     _BUDGET_RULES[task] = plain_config_values(task, [name], FLAGS.gin_param)[name] or "ceil"
-  return _BUDGET_RULES[task]  # unbound: the attack's default, 'ceil' 
+  return _BUDGET_RULES[task]
 
 
 def validation_size(task: str) -> int:
@@ -889,8 +891,8 @@ def attack_pass(finished, chosen):
     i, run = numbered
     evaluation = attack_run(run)
     split = attack_split(run.task)
-    kept_record = store.get(evaluation.key, evaluation.params)
-    record = kept_record or evaluation.finished(split)
+    kept_evaluation = store.get(evaluation.key, evaluation.params)
+    record = kept_evaluation or evaluation.finished(split)
     if record is None and not FLAGS.report:
       if run.finished("dev") is None:  # its model dir is gone: train it again
         kept = store.get(run.key, run.params)
@@ -907,7 +909,7 @@ def attack_pass(finished, chosen):
                 f"under {b} character{'s' if b > 1 else ''} "
                 f"{100 * record[f'accuracy_sub{b}']:.2f}%" for b in budgets)
             + f" ({record['wall_seconds']:.0f} s)", flush=True)
-    if record is not None and kept_record is None:  # a kept record is never rewritten
+    if record is not None and kept_evaluation is None:  # a kept record is never rewritten
       record = store.put(evaluation.key, evaluation.params, record)
     return record
 
