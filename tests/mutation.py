@@ -1,9 +1,15 @@
 """Mutation testing: `make mutation` runs this (mutmut 2.x).
 
 Each file is mutated in a scratch copy of the repository, never in the
-working tree, with only the tests that cover it as mutmut's runner, so one
-mutant costs one short pytest process (about 10-20 s here, most of it
-importing TensorFlow). Files run two at a time (`--jobs`).
+working tree, with only the tests that cover it as mutmut's runner. Three
+things make a mutant cheap, none of them changes its verdict:
+- a line map (`tests/mutation_coverage.py`: the file's tests once, with
+  coverage per test) gives each mutant first the tests that run its line,
+  fastest first; a survivor then runs all of the file's tests (`--rerun-all`);
+- each pytest run is a child forked from a server that imported TensorFlow
+  once (`tests/mutation_server.py`), not a new interpreter;
+- of a file with a scope (`SCOPES`) only the scope's mutants run.
+Files run two at a time (`--jobs`).
 
 Each file's result goes to `docs/mutation_runs.json` (committed: counts,
 survivors' diffs, the source's git blob hash) as soon as its run ends, and
@@ -54,7 +60,10 @@ TARGETS = {  # tfadv/attacks.py until it became the package (one file per family
         "tests/test_attacks.py", "tests/test_mixed_precision.py",
         "-k", "agrees or (float16 and (gp or skipped or overflow or free or fgsm or evaluation))"]),
 }
-_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py"]
+# Every method's name (what its runs' HParams show) and defaults: two tests.
+_NAMES = "tests/test_contracts.py::test_each_method_names_itself_on_the_hparams_dashboard"
+_DEFAULTS = "tests/test_contracts.py::test_each_methods_defaults_are_the_documented_ones"
+_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py", _NAMES, _DEFAULTS]
 # The methods and the outer loop: their tests train tiny models, so a file
 # takes hours.
 TARGETS.update({
@@ -64,8 +73,10 @@ TARGETS.update({
     "embedding_output": ("tfadv/methods/embedding_output.py", _TEXT + ["-m", "not slow"]),
     "freelb": ("tfadv/methods/freelb.py", _TEXT + ["-m", "not slow"]),
     "free": ("tfadv/methods/free.py", ["tests/test_vision.py", "tests/test_embedding_output.py",
-                                       "-m", "not slow", "-k", "free or stuck"]),
-    "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", "-m", "not slow"]),
+                                       _NAMES, _DEFAULTS, "-m", "not slow", "-k",
+                                       "free or stuck or names_itself or documented_ones"]),
+    "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", _NAMES, _DEFAULTS,
+                                         "-m", "not slow"]),
     "atta": ("tfadv/methods/atta.py", ["tests/test_atta.py",
                                        "-k", "not over_the_limit and not sigterm and not xla"]),
     "controller": ("tfadv/controller.py", [
@@ -85,12 +96,14 @@ TARGETS.update({
     "methods_base": ("tfadv/methods/base.py", _TEXT + ["tests/test_r3f.py"] + _NOT_SLOW
                      + ["-k", "not xla and not replicas"]),
     "plain": ("tfadv/methods/plain.py", ["tests/test_keras_api.py", "tests/test_vision.py",
-                                         "-m", "not slow", "-k", "plain or warm_up"]),
-    "r3f": ("tfadv/methods/r3f.py", ["tests/test_r3f.py"] + _NOT_SLOW),
+                                         _NAMES, "-m", "not slow", "-k",
+                                         "plain or warm_up or names_itself"]),
+    "r3f": ("tfadv/methods/r3f.py", ["tests/test_r3f.py", _NAMES, _DEFAULTS] + _NOT_SLOW),
     "random_direction": ("tfadv/methods/random_direction.py", _TEXT + [
         "tests/test_r3f.py", "-m", "not slow", "-k", "control or random or r3f or replicas "
         "or optimizer"]),
-    "char_at": ("tfadv/methods/char_at.py", ["tests/test_char_at.py"] + _NOT_SLOW),
+    "char_at": ("tfadv/methods/char_at.py", ["tests/test_char_at.py", _NAMES, _DEFAULTS]
+                + _NOT_SLOW),
     "trainer": ("tfadv/trainer.py", [
         "tests/test_vision.py", "tests/test_attacks.py", "tests/test_char_substitution.py",
         "-m", "not slow", "-k", "robust or worst or evaluat or warm_up or validation or budget"]),
@@ -123,6 +136,9 @@ _FIRST_PART = ("the first piece of a split does not depend on how many further s
 _ONCE = ("the piece after the first occurrence differs only where the marker occurs "
          "twice: `replace_section` writes each section's markers once, and a section "
          "holds one chosen-ε table")
+_RANK2_ROWS = ("axis +1 is axis −1 for the embedding matrix's gradient and its rows "
+               "(rank 2: rows × hidden), the only rank here")
+_SET_IN_BUILD = "the initial value is never read: build() sets it before any step runs"
 EQUIVALENT = {
     ("tfadv/methods/atta.py",
      "return tf.reduce_max(tf.where(same, positions[None, :], -2), axis=1)"):
@@ -202,6 +218,18 @@ EQUIVALENT = {
     **{("tfadv/tools/runs.py", line): _ONCE for line in (
         "return content.split(begin, 2)[1].split(end, 1)[0]",
         "for line in text.split(CHOSEN_HEADER, 2)[1].splitlines()[2:]:")},
+    **{("tfadv/methods/fgm.py", line): _GUARD for line in (
+        "delta = ramped(self.epsilon) * gradient / (norm - 1e-12)",
+        "delta = ramped(self.epsilon) * gradient / (norm + 2e-12)",
+        "return row_norm * noise / (noise_norm - 1e-12)",
+        "return row_norm * noise / (noise_norm + 2e-12)")},
+    ("tfadv/methods/fgm.py", "return tf.abs(delta) / tf.sign(noise)"):
+        "dividing by ±1 is multiplying by it; sign(noise) is 0 only where a Gaussian "
+        "draw is exactly 0",
+    **{("tfadv/methods/fgm.py", line): _RANK2_ROWS for line in (
+        "row_norm = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=+1, keepdims=True))",
+        "noise_norm = tf.sqrt(tf.reduce_sum(tf.square(noise), axis=+1, keepdims=True))")},
+    ("tfadv/methods/fgm.py", 'self._embedding = ""'): _SET_IN_BUILD,
     ("tfadv/loss_scaling.py",
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "
@@ -263,6 +291,130 @@ def save_record(result: dict, path: str = RECORDS) -> None:
     os.replace(path + ".tmp", path)
 
 
+def tests_hash(tests: list) -> str:
+  """A hash of the test files `tests` names and their shared helpers: a line
+  map made for other tests is made again."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  names = {t.split("::")[0] for t in tests if t.startswith("tests/")}
+  for name in sorted(names | {"tests/conftest.py", "tests/builders.py"}):
+    with open(os.path.join(REPO, name), "rb") as f:
+      digest.update(name.encode() + f.read())
+  return digest.hexdigest()
+
+
+def line_map(key: str, source: str, tests: list, work: str, python: str, env: dict,
+             log) -> dict:
+  """Which of the file's tests run each of its lines (tests/mutation_coverage.py),
+  kept in the scratch copy for the file's source and tests. Empty when the tests,
+  run alone in reverse order, fail unmutated: then no mutant's tests are narrowed,
+  since a test that needs an earlier one would kill every mutant it ran for."""
+  path = os.path.join(work, ".mutation-lines.json")
+  stamp = {"source": blob_hash(source), "tests": tests, "tests_hash": tests_hash(tests)}
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if kept.get("stamp") == stamp:
+      return kept
+  raw = path + ".raw"
+  cov_env = dict(env, PYTHONPATH=work + os.pathsep + os.path.join(work, "tests"),
+                 TFADV_MUTATION_SOURCE=source, TFADV_MUTATION_LINES=raw)
+  log.write(f"line map: {source} under its tests, eagerly, with coverage\n")
+  log.flush()
+  subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                  "mutation_coverage", *tests], cwd=work, env=cov_env, stdout=log,
+                 stderr=subprocess.STDOUT, check=False)
+  with open(raw) as f:
+    found = json.load(f)
+  used = sorted({t for ids in found["lines"].values() for t in ids})
+  check = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                          *reversed(used)], cwd=work, env=env, stdout=log,
+                         stderr=subprocess.STDOUT, check=False)
+  if check.returncode != 0:
+    log.write(f"line map: the mapped tests fail alone in reverse order (exit "
+              f"{check.returncode}): {key}'s mutants run all of its tests\n")
+    found["lines"] = {}
+  result = {"stamp": stamp, **found}
+  with open(path, "w") as f:
+    json.dump(result, f)
+  return result
+
+
+_MUTMUT_CONFIG = '''"""Written by tests/mutation.py: each mutant runs first the tests that execute
+its line (fastest first), ended as timed out after 60 s + 10x their time in
+the line map; a survivor is run against all of them (--rerun-all)."""
+import json, shlex
+with open(".mutation-lines.json") as _f:
+  _MAP = json.load(_f)
+_RUN = {run!r}
+_PYTEST = {pytest!r}
+_SCOPE = {scope!r}
+
+
+def pre_mutation(context):
+  line = context.current_line_index + 1  # mutmut counts from 0
+  if _SCOPE is not None and line not in _SCOPE:
+    context.skip = True
+    return
+  tests = _MAP["lines"].get(str(line))
+  if tests:
+    tests = sorted(tests, key=lambda t: _MAP["seconds"].get(t, 0.0))
+    limit = 60 + 10 * sum(_MAP["seconds"].get(t, 0.0) for t in tests)
+    mutant = f"{{context.mutation_id.line_number}}:{{context.mutation_id.index}}"
+    context.config.test_command = " ".join(
+        [_RUN, f"--limit={{limit:.0f}}", f"--mutant={{mutant}}", _PYTEST]
+        + [shlex.quote(t) for t in tests])
+'''
+
+
+def _mutmut(key: str, source: str, tests: list, work: str, python: str, env: dict,
+            log) -> None:
+  """mutmut over `source`: each mutant's tests run in a child of a fork server
+  that imported TensorFlow once (tests/mutation_server.py), narrowed to the
+  tests that run the mutated line, and all of them for a survivor."""
+  line_map(key, source, tests, work, python, env, log)
+  sock = os.path.join(tempfile.gettempdir(), f"tfadv-mutation-{key}.sock")
+  run = " ".join([python, "tests/mutation_server.py", "run", sock])
+  pytest_args = "-- -x -q -p no:cacheprovider"
+  scope = sorted(scope_lines(os.path.join(work, source), SCOPES[key])) if key in SCOPES else None
+  with open(os.path.join(work, "mutmut_config.py"), "w") as f:
+    f.write(_MUTMUT_CONFIG.format(run=run, pytest=pytest_args, scope=scope))
+  runner = " ".join([run, pytest_args] + [f"'{t}'" if " " in t else t for t in tests])
+  server = subprocess.Popen([python, "tests/mutation_server.py", "serve", sock,
+                             os.path.join(work, ".mutation-last.log")],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
+                    f"--runner={runner}", "--tests-dir=tests", "--rerun-all",
+                    f"--disable-mutation-types={DISABLED}",
+                    # generous: a loaded machine must not turn a survivor into a
+                    # "timed out" (counted as killed)
+                    "--test-time-multiplier=3", "--test-time-base=30"],
+                   cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+  finally:
+    server.terminate()
+    server.wait()
+
+
+def _stop_leftovers(work: str) -> None:
+  """Ends the processes a killed run left working in `work` (mutmut's
+  workers, the fork server and its children): two mutmuts on one cache and
+  one scratch copy would test each other's mutants."""
+  import signal  # pylint: disable=g-import-not-at-top
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == os.getpid():
+      continue
+    try:
+      cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+      continue
+    if cwd == work or cwd.startswith(work + os.sep):
+      try:
+        os.kill(int(pid), signal.SIGKILL)
+      except OSError:
+        pass
+
+
 def run_file(key: str, python: str, report_only: bool = False) -> dict:
   source, tests = TARGETS[key]
   # The scratch copy and mutmut's cache persist: a rerun (after a kill, or
@@ -271,6 +423,7 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   if report_only and not os.path.exists(os.path.join(work, ".mutmut-cache")):
     raise SystemExit(f"--collect: no kept run of {key} in {work}; run it without --collect")
   os.makedirs(work, exist_ok=True)
+  _stop_leftovers(work)
   # A killed mutmut leaves the mutated file and its `.bak` (the original)
   # behind, and the next run's baseline would test the mutant: restore the
   # originals first (scratch_copy rewrites every tracked file).
@@ -279,9 +432,7 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
       if name.endswith(".py.bak"):
         os.remove(os.path.join(root, name))
   scratch_copy(work)
-  env = dict(os.environ, PYTHONPATH=work, TF_CPP_MIN_LOG_LEVEL="3")
-  runner = " ".join([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-                    + [f"'{t}'" if " " in t else t for t in tests])
+  env = dict(os.environ, PYTHONPATH=work, TF_CPP_MIN_LOG_LEVEL="3", PYTHONDONTWRITEBYTECODE="1")
   start = time.time()
   # mutmut's progress goes to a log (never read the cache while it runs: a
   # second reader of it stalled mutmut's worker here).
@@ -291,20 +442,15 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
     if report_only:
       log.write("--collect: mutmut not run; the kept cache recorded.\n")
     else:
-      subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
-                      f"--runner={runner}", "--tests-dir=tests",
-                      f"--disable-mutation-types={DISABLED}",
-                      # generous: a loaded machine must not turn a survivor into a
-                      # "timed out" (counted as killed)
-                      "--test-time-multiplier=3", "--test-time-base=30"],
-                     cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+      _mutmut(key, source, tests, work, python, env, log)
   seconds = time.time() - start
   earlier = load_records().get(source, {})
   if earlier.get("untested") and earlier.get("source_hash") == blob_hash(source):
     seconds += earlier.get("seconds", 0)  # a resumed run: the time of all its invocations
   rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
-      "SELECT Mutant.id, Mutant.status, Line.line_number FROM Mutant "
+      "SELECT Mutant.id, Mutant.status, Line.line_number, Mutant.\"index\" FROM Mutant "
       "JOIN Line ON Mutant.line = Line.id").fetchall()
+  rows = with_timeouts(rows, work)
   outside = 0
   if key in SCOPES:  # only the named functions' mutants count
     lines = scope_lines(os.path.join(work, source), SCOPES[key])
@@ -331,6 +477,18 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   if key in SCOPES:
     result.update(scope=list(SCOPES[key]), outside_scope=outside)
   return result
+
+
+def with_timeouts(rows: list, work: str) -> list:
+  """(id, status, line) of each (id, status, line, index) from mutmut's cache,
+  a mutant the fork server ended at its limit (listed in `.mutation-timeouts`,
+  "line:index") "bad_timeout": mutmut read it as killed."""
+  timeouts = set()
+  if os.path.exists(os.path.join(work, ".mutation-timeouts")):
+    with open(os.path.join(work, ".mutation-timeouts")) as f:
+      timeouts = set(f.read().split())
+  return [(mutant, "bad_timeout" if status == "ok_killed" and f"{number}:{index}" in timeouts
+           else status, number) for mutant, status, number, index in rows]
 
 
 def _mutated_line(diff: str) -> str:
@@ -362,8 +520,11 @@ def report(records: dict, out: str) -> None:
   lines = ["# Mutation testing", "",
            "Written by `make mutation` (`tests/mutation.py`, mutmut 2.5.1) from the records in "
            "`docs/mutation_runs.json`: each file mutated in a scratch copy, its covering tests "
-           "as the runner. A mutant is *killed* when a test fails (or the run times out); a "
-           "survivor is listed with its diff, and either the reason it is equivalent to the "
+           "as the runner. Each mutant first runs the tests that execute its line (a coverage "
+           "map of the file's tests, `tests/mutation_coverage.py`), and a mutant that survives "
+           "them runs all of the file's tests (mutmut's `--rerun-all`), so a survivor survived "
+           "every test listed for its file. A mutant is *killed* when a test fails (or the run "
+           "times out, or fails slowly: mutmut's 'suspicious'); a survivor is listed with its diff, and either the reason it is equivalent to the "
            "original or \"not explained\" (a test to write). "
            f"Mutation types off: {DISABLED} (messages and gin names, not behaviour). "
            "A file marked † changed after it was measured; ‡ was measured as the file named "
@@ -372,9 +533,11 @@ def report(records: dict, out: str) -> None:
            "| kill rate | kill rate of the non-equivalent |", "|---|---|---|---|---|---|---|"]
   results = [records[k] for k in sorted(records)]
   for r in results:
-    killed = r["killed"] + r["timeout"]
+    # "suspicious" is mutmut's killed-but-slow (a test failed; the run took
+    # longer than the baseline allows, as when the machine is loaded).
+    killed = r["killed"] + r["timeout"] + r["suspicious"]
     rate = 100.0 * killed / max(r["total"], 1)
-    equivalent = sum(1 for _, status, diff in r["survivors"] if status != "bad_timeout"
+    equivalent = sum(1 for _, status, diff in r["survivors"] if status == "bad_survived"
                      and _is_equivalent(r["source"], diff))
     rate_real = 100.0 * killed / max(r["total"] - equivalent, 1)
     untested = f" (+{r['untested']} not run yet)" if r.get("untested") else ""
@@ -384,8 +547,8 @@ def report(records: dict, out: str) -> None:
       mark = " †"
     else:
       mark = ""
-    lines.append(f"| `{r['source']}`{mark} | {r['total']}{untested} | {r['killed']} | "
-                 f"{r['timeout']} | {r['survived'] + r['suspicious']} ({equivalent}) | "
+    lines.append(f"| `{r['source']}`{mark} | {r['total']}{untested} | {r['killed'] + r['suspicious']} | "
+                 f"{r['timeout']} | {r['survived']} ({equivalent}) | "
                  f"{rate:.1f}% | {rate_real:.1f}% |")
   for r in results:
     lines += ["", f"## `{r['source']}`", ""]
@@ -397,7 +560,7 @@ def report(records: dict, out: str) -> None:
                 "the file are not counted.", ""]
     lines += ["Tests: `pytest " + " ".join(
         f"'{t}'" if " " in t else t for t in r["tests"]) + "`", ""]
-    survivors = [s for s in r["survivors"] if s[1] != "bad_timeout"]
+    survivors = [s for s in r["survivors"] if s[1] == "bad_survived"]
     if not survivors:
       lines.append("No survivors.")
     for mutant, status, diff in survivors:

@@ -232,14 +232,15 @@ class _Identity:
     return model(inputs, training=False)
 
 
-def _evaluate_one_batch(model_fn, images, labels, attacks):
-  """`Trainer.evaluate` of one batch of 4 (padded with weight 0) under `attacks`."""
+def _evaluate_one_batch(model_fn, images, labels, attacks, steps=1):
+  """`Trainer.evaluate` of `steps` batches of 4 (the last padded with weight 0)
+  under `attacks`."""
   trainer = build_trainer(model_fn, Plain(), global_batch_size=4,
                           optimizer_fn=lambda: keras.optimizers.SGD(0.0),
                           split_batch=lambda b: (b["image"], b["label"]), eval_attacks=attacks)
   ds = distributed_dataset(tf.distribute.get_strategy(), {"image": images, "label": labels}, 4,
                            shuffle=False)
-  return trainer.evaluate(iter(ds), 1)
+  return trainer.evaluate(iter(ds), steps)
 
 
 def test_robust_accuracy_ands_with_clean_correctness_per_example():
@@ -258,9 +259,9 @@ def test_robust_accuracy_ands_with_clean_correctness_per_example():
 class _ConstantAttack:
   """Every example's adversarial logits are (0, 1): class 1 wins. Its
   per-example values are read off the inputs (so the zero-weight padding row,
-  a copy of example 0, has example 0's)."""
+  a copy of example 0, has example 0's). It does not say `predicts_alone`: an
+  attack that does not is an attack (the default), not a defence's prediction."""
 
-  predicts_alone = False
   per_example_metrics = {"changed": "successful", "queries": "attacked", "cost": "all"}
 
   def adversarial_outputs(self, model, inputs, labels, rng, loss_fn):
@@ -313,6 +314,25 @@ def test_evaluation_accounting_matches_a_hand_count_with_padding_dropout_and_att
   assert "success_rate_alone" not in metrics
   # A worst case needs two attacks that are not a defence's own prediction.
   assert "accuracy_worst_case" not in metrics
+
+
+def test_evaluation_of_one_example_and_of_several_batches_counts_by_hand():
+  # One example, (0.9, 0.1) of class 0, in a batch of 4 (3 padding rows of
+  # weight 0): every mean is over 1, not over a floor of the count. The
+  # attack breaks it: 1 of 1 attacked.
+  metrics = _evaluate_one_batch(_identity_model, np.array([[0.9, 0.1]], np.float32),
+                                np.array([0], np.int32), {"sub": _ConstantAttack()})
+  assert metrics["examples"] == 1.0
+  np.testing.assert_allclose(metrics["loss"], np.log1p(np.exp(-0.8)), rtol=1e-6)
+  assert metrics["accuracy"] == 1.0 and metrics["accuracy_sub"] == 0.0
+  assert metrics["success_rate_sub"] == 1.0
+  np.testing.assert_allclose(metrics["sub_changed"], 9.0)  # 10 × 0.9 over the 1 broken
+  # 10 examples over 3 batches of 4 (the last padded by 2): every batch counts.
+  images = np.array([[0.9, 0.1] if i % 2 == 0 else [0.2, 0.8] for i in range(10)], np.float32)
+  labels = np.array([0] * 7 + [1] * 3, np.int32)  # right: 0, 2, 4, 6 (class 0), 7, 9 (class 1)
+  metrics = _evaluate_one_batch(_identity_model, images, labels, {}, steps=3)
+  assert metrics["examples"] == 10.0
+  np.testing.assert_allclose(metrics["accuracy"], 6 / 10)
 
 
 # --- float16 evaluation -------------------------------------------------------------

@@ -225,6 +225,66 @@ def test_text_runs_report_accuracy_under_an_embedding_attack_and_hparams(fewclue
   assert values["method.epsilon"].number_value == pytest.approx(0.5)
 
 
+def test_each_method_names_itself_on_the_hparams_dashboard():
+  """The name a run's HParams show (Experiment.hparams()['method']): one per
+  method, written out by hand, so that a method cannot pass as another."""
+  from tfadv import methods  # pylint: disable=g-import-not-at-top
+  expected = {"Plain": "plain", "EmbeddingFGM": "fgm", "EmbeddingGradientPenalty": "gp",
+              "EmbeddingOutputFGM": "fgm_output", "EmbeddingOutputPGD": "pgd_output",
+              "FreeLB": "freelb", "FreeTraining": "free", "EmbeddingOutputFree": "free_output",
+              "PGDTraining": "pgd", "FGSMTraining": "fgsm", "R3F": "r3f", "ATTATraining": "atta",
+              "CharSubstitutionTraining": "char_at"}
+  found = {name: getattr(methods, name).name for name in expected}
+  assert found == expected
+  assert methods.Method.name == "method"
+
+
+def test_each_methods_defaults_are_the_documented_ones():
+  """What a config that binds nothing gets, written out by hand: the papers'
+  and reference code's settings where they have one (PGD-7 with α = ε/4,
+  Madry et al.; FGSM-RS's α = 1.25ε, Wong et al.; Free's m = 8, Shafahi et
+  al.; R3F's σ = 1e-5, λ = 1, uniform noise, fairseq's rxf), and for the
+  rest the values the shipped configs were written against. A changed
+  default changes every run that relied on it, so it must change here too."""
+  from tfadv import methods  # pylint: disable=g-import-not-at-top
+  text = {"layer_name": "token_embedding", "padding_mask_key": "padding_mask", "seed": 0}
+  matrix = {"embedding_path": "token_embedding/embeddings", "combine": "dense"}
+  image = {"clip_min": 0.0, "clip_max": 1.0}
+  expected = {
+      "Plain": {},
+      "EmbeddingFGM": {"epsilon": 1.0, "norm": "l2", "form": "adversarial",
+                       "adversarial_weight": 1.0, "direction": "adversarial", "seed": 0, **matrix},
+      "EmbeddingGradientPenalty": {"epsilon": 1.0, "variant": "squared",
+                                   "form": "per_occurrence", **matrix},
+      "EmbeddingOutputFGM": {"epsilon": 1.0, "form": "clean_plus_adversarial",
+                             "adversarial_weight": 1.0, "direction": "adversarial", **text},
+      "EmbeddingOutputPGD": {"epsilon": 1.0, "step_size": 1.0 / 1.2, "num_steps": 3,
+                             "random_start": True, "form": "adversarial",
+                             "adversarial_weight": 1.0, **text},
+      "FreeLB": {"epsilon": 1.0, "step_size": 0.3, "ascent_steps": 3, "init_magnitude": 1.0,
+                 "carry_over": False, "sync_dropout": True, **text},
+      "FreeTraining": {"epsilon": 0.1, "replays": 8, "clamp_rule": "project", **image},
+      "EmbeddingOutputFree": {"epsilon": 1.0, "replays": 3, "step_size": 1.0, "carry": "reset",
+                              "init_magnitude": 1.0, "token_ids_key": "token_ids", **text},
+      "PGDTraining": {"epsilon": 0.1, "step_size": 0.025, "num_steps": 7, "norm": "linf",
+                      "random_start": True, "seed": 0, **image},
+      "FGSMTraining": {"epsilon": 0.1, "step_size": 0.125, "num_steps": 1, "norm": "linf",
+                       "random_start": True, "seed": 0, **image},
+      "R3F": {"epsilon": 1e-5, "r3f_lambda": 1.0, "noise_type": "uniform", **text},
+      "ATTATraining": {"epsilon": 0.1, "step_size": 0.025, "num_steps": 1, "init_scale": 1e-3,
+                       "seed": 0, **image},
+      "CharSubstitutionTraining": {
+          "attacked_share": 0.5, "adversarial_weight": 0.0, "inner": "Plain",
+          "inner_config": {}, "attack": {
+              "budget": 1, "max_fraction": 0.1, "budget_rule": "ceil", "search": "greedy",
+              "beam_width": 10, "beam_examples": 4, "pinyin_candidates": 8,
+              "embedding_candidates": 8, "top_k": 8, "token_ids_key": "token_ids",
+              "padding_mask_key": "padding_mask", "layer_name": "token_embedding"}},
+  }
+  for name, config in expected.items():
+    assert getattr(methods, name)().get_config() == config, name
+
+
 # --- compat: every private reach works here, and fails loudly when moved -------------------
 
 def test_compat_shims_work_with_the_installed_keras_and_tensorflow(mirrored):

@@ -96,6 +96,41 @@ def test_fgm_random_control_has_the_adversarial_norm_in_a_random_direction(norm)
   assert int(method.variables[0].numpy()) == 1  # the next step draws anew
 
 
+def test_fgm_passes_are_training_passes_that_draw_fresh_dropout_masks():
+  # Reference: from the same dropout seed state, a clean training pass, then
+  # a training pass with Δ = ε·g/‖g‖ added to the table. FGM's loss, its
+  # adversarial loss and the seed state it leaves must be theirs: its
+  # adversarial pass draws new masks and hands the seed on to the next step.
+  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
+  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
+  model = _dropout_model()
+  arrays = batch_arrays()
+  inputs, labels, weights, fn = _inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
+  method = EmbeddingFGM(epsilon=0.3)
+  method.build(model)
+  assert method.variables == []  # no random control: nothing of its own to checkpoint
+  seeds = random_state_variables(model)
+  start = [s.numpy() for s in seeds]
+  out = method.compute_gradients(model, fn, inputs, labels, weights)
+  after_fgm = [s.numpy() for s in seeds]
+  for state, value in zip(seeds, start):
+    state.assign(value)
+  table = model.get_layer("token_embedding").embeddings
+  with tf.GradientTape() as tape:
+    loss = fn(labels, model(inputs, training=True), weights)
+  g = dense(tape.gradient(loss, table))
+  original = table.numpy()
+  table.assign(original + 0.3 * g / np.linalg.norm(g))
+  adv_loss = fn(labels, model(inputs, training=True), weights)
+  table.assign(original)
+  np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)
+  np.testing.assert_allclose(float(out.metrics["adv_loss"]), float(adv_loss), rtol=1e-6)
+  for got, want in zip(after_fgm, [s.numpy() for s in seeds]):
+    np.testing.assert_array_equal(got, want)
+  # The masks matter here: inference gives another loss.
+  assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3
+
+
 def test_combine_rows_sums_duplicates_without_dense_table():
   g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                        tf.constant([7, 2, 7]), tf.constant([10, 2]))

@@ -866,6 +866,87 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
       "| `tfadv/loss_scaling.py` | 10 | 9 | 0 | 1 (1) | 90.0% | 100.0% |",
       "| `tfadv/tools/runs.py` † | 10 | 9 | 0 | 1 (0) | 90.0% | 90.0% |"]
   assert "- mutant 7 (bad_survived): not explained" in open(out).read()
+  # mutmut's "suspicious" is a kill that took long: counted killed, not listed.
+  m.save_record({"key": "x", "source": "tfadv/checks.py", "tests": ["tests/x.py"],
+                 "seconds": 1, "source_hash": m.blob_hash("tfadv/checks.py"), "total": 4,
+                 "untested": 0, "killed": 2, "survived": 1, "timeout": 0, "suspicious": 1,
+                 "survivors": [[3, "ok_suspicious", "@@ -1 +1 @@\n-a = 1\n+a = 2\n"],
+                               [4, "bad_survived", "@@ -1 +1 @@\n-b = 1\n+b = 2\n"]]}, records)
+  m.report(m.load_records(records), out)
+  text = open(out).read()
+  assert "| `tfadv/checks.py` | 4 | 3 | 0 | 1 (0) | 75.0% | 75.0% |" in text
+  assert "mutant 3" not in text and "- mutant 4 (bad_survived): not explained" in text
+
+
+def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_scope(tmp_path):
+  """The mutmut hook tests/mutation.py writes: a mutated line's tests from the
+  line map (quoted, fastest first); a line the map does not know runs the
+  file's tests (the runner, unchanged); outside a scope, no run at all."""
+  import types  # pylint: disable=g-import-not-at-top
+  m = _mutation_tool()
+  (tmp_path / ".mutation-lines.json").write_text(json.dumps({
+      "lines": {"3": ["t.py::slow", "t.py::fast[a b]"], "4": []},
+      "seconds": {"t.py::slow": 9.0, "t.py::fast[a b]": 0.5}}))
+  namespace = {}
+  cwd = os.getcwd()
+  try:
+    os.chdir(tmp_path)
+    exec(m._MUTMUT_CONFIG.format(run="py run", pytest="--", scope=[3, 4]), namespace)  # pylint: disable=exec-used,protected-access
+  finally:
+    os.chdir(cwd)
+
+  def hook(line):  # mutmut counts lines from 0
+    context = types.SimpleNamespace(
+        current_line_index=line - 1, skip=False,
+        mutation_id=types.SimpleNamespace(line_number=line - 1, index=0),
+        config=types.SimpleNamespace(test_command="RUNNER"))
+    namespace["pre_mutation"](context)
+    return context.skip, context.config.test_command
+
+  # Ended after 60 s + 10x the tests' 9.5 s in the map.
+  assert hook(3) == (False, "py run --limit=155 --mutant=2:0 -- 't.py::fast[a b]' t.py::slow")
+  assert hook(4) == (False, "RUNNER")
+  assert hook(5) == (True, "RUNNER")
+  # A mutant the fork server ended at its limit is reported as timed out.
+  (tmp_path / ".mutation-timeouts").write_text("2:0\n")
+  rows = [(1, "ok_killed", 2, 0), (2, "ok_killed", 2, 1), (3, "bad_survived", 5, 0)]
+  assert m.with_timeouts(rows, str(tmp_path)) == [
+      (1, "bad_timeout", 2), (2, "ok_killed", 2), (3, "bad_survived", 5)]
+
+
+@pytest.mark.slow
+def test_the_mutation_fork_server_answers_each_runs_exit_status_and_ends_a_hung_one(tmp_path):
+  """tests/mutation_server.py: pytest's own status for a passing and a failing
+  test, and a run whose client is killed (mutmut's timeout) is ended with it."""
+  server_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mutation_server.py")
+  (tmp_path / "test_x.py").write_text(
+      "import time\ndef test_pass():\n  pass\ndef test_fail():\n  assert False\n"
+      "def test_hang():\n  open('started', 'w').close()\n  time.sleep(600)\n")
+  sock = str(tmp_path / "s.sock")
+  server = subprocess.Popen([sys.executable, server_py, "serve", sock, str(tmp_path / "log")],
+                            cwd=tmp_path)
+  try:
+    client = lambda test: [sys.executable, server_py, "run", sock, "--", "-q", "-p",
+                           "no:cacheprovider", f"test_x.py::{test}"]
+    assert subprocess.run(client("test_pass"), cwd=tmp_path, timeout=120).returncode == 0
+    assert subprocess.run(client("test_fail"), cwd=tmp_path, timeout=120).returncode == 1
+    hung = subprocess.Popen(client("test_hang"), cwd=tmp_path)
+    for _ in range(300):
+      if (tmp_path / "started").exists():
+        break
+      time.sleep(0.1)
+    hung.kill()
+    hung.wait()
+    # The server is free again: the hung child is gone.
+    assert subprocess.run(client("test_pass"), cwd=tmp_path, timeout=60).returncode == 0
+    # With a limit the server ends it: killed for mutmut, noted as timed out.
+    limited = client("test_hang")
+    limited[4:4] = ["--limit=2", "--mutant=7:1"]
+    assert subprocess.run(limited, cwd=tmp_path, timeout=60).returncode == 1
+    assert (tmp_path / ".mutation-timeouts").read_text() == "7:1\n"
+  finally:
+    server.kill()
+    server.wait()
 
 
 def test_a_record_store_file_is_sorted_with_a_one_space_indent(tmp_path):
