@@ -51,7 +51,7 @@ test-fast: install
 # docs/mutation.md. Many CPU hours on 2 cores; it resumes where it stopped
 # (tests/mutation.py --files=KEY,... for some).
 mutation: install
-	$(PY) -m pip install -q 'mutmut==2.5.1'
+	$(PY) -m pip install -q 'mutmut==2.5.1' 'coverage>=7'
 	$(PY) tests/mutation.py
 
 clean:
