@@ -139,6 +139,10 @@ _ONCE = ("the piece after the first occurrence differs only where the marker occ
 _RANK2_ROWS = ("axis +1 is axis −1 for the embedding matrix's gradient and its rows "
                "(rank 2: rows × hidden), the only rank here")
 _SET_IN_BUILD = "the initial value is never read: build() sets it before any step runs"
+_BLOCK_SIZING = ("performance only: how the fixed layout estimates its rows per block "
+                 "from the first rows (how many rows it averages, the floors of the mean "
+                 "and of the count) changes how many rows share a block file, not a row "
+                 "read back (the reader takes rows_per_block from the metadata)")
 EQUIVALENT = {
     ("tfadv/methods/atta.py",
      "return tf.reduce_max(tf.where(same, positions[None, :], -2), axis=1)"):
@@ -230,6 +234,16 @@ EQUIVALENT = {
         "row_norm = tf.sqrt(tf.reduce_sum(tf.square(delta), axis=+1, keepdims=True))",
         "noise_norm = tf.sqrt(tf.reduce_sum(tf.square(noise), axis=+1, keepdims=True))")},
     ("tfadv/methods/fgm.py", 'self._embedding = ""'): _SET_IN_BUILD,
+    ("tfadv/data/records.py", "first = min(len(rows[order[1]]), 64)"):
+        "every column of a chunk has the chunk's rows: the first column's count is the "
+        "second's",
+    **{("tfadv/data/records.py", line): _BLOCK_SIZING for line in (
+        "first = min(len(rows[order[0]]), 65)",
+        "mean_row = max(2, sum(_nbytes(rows[k][:first]) for k in order) // max(1, first))",
+        "mean_row = max(1, sum(_nbytes(rows[k][:first]) for k in order) // max(2, first))")},
+    ("tfadv/data/records.py", "return tf.io.encode_jpeg(value, quality=96).numpy()"):
+        "another JPEG quality: a lossy encoding as close to the image, which the store "
+        "then returns as written; no test of a lossy codec can tell 95 from 96",
     ("tfadv/loss_scaling.py",
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "

@@ -59,6 +59,55 @@ def test_store_rows_equal_the_rows_written_in_any_order_across_shards(tmp_path, 
   assert records.store_labels(str(tmp_path / "s")) == ["a", "b"]
 
 
+class _StreamedStrings(records.ExampleSource):
+  """A streamed source (never held whole) with a variable-length string column,
+  as TFDS's encoded JPEGs are; it holds callers to int64 indices."""
+
+  def __init__(self, blobs, labels, weights):
+    self.blobs, self.labels, self.weights = blobs, labels, weights
+    self.num_examples = len(blobs)
+    self.specs = {"image": tf.TensorSpec([], tf.string), "label": tf.TensorSpec([], tf.int64),
+                  "weight": tf.TensorSpec([2], tf.float32)}
+
+  def read(self, indices):
+    assert indices.dtype == tf.int64, indices.dtype
+    return {"image": tf.gather(tf.constant(self.blobs.tolist()), indices),
+            "label": tf.gather(self.labels, indices), "weight": tf.gather(self.weights, indices)}
+
+
+@pytest.mark.parametrize("layout", ["array_record", "fixed"])
+def test_a_streamed_string_column_is_stored_as_its_bytes_in_blocks_of_about_block_bytes(
+    tmp_path, layout):
+  rng = np.random.RandomState(2)
+  n = 40
+  blobs = np.array([bytes(rng.randint(0, 256, rng.randint(1, 60)).astype(np.uint8))
+                    for _ in range(n)], dtype=object)
+  labels = rng.randint(0, 9, n).astype(np.int64)
+  weights = rng.randn(n, 2).astype(np.float32)
+  records.write_store(str(tmp_path / "s"), {"train": _StreamedStrings(blobs, labels, weights)},
+                      layout=layout, chunk_rows=7, block_bytes=240)
+  metadata = records.read_metadata(str(tmp_path / "s"))
+  assert metadata["format"] == "tfadv-records-1"  # what a later version must still read
+  assert metadata["features"]["image"] == {"dtype": "string", "shape": [], "encoding": "bytes"}
+  assert metadata["features"]["label"] == {"dtype": "int64", "shape": [], "encoding": "raw"}
+  source = records.RecordSource(str(tmp_path / "s"), "train")
+  indices = np.random.RandomState(3).randint(0, n, 50)
+  got = source.read(tf.constant(indices, tf.int64))
+  assert got["image"].numpy().tolist() == blobs[indices].tolist()
+  np.testing.assert_array_equal(got["label"].numpy(), labels[indices])
+  np.testing.assert_array_equal(got["weight"].numpy(), weights[indices])
+  if layout == "fixed":
+    # By hand: the first chunk's 7 rows average 338 // 7 = 48 whole bytes
+    # (string, int64 label, 2 float32); a block holds block_bytes' worth.
+    mean_row = sum(len(b) + 8 + 8 for b in blobs[:7]) // 7
+    split = metadata["splits"]["train"]
+    assert mean_row == 48 and split["rows_per_block"] == 240 // 48 == 5
+    assert split["blocks"] == -(-n // split["rows_per_block"])
+    sizes = [os.path.getsize(tmp_path / "s" / f"train-b{b:08d}.bin")
+             for b in range(split["blocks"])]
+    assert sum(sizes) == sum(len(b) + 16 for b in blobs)
+
+
 @pytest.mark.parametrize("layout", ["array_record", "fixed"])
 def test_pipeline_reads_the_same_batches_from_a_store_as_from_memory(tmp_path, mirrored, layout):
   arrays = random_arrays(50)
