@@ -9,6 +9,7 @@ import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
 from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain, random_direction
+from tfadv.methods import embedding_matrix
 from tfadv.methods.embedding_matrix import combine_rows
 
 
@@ -131,6 +132,26 @@ def test_fgm_passes_are_training_passes_that_draw_fresh_dropout_masks():
   assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3
 
 
+def test_gradient_penalty_pass_is_a_training_pass():
+  # Its one forward pass draws dropout masks as a plain training pass does
+  # from the same seed state: the same loss (not inference's).
+  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
+  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
+  model = _dropout_model()
+  arrays = batch_arrays()
+  inputs, labels, weights, fn = _inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
+  method = EmbeddingGradientPenalty(epsilon=0.5, form="matrix")
+  method.build(model)
+  seeds = random_state_variables(model)
+  start = [s.numpy() for s in seeds]
+  out = method.compute_gradients(model, fn, inputs, labels, weights)
+  for state, value in zip(seeds, start):
+    state.assign(value)
+  loss = fn(labels, model(inputs, training=True), weights)
+  np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)
+  assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3
+
+
 def test_combine_rows_sums_duplicates_without_dense_table():
   g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                        tf.constant([7, 2, 7]), tf.constant([10, 2]))
@@ -138,6 +159,26 @@ def test_combine_rows_sums_duplicates_without_dense_table():
   assert rows.shape == (3, 2)  # one slot per occurrence, never 10 x 2
   got = {int(i): r.tolist() for i, r in zip(indices.numpy(), rows.numpy()) if r.any()}
   assert got == {2: [3.0, 4.0], 7: [6.0, 8.0]}
+  # Row 0 (BERT's [PAD]) is a row like any other; the padding slots' zero rows
+  # point at row 0 too, so scattering the slots adds exactly the sums.
+  g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                       tf.constant([0, 4, 0]), tf.constant([10, 2]))
+  indices, rows = combine_rows(g)
+  scattered = tf.tensor_scatter_nd_add(tf.zeros([10, 2]), indices[:, None], rows).numpy()
+  want = np.zeros((10, 2), np.float32)
+  want[0], want[4] = [6.0, 8.0], [3.0, 4.0]
+  np.testing.assert_array_equal(scattered, want)
+
+
+def test_a_dense_matrix_gradient_is_combined_as_it_is_either_way():
+  # A dense gradient (the matrix also used outside the lookup, e.g. tied to
+  # an output layer) has one row per vocabulary entry, each once.
+  g = tf.constant(np.arange(12, dtype=np.float32).reshape(4, 3))
+  slices = embedding_matrix.as_indexed_slices(g)
+  np.testing.assert_array_equal(slices.indices.numpy(), [0, 1, 2, 3])
+  np.testing.assert_array_equal(embedding_matrix.dense_gradient(slices, 4).numpy(), g.numpy())
+  for combine in ("dense", "sorted"):
+    assert float(embedding_matrix.squared_norm(g, 4, combine)) == float(np.sum(g.numpy() ** 2))
 
 
 def _trainer(strategy, model_fn, method, optimizer_fn, jit=False, global_batch=B):
@@ -226,6 +267,40 @@ def test_methods_compile_with_xla(method_fn, monkeypatch):
   np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-4)
   for a, b in zip(plain.model.trainable_variables, jitted.model.trainable_variables):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["matrix", "per_occurrence"])
+def test_gradient_penalty_on_two_replicas_penalises_what_its_form_says(form, mirrored):
+  # per_occurrence: a sum over examples, so two replicas take the one-device
+  # step on the whole batch. matrix: each replica penalises its own mean
+  # gradient (Su's per-batch penalty, per replica), so the step is the mean
+  # of one-device steps on each replica's rows. SGD(1): the step is -g.
+  arrays = batch_arrays(n=8)
+  two = _trainer(mirrored, tiny_bert, EmbeddingGradientPenalty(epsilon=0.5, form=form),
+                 lambda: keras.optimizers.SGD(1.0), global_batch=8)
+  ds = distributed_dataset(mirrored, arrays, 8, shuffle=True, seed=3)
+  batch = next(iter(ds))
+  rows = [tf.nest.map_structure(lambda t: t.numpy(), local)
+          for local in mirrored.experimental_local_results(batch)]
+  before = [v.numpy() for v in two.model.trainable_variables]
+  metrics = two.train(iter(distributed_dataset(mirrored, arrays, 8, shuffle=True, seed=3)), 1)
+  step = [b - v.numpy() for b, v in zip(before, two.model.trainable_variables)]
+  parts = ([{k: np.concatenate([r[k] for r in rows]) for k in rows[0]}] if form == "per_occurrence"
+           else rows)
+  want, penalty = None, 0.0
+  for part in parts:
+    model = tiny_bert()
+    method = EmbeddingGradientPenalty(epsilon=0.5, form=form)
+    method.build(model)
+    inputs, labels = split(part)
+    n = len(labels)
+    out = method.compute_gradients(model, loss_fn(n), inputs, labels, tf.constant(part[WEIGHTS]))
+    grads = [dense(g) / len(parts) for g in out.gradients]
+    penalty += float(out.metrics["grad_penalty"]) / len(parts)
+    want = grads if want is None else [w + g for w, g in zip(want, grads)]
+  for got, expected in zip(step, want):
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-6)
+  assert metrics["grad_penalty"] == pytest.approx(penalty, rel=1e-4)  # the penalty added
 
 
 def _occurrence_gradients(model, ids, labels):
@@ -382,5 +457,9 @@ def test_missing_embedding_lists_candidates():
   with pytest.raises(ValueError) as info:
     EmbeddingFGM(embedding_path="word_embeddings").build(tiny_bert())
   message = str(info.value)
+  assert "matches no variable" in message
   assert "token_embedding/embeddings (40, 16)" in message
   assert "position_embedding/embeddings" in message
+  assert "kernel" not in message  # 2-D, but not an embedding
+  with pytest.raises(ValueError, match="'embeddings' matches several variables"):
+    EmbeddingFGM(embedding_path="embeddings").build(tiny_bert())
