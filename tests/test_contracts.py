@@ -237,6 +237,47 @@ def test_each_method_names_itself_on_the_hparams_dashboard():
   found = {name: getattr(methods, name).name for name in expected}
   assert found == expected
   assert methods.Method.name == "method"
+  # Only ATTA keeps each image's perturbation across epochs (refused beside
+  # random crops and flips); every other method trains with augmentation.
+  assert [n for n in expected if getattr(methods, n).keeps_input_perturbations] == [
+      "ATTATraining"]
+
+
+def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():
+  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
+  from tfadv.methods import Plain  # pylint: disable=g-import-not-at-top
+  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
+  model = _dropout_model()
+  arrays = builders.batch_arrays()
+  inputs, labels, weights = _inputs(arrays), arrays["label"], tf.ones([builders.B])
+  fn = builders.loss_fn()
+  seeds = random_state_variables(model)
+  start = [s.numpy() for s in seeds]
+  out = Plain().compute_gradients(model, fn, inputs, labels, weights)
+  assert out.metrics == {}
+  for state, value in zip(seeds, start):
+    state.assign(value)
+  with tf.GradientTape() as tape:
+    loss = fn(labels, model(inputs, training=True), weights)  # dropout on
+  np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)
+  for got, want in zip(out.gradients, tape.gradient(loss, model.trainable_variables)):
+    np.testing.assert_allclose(builders.dense(got), builders.dense(want), rtol=1e-6, atol=1e-8)
+
+
+def test_adding_gradients_keeps_a_pass_that_left_a_variable_out():
+  from tfadv.methods.base import add_gradients  # pylint: disable=g-import-not-at-top
+  a, b = tf.constant([1.0, 2.0]), tf.constant([10.0, 20.0])
+  assert add_gradients(None, b) is b and add_gradients(a, None) is a
+  assert add_gradients(None, None) is None
+  np.testing.assert_array_equal(add_gradients(a, b, 0.5).numpy(), [6.0, 12.0])
+  rows = add_gradients(tf.IndexedSlices(tf.constant([[1.0]]), tf.constant([3]), tf.constant([5, 1])),
+                       tf.IndexedSlices(tf.constant([[2.0]]), tf.constant([3]), tf.constant([5, 1])),
+                       0.5)
+  assert isinstance(rows, tf.IndexedSlices)  # sparse stays sparse
+  np.testing.assert_array_equal(tf.convert_to_tensor(rows).numpy()[:, 0], [0, 0, 0, 2.0, 0])
+  mixed = add_gradients(tf.IndexedSlices(tf.constant([[1.0]]), tf.constant([3]),
+                                         tf.constant([5, 1])), tf.ones([5, 1]), 2.0)
+  np.testing.assert_array_equal(mixed.numpy()[:, 0], [2.0, 2.0, 2.0, 3.0, 2.0])
 
 
 def test_each_methods_defaults_are_the_documented_ones():
