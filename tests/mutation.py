@@ -148,6 +148,7 @@ _ONCE = ("the piece after the first occurrence differs only where the marker occ
          "holds one chosen-ε table")
 _RANK2_ROWS = ("axis +1 is axis −1 for the embedding matrix's gradient and its rows "
                "(rank 2: rows × hidden), the only rank here")
+_LOGITS_AXIS = "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here"
 _SET_IN_BUILD = "the initial value is never read: build() sets it before any step runs"
 _SAME_ROWS = ("every column of a chunk has the chunk's rows: the first column's count "
               "is the second's")
@@ -247,6 +248,11 @@ EQUIVALENT = {
         "noise_norm = tf.sqrt(tf.reduce_sum(tf.square(noise), axis=+1, keepdims=True))")},
     **{(f"tfadv/methods/{name}.py", 'self._embedding = ""'): _SET_IN_BUILD
        for name in ("fgm", "gradient_penalty")},
+    ("tfadv/methods/r3f.py", 'self._step = ""'): _SET_IN_BUILD,
+    **{("tfadv/methods/r3f.py", line): _LOGITS_AXIS for line in (
+        "log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32), axis=+1)",
+        "log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32), axis=+1)",
+        "return tf.reduce_sum((tf.exp(log_p) - tf.exp(log_q)) * (log_p - log_q), axis=+1)")},
     ("tfadv/methods/base.py", "keeps_input_perturbations = None"):
         "None is falsy like False: the one test of the flag (`if method.keeps_input_"
         "perturbations and ...`) reads them alike",

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import builders
-from builders import B, L, batch_arrays, dense, loss_fn, split, tiny_bert
+from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
 from test_embedding_output import _inputs, tiny_masked_model
 from tfadv.methods.r3f import R3F
 
@@ -94,6 +94,63 @@ def test_r3f_noise_is_zero_at_padding_fresh_each_step_and_sized_by_sigma():
   assert R3F().noise_type == "uniform"
   with pytest.raises(ValueError, match="noise_type"):
     R3F(noise_type="gaussian")
+
+
+def test_r3f_passes_are_training_passes_and_a_zero_weight_example_adds_no_kl():
+  # tiny_masked_model with dropout in its head: the clean pass, then the noisy
+  # one, draw masks as two training passes from the same seed state do; the
+  # last example has weight 0 (a padding row) and adds nothing.
+  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(0)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask_in = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedding = keras.layers.Embedding(V, 3, name="token_embedding")
+  head = keras.Sequential([keras.layers.Flatten(), keras.layers.Dropout(0.5),
+                           keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(C)])
+  model = keras.Model({"token_ids": ids, "padding_mask": mask_in}, head(embedding(ids)))
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  weights = np.ones(B, np.float32)
+  weights[-1] = 0.0
+  method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=7)
+  method.build(model)
+  seeds = random_state_variables(model)
+  start = [s.numpy() for s in seeds]
+  out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.constant(weights))
+  for state, value in zip(seeds, start):
+    state.assign(value)
+  clean_embeddings = embedding(inputs["token_ids"])
+  logits = head(clean_embeddings, training=True)
+  noisy = head(clean_embeddings + _hand_noise("uniform", 7, 0, mask), training=True)
+  ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy()
+  p, q = tf.nn.softmax(logits), tf.nn.softmax(noisy)
+  kl = (keras.losses.kl_divergence(p, q) + keras.losses.kl_divergence(q, p)).numpy()
+  assert float(out.loss) == pytest.approx(np.sum(ce * weights) / B, rel=1e-6)
+  assert float(out.metrics["sym_kl"]) == pytest.approx(np.sum(kl * weights) / B, rel=1e-4)
+  assert abs(np.sum(kl * weights) - np.sum(kl)) > 1e-4  # the zero weight matters here
+
+
+def test_r3f_on_two_replicas_takes_the_one_device_step(mirrored):
+  # The KL term is a mean over the global batch and each example's noise is
+  # drawn over the global batch, so two replicas take one device's step.
+  arrays = batch_arrays(n=8)
+  two = builders.trainer(tiny_bert, R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=4), split, 8,
+                         strategy=mirrored, optimizer_fn=lambda: keras.optimizers.SGD(1.0))
+  batch = next(iter(builders.distributed_dataset(mirrored, arrays, 8, shuffle=True, seed=3)))
+  rows = [tf.nest.map_structure(lambda t: t.numpy(), local)
+          for local in mirrored.experimental_local_results(batch)]
+  whole = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  before = [v.numpy() for v in two.model.trainable_variables]
+  metrics = builders.train(two, arrays, 1, 8)
+  model = tiny_bert()
+  method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=4)
+  method.build(model)
+  inputs, labels = split(whole)
+  out = method.compute_gradients(model, loss_fn(8), inputs, labels, tf.ones([8]))
+  for b, v, g in zip(before, two.model.trainable_variables, out.gradients):
+    np.testing.assert_allclose(b - v.numpy(), dense(g), rtol=2e-4, atol=2e-6)
+  assert metrics["sym_kl"] == pytest.approx(float(out.metrics["sym_kl"]), rel=1e-4)
 
 
 def test_r3f_resumes_exactly_from_a_checkpoint(tmp_path):
