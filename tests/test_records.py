@@ -108,6 +108,49 @@ def test_a_streamed_string_column_is_stored_as_its_bytes_in_blocks_of_about_bloc
     assert sum(sizes) == sum(len(b) + 16 for b in blobs)
 
 
+def test_a_remote_store_is_written_locally_then_copied_with_its_metadata_last(monkeypatch):
+  # TensorFlow's in-memory file system stands in for gs://: the fixed layout
+  # reads it with TensorFlow ops alone. A copy that breaks midway leaves no
+  # metadata.json, so the half-copied store reads as missing, not as a store.
+  arrays = random_arrays(9)
+  records.write_store("ram://tfadv-test/store", {"train": arrays}, layout="fixed",
+                      block_bytes=300, labels=["a"])
+  assert not os.path.exists("ram:")  # no local directory named after the URL
+  source = records.RecordSource("ram://tfadv-test/store", "train")
+  got = source.read(tf.constant([8, 0, 3], tf.int64))
+  np.testing.assert_array_equal(got["token_ids"].numpy(), arrays["token_ids"][[8, 0, 3]])
+  copied = []
+
+  def copy_then_break(source_path, target, **kwargs):
+    if len(copied) == 3:
+      raise OSError("connection reset")
+    copied.append(os.path.basename(target))
+    tf.io.gfile.GFile(target, "wb").write(tf.io.gfile.GFile(source_path, "rb").read())
+  monkeypatch.setattr(tf.io.gfile, "copy", copy_then_break)
+  with pytest.raises(OSError, match="connection reset"):
+    records.write_store("ram://tfadv-test/broken", {"train": arrays}, layout="fixed",
+                        block_bytes=300)
+  assert copied and "metadata.json" not in copied
+  with pytest.raises(MissingInputError):
+    records.RecordSource("ram://tfadv-test/broken", "train")
+
+
+def test_a_store_refuses_what_its_encodings_and_layout_cannot_hold(tmp_path):
+  arrays = random_arrays(3)
+  with pytest.raises(ValueError, match="png/jpeg encode uint8 images"):
+    records.write_store(str(tmp_path / "a"), {"train": {"x": arrays["weight"][:, :, None, None]}},
+                        encodings={"x": "png"})
+  with pytest.raises(ValueError, match="png/jpeg encode uint8 images"):
+    records.write_store(str(tmp_path / "b"), {"train": {"x": arrays["token_ids"].astype(np.uint8)}},
+                        encodings={"x": "jpeg"})
+  blobs = np.array([b"a", b"bc", b"def"], dtype=object)
+  with pytest.raises(ValueError, match="holds one variable-length feature"):
+    records.write_store(str(tmp_path / "c"), {"train": {"x": blobs, "y": blobs}},
+                        encodings={"x": "bytes", "y": "bytes"}, layout="fixed")
+  records.write_store(str(tmp_path / "d"), {"train": {"x": blobs}}, encodings={"x": "bytes"},
+                      layout="fixed")  # one is fine
+
+
 @pytest.mark.parametrize("layout", ["array_record", "fixed"])
 def test_pipeline_reads_the_same_batches_from_a_store_as_from_memory(tmp_path, mirrored, layout):
   arrays = random_arrays(50)

@@ -876,6 +876,10 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
   text = open(out).read()
   assert "| `tfadv/checks.py` | 4 | 3 | 0 | 1 (0) | 75.0% | 75.0% |" in text
   assert "mutant 3" not in text and "- mutant 4 (bad_survived): not explained" in text
+  # A line that only sizes files explains any survivor of it; another does not.
+  sizing = "@@ -1 +1 @@\n-    first = chunk(0, min(n, 64))\n+    first = chunk(0, min(n, 65))\n"
+  assert "performance only" in m._why("tfadv/data/records.py", sizing)  # pylint: disable=protected-access
+  assert m._why("tfadv/data/sources.py", sizing) is None  # pylint: disable=protected-access
 
 
 def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_scope(tmp_path):
