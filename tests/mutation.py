@@ -426,12 +426,16 @@ with open(".mutation-lines.json") as _f:
 _RUN = {run!r}
 _PYTEST = {pytest!r}
 _SCOPE = {scope!r}
+_EQUIVALENT = set({equivalent!r})  # "line:index" of survivors explained as equivalent
 
 
 def pre_mutation(context):
   line = context.current_line_index + 1  # mutmut counts from 0
   if _SCOPE is not None and line not in _SCOPE:
     context.skip = True
+    return
+  if f"{{context.mutation_id.line_number}}:{{context.mutation_id.index}}" in _EQUIVALENT:
+    context.skip = True  # survived every test before; reported as such
     return
   tests = _MAP["lines"].get(str(line))
   if tests:
@@ -444,6 +448,36 @@ def pre_mutation(context):
 '''
 
 
+def explained_survivors(source: str, work: str, python: str, env: dict) -> set:
+  """"line:index" of the mutants that survived the last run and are explained
+  as equivalent (`EQUIVALENT`, `EQUIVALENT_LINES`), kept in
+  `.mutation-equivalent.json`. mutmut retests every survivor when any test
+  changes; these are not rerun (no test can tell them from the original) and
+  keep their status: survived."""
+  path = os.path.join(work, ".mutation-equivalent.json")
+  previous, found = set(), set()
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = set(json.load(f))
+  cache = os.path.join(work, ".mutmut-cache")
+  if os.path.exists(cache):
+    rows = sqlite3.connect(cache).execute(
+        "SELECT Mutant.id, Line.line_number, Mutant.\"index\", Mutant.status FROM Mutant "
+        "JOIN Line ON Mutant.line = Line.id WHERE Mutant.status IN "
+        "('bad_survived', 'skipped')").fetchall()
+    for mutant, number, index, status in rows:
+      name = f"{number}:{index}"
+      if status == "skipped" and name not in previous:
+        continue  # outside the scope
+      diff = subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
+                            capture_output=True, text=True, check=False).stdout
+      if _why(source, diff):  # still explained (a reason taken back reruns it)
+        found.add(name)
+  with open(path, "w") as f:
+    json.dump(sorted(found), f)
+  return found
+
+
 def _mutmut(key: str, source: str, tests: list, work: str, python: str, env: dict,
             log) -> None:
   """mutmut over `source`: each mutant's tests run in a child of a fork server
@@ -454,8 +488,10 @@ def _mutmut(key: str, source: str, tests: list, work: str, python: str, env: dic
   run = " ".join([python, "tests/mutation_server.py", "run", sock])
   pytest_args = "-- -x -q -p no:cacheprovider"
   scope = sorted(scope_lines(os.path.join(work, source), SCOPES[key])) if key in SCOPES else None
+  equivalent = explained_survivors(source, work, python, env)
   with open(os.path.join(work, "mutmut_config.py"), "w") as f:
-    f.write(_MUTMUT_CONFIG.format(run=run, pytest=pytest_args, scope=scope))
+    f.write(_MUTMUT_CONFIG.format(run=run, pytest=pytest_args, scope=scope,
+                                  equivalent=sorted(equivalent)))
   runner = " ".join([run, pytest_args] + [f"'{t}'" if " " in t else t for t in tests])
   server = subprocess.Popen([python, "tests/mutation_server.py", "serve", sock,
                              os.path.join(work, ".mutation-last.log")],
@@ -527,7 +563,17 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
       "SELECT Mutant.id, Mutant.status, Line.line_number, Mutant.\"index\" FROM Mutant "
       "JOIN Line ON Mutant.line = Line.id").fetchall()
+  raw_rows = rows
   rows = with_timeouts(rows, work)
+  # An explained survivor skipped by the hook keeps its verdict: survived.
+  equivalent_path = os.path.join(work, ".mutation-equivalent.json")
+  if os.path.exists(equivalent_path):
+    with open(equivalent_path) as f:
+      equivalent = set(json.load(f))
+    index_of = {mutant: index for mutant, _, _, index in raw_rows}
+    rows = [(mutant, "bad_survived" if status == "skipped"
+             and f"{number}:{index_of[mutant]}" in equivalent else status, number)
+            for mutant, status, number in rows]
   outside = 0
   if key in SCOPES:  # only the named functions' mutants count
     lines = scope_lines(os.path.join(work, source), SCOPES[key])

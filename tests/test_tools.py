@@ -895,14 +895,15 @@ def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_sco
   cwd = os.getcwd()
   try:
     os.chdir(tmp_path)
-    exec(m._MUTMUT_CONFIG.format(run="py run", pytest="--", scope=[3, 4]), namespace)  # pylint: disable=exec-used,protected-access
+    exec(m._MUTMUT_CONFIG.format(run="py run", pytest="--", scope=[3, 4], equivalent=["2:1"]),
+         namespace)  # pylint: disable=exec-used,protected-access
   finally:
     os.chdir(cwd)
 
-  def hook(line):  # mutmut counts lines from 0
+  def hook(line, index=0):  # mutmut counts lines from 0
     context = types.SimpleNamespace(
         current_line_index=line - 1, skip=False,
-        mutation_id=types.SimpleNamespace(line_number=line - 1, index=0),
+        mutation_id=types.SimpleNamespace(line_number=line - 1, index=index),
         config=types.SimpleNamespace(test_command="RUNNER"))
     namespace["pre_mutation"](context)
     return context.skip, context.config.test_command
@@ -911,6 +912,7 @@ def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_sco
   assert hook(3) == (False, "py run --limit=155 --mutant=2:0 -- 't.py::fast[a b]' t.py::slow")
   assert hook(4) == (False, "RUNNER")
   assert hook(5) == (True, "RUNNER")
+  assert hook(3, index=1) == (True, "RUNNER")  # explained equivalent: not rerun
   # A mutant the fork server ended at its limit is reported as timed out.
   (tmp_path / ".mutation-timeouts").write_text("2:0\n")
   rows = [(1, "ok_killed", 2, 0), (2, "ok_killed", 2, 1), (3, "bad_survived", 5, 0)]
