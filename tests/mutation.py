@@ -274,6 +274,10 @@ EQUIVALENT = {
         "first = min(len(rows[order[0]]), 65)",
         "mean_row = max(2, sum(_nbytes(rows[k][:first]) for k in order) // max(1, first))",
         "mean_row = max(1, sum(_nbytes(rows[k][:first]) for k in order) // max(2, first))")},
+    ("tfadv/data/records.py",
+     'info = {"num_examples": n, "rows_per_block": rows_per_block or 2, "blocks": block}'):
+        "rows_per_block is None only for a split of 0 rows (no chunk was read), where no "
+        "index can address a block",
     ("tfadv/data/records.py", "return tf.io.encode_jpeg(value, quality=96).numpy()"):
         "another JPEG quality: a lossy encoding as close to the image, which the store "
         "then returns as written; no test of a lossy codec can tell 95 from 96",
