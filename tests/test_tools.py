@@ -928,6 +928,7 @@ def test_the_mutation_fork_server_answers_each_runs_exit_status_and_ends_a_hung_
   (tmp_path / "test_x.py").write_text(
       "import time\ndef test_pass():\n  pass\ndef test_fail():\n  assert False\n"
       "def test_hang():\n  open('started', 'w').close()\n  time.sleep(600)\n")
+  (tmp_path / "test_broken.py").write_text("x = {*{}, 'a': 1}\n")  # a mutant that does not parse
   sock = str(tmp_path / "s.sock")
   server = subprocess.Popen([sys.executable, server_py, "serve", sock, str(tmp_path / "log")],
                             cwd=tmp_path)
@@ -936,6 +937,8 @@ def test_the_mutation_fork_server_answers_each_runs_exit_status_and_ends_a_hung_
                            "no:cacheprovider", f"test_x.py::{test}"]
     assert subprocess.run(client("test_pass"), cwd=tmp_path, timeout=120).returncode == 0
     assert subprocess.run(client("test_fail"), cwd=tmp_path, timeout=120).returncode == 1
+    broken = client("test_pass")[:-1] + ["test_broken.py"]
+    assert subprocess.run(broken, cwd=tmp_path, timeout=120).returncode == 1  # killed
     hung = subprocess.Popen(client("test_hang"), cwd=tmp_path)
     for _ in range(300):
       if (tmp_path / "started").exists():
