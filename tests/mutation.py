@@ -253,6 +253,9 @@ EQUIVALENT = {
         "log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32), axis=+1)",
         "log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32), axis=+1)",
         "return tf.reduce_sum((tf.exp(log_p) - tf.exp(log_q)) * (log_p - log_q), axis=+1)")},
+    ("tfadv/data/sources.py", "reads_in_python: bool = None"):
+        "None is falsy like False: the one test of the flag (`if source.reads_in_python`) "
+        "reads them alike",
     ("tfadv/methods/base.py", "keeps_input_perturbations = None"):
         "None is falsy like False: the one test of the flag (`if method.keeps_input_"
         "perturbations and ...`) reads them alike",

@@ -248,3 +248,22 @@ def test_pretraining_corpus_skips_broken_lines_and_names_an_empty_file(tmp_path)
   with pytest.raises(InputDataError, match="unlabeled.json: no usable record"):
     PretrainingCorpus(str(tmp_path), unlabeled_files=["a/unlabeled.json"],
                       train_files=["a/train.json"], num_eval=1).examples("train")
+
+
+# --- example sources ---------------------------------------------------------------
+
+
+def test_an_array_source_has_its_arrays_specs_and_spreads_rows_evenly_in_order():
+  from tfadv.data import records, sources  # pylint: disable=g-import-not-at-top
+  arrays = {"image": np.zeros((10, 6, 5, 3), np.uint8), "label": np.arange(10, dtype=np.int64)}
+  source = sources.ArraySource(arrays)
+  assert source.specs == {"image": tf.TensorSpec((6, 5, 3), tf.uint8),
+                          "label": tf.TensorSpec((), tf.int64)}
+  # 4 of 10 rows evenly spaced, first and last included, in order; all 10 of 20.
+  assert source.spread(4)["label"].tolist() == [0, 3, 6, 9]
+  assert source.spread(20)["label"].tolist() == list(range(10))
+  assert source.spread(1)["label"].tolist() == [0]
+  # What a pod slice's input pipeline (no Python) can and cannot read.
+  assert not source.reads_in_python and not records.FixedRecordSource.reads_in_python
+  assert sources.PythonReadSource.reads_in_python and records.ArrayRecordSource.reads_in_python
+  assert sources.TfdsSource.reads_in_python
