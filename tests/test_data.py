@@ -267,3 +267,26 @@ def test_an_array_source_has_its_arrays_specs_and_spreads_rows_evenly_in_order()
   assert not source.reads_in_python and not records.FixedRecordSource.reads_in_python
   assert sources.PythonReadSource.reads_in_python and records.ArrayRecordSource.reads_in_python
   assert sources.TfdsSource.reads_in_python
+
+
+def test_a_pipeline_by_default_starts_at_step_0_of_seed_0_and_replays_nothing():
+  """What `distributed_dataset` and `input_fn` give a caller that sets only
+  the batch size and shuffle: the first batches in order, seed 0's shuffle."""
+  arrays = {"x": np.arange(12, dtype=np.int64)}
+  strategy = tf.distribute.get_strategy()
+
+  def first(dataset, n=3):
+    return [b["x"].numpy().tolist() for b, _ in zip(iter(dataset), range(n))]
+
+  assert first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=False)) == [
+      [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+  shuffled = first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True))
+  assert shuffled == first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True,
+                                                        seed=0, start_step=0))
+  assert shuffled != first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True,
+                                                        seed=1))
+  assert sorted(sum(shuffled, [])) == list(range(12))  # an epoch: no batch replayed
+  context = tf.distribute.InputContext()
+  assert first(pipeline.input_fn(arrays, 4, shuffle=False)(context)) == [
+      [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+  assert first(pipeline.input_fn(arrays, 4, shuffle=True)(context)) == shuffled
