@@ -253,6 +253,12 @@ EQUIVALENT = {
         "log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32), axis=+1)",
         "log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32), axis=+1)",
         "return tf.reduce_sum((tf.exp(log_p) - tf.exp(log_q)) * (log_p - log_q), axis=+1)")},
+    ("tfadv/data/sources.py",
+     "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
+        "a read of the same indices returns the same rows: marking it stateful only "
+        "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    ("tfadv/data/sources.py", "expand_animations=True), spec.shape),"):
+        "the stores hold PNG and JPEG only (write_store's encodings): animations are GIF's",
     ("tfadv/data/sources.py", "reads_in_python: bool = None"):
         "None is falsy like False: the one test of the flag (`if source.reads_in_python`) "
         "reads them alike",

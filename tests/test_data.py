@@ -286,6 +286,12 @@ def test_a_pipeline_by_default_starts_at_step_0_of_seed_0_and_replays_nothing():
   assert shuffled != first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True,
                                                         seed=1))
   assert sorted(sum(shuffled, [])) == list(range(12))  # an epoch: no batch replayed
+  # Training (shuffled) runs on past an epoch; evaluation ends with it, its
+  # last batch padded with zero-weight rows.
+  assert len(first(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True), 5)) == 5
+  ten = list(pipeline.distributed_dataset(strategy, {"x": np.arange(10)}, 4, shuffle=False))
+  assert len(ten) == 3
+  assert ten[-1][pipeline.WEIGHTS].numpy().tolist() == [1.0, 1.0, 0.0, 0.0]
   context = tf.distribute.InputContext()
   assert first(pipeline.input_fn(arrays, 4, shuffle=False)(context)) == [
       [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
