@@ -257,6 +257,13 @@ EQUIVALENT = {
      "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
         "a read of the same indices returns the same rows: marking it stateful only "
         "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    ("tfadv/data/sources.py",
+     "columns = tf.numpy_function(py_read, [indices], out_types, stateful=True)"):
+        "a read of the same indices returns the same rows: marking it stateful only "
+        "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    ("tfadv/data/sources.py", "name, split=split, data_dir=data_dir, download=True,"):
+        "the builder is prepared by then (checked just above, or refused): TFDS's "
+        "download=True has nothing left to do",
     ("tfadv/data/sources.py", "expand_animations=True), spec.shape),"):
         "the stores hold PNG and JPEG only (write_store's encodings): animations are GIF's",
     ("tfadv/data/sources.py", "reads_in_python: bool = None"):

@@ -43,6 +43,41 @@ def test_tfds_source_reads_rows_by_index_as_tfds_decodes_them(tfds_dir):
     assert np.abs(ours - decoded[index]["image"]).mean() < 2.0
 
 
+def test_a_fixed_size_tfds_image_is_decoded_in_graph_and_download_prepares_it(tmp_path):
+  # Fashion-MNIST's shape of TFDS dataset (28×28×1 PNG there, 6×5×1 here):
+  # fixed-size images come back as uint8 arrays, decoded by TensorFlow in the
+  # input graph; download=True prepares a dataset not prepared yet.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class SyntheticFixedImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(6, 5, 1)),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      rng = np.random.RandomState(0)
+      for i in range(7):
+        yield i, {"image": rng.randint(0, 256, (6, 5, 1)).astype(np.uint8), "label": i % 3}
+
+  with pytest.raises(MissingInputError, match="is not prepared"):
+    TfdsSource("synthetic_fixed_images", "train", data_dir=str(tmp_path))
+  source = TfdsSource("synthetic_fixed_images", "train", data_dir=str(tmp_path), download=True)
+  assert source.specs["image"] == tf.TensorSpec((6, 5, 1), tf.uint8)
+  batch = tf.function(source.read)(tf.constant([6, 0, 3], tf.int64))  # as a pipeline reads
+  decoded = tfds.data_source("synthetic_fixed_images", split="train", data_dir=str(tmp_path))
+  assert batch["image"].dtype == tf.uint8 and batch["label"].dtype == tf.int64
+  for row, index in enumerate([6, 0, 3]):
+    np.testing.assert_array_equal(batch["image"][row].numpy(), decoded[index]["image"])  # PNG
+    assert int(batch["label"][row]) == int(decoded[index]["label"])
+
+
 def test_a_missing_or_tfrecord_tfds_dataset_is_one_line_naming_tfds_build(tfds_dir, tmp_path):
   # `tfds_dir` registers the builder (its class is defined when the fixture
   # runs): without it the test depended on which tests its worker ran first.
