@@ -257,6 +257,10 @@ EQUIVALENT = {
      "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
         "a read of the same indices returns the same rows: marking it stateful only "
         "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    ("tfadv/data/pipeline.py",
+     "return tf.where(valid, position, 1), tf.cast(valid, tf.float32), position, replay"):
+        "a padding row (past the split's end, evaluation only) reads some real row with "
+        "weight 0: which row fills it counts nowhere",
     ("tfadv/data/sources.py",
      "columns = tf.numpy_function(py_read, [indices], out_types, stateful=True)"):
         "a read of the same indices returns the same rows: marking it stateful only "

@@ -296,3 +296,18 @@ def test_a_pipeline_by_default_starts_at_step_0_of_seed_0_and_replays_nothing():
   assert first(pipeline.input_fn(arrays, 4, shuffle=False)(context)) == [
       [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
   assert first(pipeline.input_fn(arrays, 4, shuffle=True)(context)) == shuffled
+  # Training rows weigh 1 and are no replay; with 3 replays each batch comes
+  # 3 times in a row, numbered 0, 1, 2. The augmentation's seed is (run seed,
+  # the global position of the batch's first row): a function of the step.
+  batches = list(zip(iter(pipeline.distributed_dataset(
+      strategy, arrays, 4, shuffle=True, seed=7, repeats_per_batch=3,
+      augment_fn=lambda b, s: {**b, "seed": tf.broadcast_to(s, [4, 2])})), range(6)))
+  rows = [b["x"].numpy().tolist() for b, _ in batches]
+  assert rows[0] == rows[1] == rows[2] != rows[3] == rows[4] == rows[5]
+  assert [b[pipeline.REPLAY_INDEX].numpy().tolist() for b, _ in batches] == [
+      [r] * 4 for r in (0, 1, 2, 0, 1, 2)]
+  assert all(b[pipeline.WEIGHTS].numpy().tolist() == [1.0] * 4 for b, _ in batches)
+  assert [b["seed"].numpy()[0].tolist() for b, _ in batches] == [
+      [7, 0], [7, 0], [7, 0], [7, 4], [7, 4], [7, 4]]
+  plain = next(iter(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True)))
+  assert plain[pipeline.REPLAY_INDEX].numpy().tolist() == [0] * 4
