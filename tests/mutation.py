@@ -257,6 +257,9 @@ EQUIVALENT = {
      "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
         "a read of the same indices returns the same rows: marking it stateful only "
         "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    ("tfadv/methods/freelb.py", "if ascent >= 0:  # the first pass's dropout masks again"):
+        "before the first pass the seed states are the ones just saved: restoring them "
+        "is the identity",
     ("tfadv/data/pipeline.py",
      "return tf.where(valid, position, 1), tf.cast(valid, tf.float32), position, replay"):
         "a padding row (past the split's end, evaluation only) reads some real row with "

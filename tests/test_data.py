@@ -311,3 +311,15 @@ def test_a_pipeline_by_default_starts_at_step_0_of_seed_0_and_replays_nothing():
       [7, 0], [7, 0], [7, 0], [7, 4], [7, 4], [7, 4]]
   plain = next(iter(pipeline.distributed_dataset(strategy, arrays, 4, shuffle=True)))
   assert plain[pipeline.REPLAY_INDEX].numpy().tolist() == [0] * 4
+  # Training batches take the augmentation, evaluation batches the eval
+  # transform (ImageNet's random crop vs centre crop); never the other.
+  mark = lambda key: lambda b, *seed: {**b, key: b["x"] * 0 + 1}
+  for shuffle, key in ((True, "augmented"), (False, "evaluated")):
+    batch = next(iter(pipeline.distributed_dataset(
+        strategy, arrays, 4, shuffle=shuffle, augment_fn=mark("augmented"),
+        eval_fn=mark("evaluated"))))
+    assert [k for k in ("augmented", "evaluated") if k in batch] == [key]
+  # Every batch has its static size: XLA and TPUs compile one shape.
+  for shuffle in (True, False):
+    spec = pipeline.input_fn({"x": np.arange(10)}, 4, shuffle=shuffle)(context).element_spec
+    assert spec["x"].shape.as_list() == [4]
