@@ -257,6 +257,10 @@ EQUIVALENT = {
      "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
         "a read of the same indices returns the same rows: marking it stateful only "
         "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+    **{(f"tfadv/methods/{name}.py", "buffer_name = None"): (
+        "the buffer variable's name only labels it (None: TensorFlow names it); "
+        "checkpoints key a method's variables by their position (Experiment's "
+        "`_numbered`), not by name") for name in ("freelb", "free", "embedding_output")},
     ("tfadv/methods/freelb.py", "if ascent >= 0:  # the first pass's dropout masks again"):
         "before the first pass the seed states are the ones just saved: restoring them "
         "is the identity",

@@ -124,6 +124,7 @@ def test_freelb_equals_hand_computed_averaged_ascent(start):
   total, first_loss = None, None
   for _ in range(3):
     loss, grads, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+    last_loss = float(loss)
     first_loss = float(loss) if first_loss is None else first_loss
     total = grads if total is None else [t + x for t, x in zip(total, grads)]
     delta = delta + 0.2 * _unit(g, mask)
@@ -134,6 +135,7 @@ def test_freelb_equals_hand_computed_averaged_ascent(start):
   # The reported loss is the first pass's (on e + δ₀); the buffer holds the
   # last ascent: masked, inside the ball (on its sphere after two steps of 0.2 > 0.3).
   assert float(out.loss) == pytest.approx(first_loss, rel=1e-5)
+  assert float(out.metrics["adv_loss"]) == pytest.approx(last_loss, rel=1e-5)  # the last pass's
   np.testing.assert_allclose(method.perturbation.numpy(), delta, rtol=1e-5, atol=1e-7)
 
 
@@ -267,9 +269,17 @@ def test_freelb_carry_over_starts_from_the_previous_batchs_delta():
   previous = carried.perturbation.numpy()
   assert np.all(per_example_norm(previous).numpy() > 0.1)
   second = carried.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
-  start_loss, _, _ = _hand_pass(model, embedding, head, inputs, labels, previous, fn)
+  start_loss, _, g = _hand_pass(model, embedding, head, inputs, labels, previous, fn)
   assert float(second.loss) == pytest.approx(float(start_loss), rel=1e-6)
   assert abs(float(second.loss) - float(clean)) > 1e-4
+  # A carried buffer reports how much of it cannot move: the share of real
+  # tokens' entries whose gradient is zero at the last pass.
+  mask = arrays["padding_mask"].astype(np.float32)
+  moved = _project(previous + 0.2 * _unit(g, mask), 0.3) * mask[..., None]
+  _, _, g = _hand_pass(model, embedding, head, inputs, labels, moved, fn)
+  from tfadv.perturbation import stuck_share  # pylint: disable=g-import-not-at-top
+  want = stuck_share(tf.constant(g), tf.constant(mask[..., None])).numpy()
+  assert float(second.metrics["stuck"]) == pytest.approx(float(want), abs=1e-7)
 
 
 def test_freelb_with_one_replay_and_zero_start_is_plain_training():
