@@ -63,7 +63,9 @@ TARGETS = {  # tfadv/attacks.py until it became the package (one file per family
 # Every method's name (what its runs' HParams show) and defaults: two tests.
 _NAMES = "tests/test_contracts.py::test_each_method_names_itself_on_the_hparams_dashboard"
 _DEFAULTS = "tests/test_contracts.py::test_each_methods_defaults_are_the_documented_ones"
-_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py", _NAMES, _DEFAULTS]
+_STATE = ("tests/test_contracts.py::test_a_methods_random_draws_are_checkpointed_state_"
+          "seeded_by_its_own_seed_or_the_runs")
+_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py", _NAMES, _DEFAULTS, _STATE]
 # The methods and the outer loop: their tests train tiny models, so a file
 # takes hours.
 TARGETS.update({
@@ -81,7 +83,7 @@ TARGETS.update({
     "free": ("tfadv/methods/free.py", ["tests/test_vision.py", "tests/test_embedding_output.py",
                                        _NAMES, _DEFAULTS, "-m", "not slow", "-k",
                                        "free or stuck or names_itself or documented_ones"]),
-    "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", _NAMES, _DEFAULTS,
+    "pgd": ("tfadv/methods/pgd.py", ["tests/test_vision.py", _NAMES, _DEFAULTS, _STATE,
                                          "-m", "not slow"]),
     "atta": ("tfadv/methods/atta.py", ["tests/test_atta.py",
                                        "-k", "not over_the_limit and not sigterm and not xla"]),
@@ -249,6 +251,13 @@ EQUIVALENT = {
     **{(f"tfadv/methods/{name}.py", 'self._embedding = ""'): _SET_IN_BUILD
        for name in ("fgm", "gradient_penalty")},
     ("tfadv/methods/r3f.py", 'self._step = ""'): _SET_IN_BUILD,
+    **{(f"tfadv/methods/{name}.py", line): _SET_IN_BUILD for name, line in (
+        ("pgd", 'self._rng: Optional[tf.random.Generator] = ""'),
+        ("embedding_output", 'self._rng = ""'), ("embedding_output", 'self.hook = ""'))},
+    ("tfadv/methods/embedding_output.py",
+     'def __init__(self, epsilon: float = 2.0, layer_name: str = "token_embedding",'):
+        "the base class's default is never used: each method built on it passes its own "
+        "ε (their defaults are tested)",
     **{("tfadv/methods/r3f.py", line): _LOGITS_AXIS for line in (
         "log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32), axis=+1)",
         "log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32), axis=+1)",

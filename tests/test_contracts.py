@@ -243,6 +243,26 @@ def test_each_method_names_itself_on_the_hparams_dashboard():
       "ATTATraining"]
 
 
+def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or_the_runs():
+  """The generator of a method's random starts is in `variables` once built
+  (checkpointed with the model, so a resumed run draws what the straight run
+  draws), none before; it is seeded by the method's own `seed` where bound,
+  else by the run's."""
+  from test_embedding_output import tiny_masked_model  # pylint: disable=g-import-not-at-top
+  from tfadv.methods import EmbeddingOutputPGD, PGDTraining  # pylint: disable=g-import-not-at-top
+  for make, model in ((PGDTraining, builders.tiny_cnn()),
+                      (EmbeddingOutputPGD, tiny_masked_model()[0])):
+    for own, run, drawn in ((None, 3, 3), (7, 3, 7)):
+      method = make(seed=own)
+      assert method.variables == []
+      method.seed_with(run)
+      method.build(model)
+      generators = [v for v in method.variables if isinstance(v, tf.random.Generator)]
+      assert len(generators) == 1, make
+      want = tf.random.Generator.from_seed(drawn).uniform([3]).numpy()
+      np.testing.assert_array_equal(generators[0].uniform([3]).numpy(), want)
+
+
 def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():
   from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
   from tfadv.methods import Plain  # pylint: disable=g-import-not-at-top
