@@ -129,11 +129,13 @@ def main(argv) -> int:
     with open(".mutation-timeouts", "a") as f:
       f.write(options.get("mutant", "?") + "\n")
     return 1
-  if code == 2:
-    # pytest's "interrupted": here, errors while collecting (a mutant that does
-    # not import, a SyntaxError). The unmutated run collected these tests, so
-    # the mutant broke them: killed, as mutmut 3 counts it (mutmut 2 reads
-    # any status but 1 as survived).
+  if code in (2, 4):
+    # pytest's "interrupted" (errors while collecting a test module) and "usage
+    # error" (a conftest that fails to import): here, a mutant that does not
+    # import (a SyntaxError). The unmutated run collected these very tests
+    # (the line map is remade whenever they change), so the mutant broke
+    # them: killed, as mutmut 3 counts it (mutmut 2 reads any status but 1 as
+    # survived).
     return 1
   return 3 if code is None else code
 

@@ -261,6 +261,14 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
       assert len(generators) == 1, make
       want = tf.random.Generator.from_seed(drawn).uniform([3]).numpy()
       np.testing.assert_array_equal(generators[0].uniform([3]).numpy(), want)
+  # The output FGM's random control adds its draws' step count; FGM itself does not.
+  from tfadv.methods import EmbeddingOutputFGM  # pylint: disable=g-import-not-at-top
+  for direction, count in (("adversarial", 0), ("random", 1)):
+    method = EmbeddingOutputFGM(direction=direction)
+    method.build(tiny_masked_model()[0])
+    kinds = [type(v).__name__ if isinstance(v, tf.random.Generator) else v.dtype.name
+             for v in method.variables]
+    assert sorted(kinds) == sorted(["Generator"] + ["int64"] * count), direction
 
 
 def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():

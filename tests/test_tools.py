@@ -939,6 +939,9 @@ def test_the_mutation_fork_server_answers_each_runs_exit_status_and_ends_a_hung_
     assert subprocess.run(client("test_fail"), cwd=tmp_path, timeout=120).returncode == 1
     broken = client("test_pass")[:-1] + ["test_broken.py"]
     assert subprocess.run(broken, cwd=tmp_path, timeout=120).returncode == 1  # killed
+    (tmp_path / "conftest.py").write_text("import broken_module_of_the_mutant\n")
+    assert subprocess.run(client("test_pass"), cwd=tmp_path, timeout=120).returncode == 1
+    (tmp_path / "conftest.py").unlink()
     hung = subprocess.Popen(client("test_hang"), cwd=tmp_path)
     for _ in range(300):
       if (tmp_path / "started").exists():
