@@ -66,9 +66,45 @@ def test_output_fgm_equals_hand_computed_two_pass_update(form):
   assert np.all(delta[~arrays["padding_mask"]] == 0)
   _, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
   expected = adv if form == "adversarial" else [c + 0.5 * a for c, a in zip(clean, adv)]
+  assert len(out.gradients) == len(expected) == len(model.trainable_variables)
   for got, want in zip(out.gradients, expected):
     np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
   assert float(out.metrics["delta_norm"]) == pytest.approx(0.4, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["adversarial", "clean_plus_adversarial"])
+def test_output_pgd_equals_hand_computed_ascent_then_update(form):
+  # Madry et al.'s PGD on each example's embedding output: K = 3 ascent
+  # steps δ ← Π(δ + α·g/‖g‖) from 0, then the update from the pass on δᴷ
+  # (plus, with "clean_plus_adversarial", half a clean pass's gradients).
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  inputs, labels = _inputs(arrays), arrays["label"]
+  mask = arrays["padding_mask"].astype(np.float32)
+  fn = loss_fn()
+  method = EmbeddingOutputPGD(epsilon=0.3, step_size=0.2, num_steps=3, random_start=False,
+                              form=form, adversarial_weight=0.5)
+  method.build(model)
+  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
+  zero = np.zeros((B, L, 3), np.float32)
+  delta = zero
+  for _ in range(3):
+    _, _, g = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+    delta = _project(delta + 0.2 * _unit(g, mask), 0.3) * mask[..., None]
+  adv_loss, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
+  clean_loss, clean, _ = _hand_pass(model, embedding, head, inputs, labels, zero, fn)
+  expected = adv if form == "adversarial" else [c + 0.5 * a for c, a in zip(clean, adv)]
+  assert len(out.gradients) == len(expected) == len(model.trainable_variables)
+  for got, want in zip(out.gradients, expected):
+    np.testing.assert_allclose(dense(got), want, rtol=1e-5, atol=1e-7)
+  reported = adv_loss if form == "adversarial" else clean_loss
+  assert float(out.loss) == pytest.approx(float(reported), rel=1e-5)
+  assert float(out.metrics["adv_loss"]) == pytest.approx(float(adv_loss), rel=1e-5)
+  norms = np.sqrt((delta ** 2).sum(axis=(1, 2)))
+  assert float(out.metrics["delta_norm"]) == pytest.approx(norms.mean(), rel=1e-5)
+  assert np.all(norms > 0.29)  # the ascent reached the sphere: the projection mattered
+  # Without a step size, α = 2.5ε/K (Madry et al.).
+  assert EmbeddingOutputPGD(epsilon=0.6, num_steps=3).step_size == pytest.approx(0.5)
 
 
 def test_output_fgm_random_control_has_each_examples_adversarial_norm():
