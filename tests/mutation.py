@@ -65,7 +65,9 @@ _NAMES = "tests/test_contracts.py::test_each_method_names_itself_on_the_hparams_
 _DEFAULTS = "tests/test_contracts.py::test_each_methods_defaults_are_the_documented_ones"
 _STATE = ("tests/test_contracts.py::test_a_methods_random_draws_are_checkpointed_state_"
           "seeded_by_its_own_seed_or_the_runs")
-_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py", _NAMES, _DEFAULTS, _STATE]
+_UNTRAINED = "tests/test_r3f.py::test_the_methods_draw_counters_are_state_the_optimizer_never_trains"
+_TEXT = ["tests/test_nlp_methods.py", "tests/test_embedding_output.py", _NAMES, _DEFAULTS, _STATE,
+         _UNTRAINED]
 # The methods and the outer loop: their tests train tiny models, so a file
 # takes hours.
 TARGETS.update({
@@ -251,6 +253,26 @@ EQUIVALENT = {
     **{(f"tfadv/methods/{name}.py", 'self._embedding = ""'): _SET_IN_BUILD
        for name in ("fgm", "gradient_penalty")},
     ("tfadv/methods/r3f.py", 'self._step = ""'): _SET_IN_BUILD,
+    ("tfadv/methods/embedding_output.py", 'self.perturbation = ""'): _SET_IN_BUILD,
+    ("tfadv/methods/embedding_output.py",
+     "def __init__(self, epsilon: float = 2.0, init_magnitude: Optional[float] = None,"):
+        "the base class's default is never used: each method built on it passes its own "
+        "ε (their defaults are tested)",
+    ("tfadv/methods/embedding_output.py",
+     "return ramped(self.init_magnitude) * uniform * mask / tf.sqrt(tf.maximum(dims, 2.0))"):
+        _COUNT,
+    ("tfadv/methods/embedding_output.py",
+     "tf.zeros(tuple(input_shape[:3]) + (self.hook.output_dim,), tf.float32),"):
+        "token ids have rank 2 (batch × length): their shape's first 3 entries are its first 2",
+    **{("tfadv/methods/char_at.py", line): _LOGITS_AXIS for line in (
+        "broken = tf.not_equal(tf.argmax(logits, +1, output_type=tf.int32),",
+        "tf.argmax(logits, +1, output_type=tf.int32), tf.cast(labels, tf.int32)))")},
+    **{("tfadv/methods/char_at.py", line): (
+        "the tolerance for a share written as a float of k/m: the float of any k/m (m <= 64) "
+        "is within 1e-16 of it, so only a share between 1e-9 and 2e-9 away from every k/m "
+        "would be judged differently") for line in (
+        "if abs(float(share) - self.attacked_share) >= 1e-9:",
+        "if abs(float(share) - self.attacked_share) > 2e-09:")},
     **{(f"tfadv/methods/{name}.py", line): _SET_IN_BUILD for name, line in (
         ("pgd", 'self._rng: Optional[tf.random.Generator] = ""'),
         ("embedding_output", 'self._rng = ""'), ("embedding_output", 'self.hook = ""'))},

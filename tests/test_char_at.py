@@ -102,6 +102,9 @@ def test_a_share_that_is_not_a_small_fraction_is_refused():
   from tfadv.errors import SettingError  # pylint: disable=g-import-not-at-top
   with pytest.raises(SettingError, match=r"attacked_share = 0.123456: must be k/m with m <= 64"):
     CharSubstitutionTraining(attacked_share=0.123456)
+  with pytest.raises(SettingError, match="must be k/m with m <= 64"):
+    CharSubstitutionTraining(attacked_share=1 / 65)
+  assert CharSubstitutionTraining(attacked_share=1 / 64).period == (64, 1)
 
 
 def test_combines_with_fgm():

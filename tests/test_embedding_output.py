@@ -278,6 +278,13 @@ def test_freelb_random_start_is_uniform_scaled_per_example_and_masked():
   # Each example's δ₀ lies in its ε-ball, its norm near ε/√3.
   norms = np.sqrt((delta ** 2).sum(axis=(1, 2)))
   assert np.all(norms <= 0.7) and abs(norms.mean() - 0.7 / np.sqrt(3)) < 0.02
+  # a = ε = 1 by default starts at random too; only a = 0 starts at zero.
+  for init, moved in ((None, True), (0.0, False)):
+    method = FreeLB(epsilon=1.0, init_magnitude=init)
+    method.build(model, input_shape=(64, L))
+    assert bool(np.any(method.initial_delta(tf.constant(real)[..., None]).numpy())) == moved
+  with pytest.raises(ValueError, match="needs the per-replica input shape"):
+    FreeLB().build(model, input_shape=(64,))
 
 
 def test_freelb_projection_puts_large_steps_on_the_sphere():

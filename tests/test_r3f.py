@@ -207,7 +207,9 @@ def test_the_methods_draw_counters_are_state_the_optimizer_never_trains():
   checkpointed state, never trainable: nothing may hand them to an optimizer."""
   from tfadv.methods import EmbeddingFGM, EmbeddingOutputFGM  # pylint: disable=g-import-not-at-top
   model, _, _ = tiny_masked_model()
-  for method in (R3F(), EmbeddingFGM(direction="random"), EmbeddingOutputFGM(direction="random")):
-    method.build(model)
+  from tfadv.methods import FreeLB  # pylint: disable=g-import-not-at-top
+  for method in (R3F(), EmbeddingFGM(direction="random"), EmbeddingOutputFGM(direction="random"),
+                 FreeLB(carry_over=True)):
+    method.build(model, input_shape=(B, L))
     state = [v.state if isinstance(v, tf.random.Generator) else v for v in method.variables]
     assert state and not any(v.trainable for v in state), method
