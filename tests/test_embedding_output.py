@@ -34,6 +34,15 @@ def _inputs(arrays):
   return {"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]}
 
 
+def tiny_masked_batch():
+  """(model, embedding, head, inputs, labels, float mask) of tiny_masked_model
+  and the tests' batch."""
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  return (model, embedding, head, _inputs(arrays), arrays["label"],
+          arrays["padding_mask"].astype(np.float32))
+
+
 def _hand_pass(model, embedding, head, inputs, labels, delta, fn):
   """Loss, weight gradients and ∂L/∂δ with δ added by hand (no hook)."""
   delta = tf.convert_to_tensor(delta, tf.float32)
@@ -52,10 +61,7 @@ def _unit(g, mask):
 
 @pytest.mark.parametrize("form", ["adversarial", "clean_plus_adversarial"])
 def test_output_fgm_equals_hand_computed_two_pass_update(form):
-  model, embedding, head = tiny_masked_model()
-  arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
-  mask = arrays["padding_mask"].astype(np.float32)
+  model, embedding, head, inputs, labels, mask = tiny_masked_batch()
   fn = loss_fn()
   method = EmbeddingOutputFGM(epsilon=0.4, form=form, adversarial_weight=0.5)
   method.build(model)
@@ -63,7 +69,7 @@ def test_output_fgm_equals_hand_computed_two_pass_update(form):
 
   _, clean, g = _hand_pass(model, embedding, head, inputs, labels, np.zeros((B, L, 3)), fn)
   delta = 0.4 * _unit(g, mask)
-  assert np.all(delta[~arrays["padding_mask"]] == 0)
+  assert np.all(delta[mask == 0] == 0)
   _, adv, _ = _hand_pass(model, embedding, head, inputs, labels, delta, fn)
   expected = adv if form == "adversarial" else [c + 0.5 * a for c, a in zip(clean, adv)]
   assert len(out.gradients) == len(expected) == len(model.trainable_variables)
@@ -77,10 +83,7 @@ def test_output_pgd_equals_hand_computed_ascent_then_update(form):
   # Madry et al.'s PGD on each example's embedding output: K = 3 ascent
   # steps δ ← Π(δ + α·g/‖g‖) from 0, then the update from the pass on δᴷ
   # (plus, with "clean_plus_adversarial", half a clean pass's gradients).
-  model, embedding, head = tiny_masked_model()
-  arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
-  mask = arrays["padding_mask"].astype(np.float32)
+  model, embedding, head, inputs, labels, mask = tiny_masked_batch()
   fn = loss_fn()
   method = EmbeddingOutputPGD(epsilon=0.3, step_size=0.2, num_steps=3, random_start=False,
                               form=form, adversarial_weight=0.5)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
-from test_embedding_output import _inputs, tiny_masked_model
+from test_embedding_output import _inputs, tiny_masked_batch, tiny_masked_model
 from tfadv.methods.r3f import R3F
 
 SIGMA, LAMBDA = 0.5, 2.0  # large enough that the KL term moves every gradient
@@ -43,10 +43,7 @@ def _hand_step(model, embedding, head, inputs, labels, noise, detach=True):
 
 @pytest.mark.parametrize("noise_type", ["uniform", "normal"])
 def test_r3f_equals_hand_computed_loss_and_gradients(noise_type):
-  model, embedding, head = tiny_masked_model()
-  arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
-  mask = arrays["padding_mask"].astype(np.float32)
+  model, embedding, head, inputs, labels, mask = tiny_masked_batch()
   method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, noise_type=noise_type, seed=7)
   method.build(model)
   out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.ones([B]))
