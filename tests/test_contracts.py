@@ -269,6 +269,13 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
     kinds = [type(v).__name__ if isinstance(v, tf.random.Generator) else v.dtype.name
              for v in method.variables]
     assert sorted(kinds) == sorted(["Generator"] + ["int64"] * count), direction
+  # FreeLB's buffer (carried across batches) is checkpointed with its generator.
+  from tfadv.methods import FreeLB  # pylint: disable=g-import-not-at-top
+  method = FreeLB(carry_over=True)
+  assert method.variables == []
+  method.build(tiny_masked_model()[0], input_shape=(builders.B, builders.L))
+  assert sorted(type(v).__name__ if isinstance(v, tf.random.Generator) else v.dtype.name
+                for v in method.variables) == ["Generator", "float32"]
 
 
 def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():
