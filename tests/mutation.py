@@ -308,6 +308,9 @@ EQUIVALENT = {
         "download=True has nothing left to do",
     ("tfadv/data/sources.py", "expand_animations=True), spec.shape),"):
         "the stores hold PNG and JPEG only (write_store's encodings): animations are GIF's",
+    ("tfadv/attacks/base.py", "per_example_metrics = None"):
+        "None is falsy like {}: the trainer reads the attribute only as `if getattr(attack, "
+        "'per_example_metrics', None):`",
     ("tfadv/data/sources.py", "reads_in_python: bool = None"):
         "None is falsy like False: the one test of the flag (`if source.reads_in_python`) "
         "reads them alike",
