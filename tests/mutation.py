@@ -496,21 +496,49 @@ _EQUIVALENT = set({equivalent!r})  # "line:index" of survivors explained as equi
 
 def pre_mutation(context):
   line = context.current_line_index + 1  # mutmut counts from 0
+  mutant = f"{{context.mutation_id.line_number}}:{{context.mutation_id.index}}"
   if _SCOPE is not None and line not in _SCOPE:
     context.skip = True
     return
-  if f"{{context.mutation_id.line_number}}:{{context.mutation_id.index}}" in _EQUIVALENT:
+  if mutant in _EQUIVALENT:
     context.skip = True  # survived every test before; reported as such
     return
   tests = _MAP["lines"].get(str(line))
   if tests:
     tests = sorted(tests, key=lambda t: _MAP["seconds"].get(t, 0.0))
     limit = 60 + 10 * sum(_MAP["seconds"].get(t, 0.0) for t in tests)
-    mutant = f"{{context.mutation_id.line_number}}:{{context.mutation_id.index}}"
     context.config.test_command = " ".join(
         [_RUN, f"--limit={{limit:.0f}}", f"--mutant={{mutant}}", _PYTEST]
         + [shlex.quote(t) for t in tests])
 '''
+
+
+EQUIVALENT_FILE = ".mutation-equivalent.json"  # a JSON list of "line:index"
+TIMEOUTS_FILE = ".mutation-timeouts"  # one "line:index" a line (tests/mutation_server.py)
+
+
+def _noted(work: str, name: str) -> set:
+  """The "line:index" mutants listed in `work`'s file `name` (either kind)."""
+  path = os.path.join(work, name)
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    text = f.read()
+  return set(json.loads(text)) if name.endswith(".json") else set(text.split())
+
+
+def _cache_rows(work: str) -> list:
+  """(id, status, line, index) of every mutant in `work`'s mutmut cache
+  (mutmut's line numbers count from 0)."""
+  return sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
+      "SELECT Mutant.id, Mutant.status, Line.line_number, Mutant.\"index\" FROM Mutant "
+      "JOIN Line ON Mutant.line = Line.id").fetchall()
+
+
+def _show(mutant: int, work: str, python: str, env: dict) -> str:
+  """The mutant's diff, as `mutmut show` prints it."""
+  return subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
+                        capture_output=True, text=True, check=False).stdout
 
 
 def explained_survivors(source: str, work: str, python: str, env: dict) -> set:
@@ -519,26 +547,15 @@ def explained_survivors(source: str, work: str, python: str, env: dict) -> set:
   `.mutation-equivalent.json`. mutmut retests every survivor when any test
   changes; these are not rerun (no test can tell them from the original) and
   keep their status: survived."""
-  path = os.path.join(work, ".mutation-equivalent.json")
-  previous, found = set(), set()
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = set(json.load(f))
-  cache = os.path.join(work, ".mutmut-cache")
-  if os.path.exists(cache):
-    rows = sqlite3.connect(cache).execute(
-        "SELECT Mutant.id, Line.line_number, Mutant.\"index\", Mutant.status FROM Mutant "
-        "JOIN Line ON Mutant.line = Line.id WHERE Mutant.status IN "
-        "('bad_survived', 'skipped')").fetchall()
-    for mutant, number, index, status in rows:
+  previous, found = _noted(work, EQUIVALENT_FILE), set()
+  if os.path.exists(os.path.join(work, ".mutmut-cache")):
+    for mutant, status, number, index in _cache_rows(work):
       name = f"{number}:{index}"
-      if status == "skipped" and name not in previous:
-        continue  # outside the scope
-      diff = subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
-                            capture_output=True, text=True, check=False).stdout
-      if _why(source, diff):  # still explained (a reason taken back reruns it)
-        found.add(name)
-  with open(path, "w") as f:
+      if status == "bad_survived" or (status == "skipped" and name in previous):
+        # (another skipped mutant is outside the scope)
+        if _why(source, _show(mutant, work, python, env)):  # a reason taken back reruns it
+          found.add(name)
+  with open(os.path.join(work, EQUIVALENT_FILE), "w") as f:
     json.dump(sorted(found), f)
   return found
 
@@ -625,20 +642,7 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   earlier = load_records().get(source, {})
   if earlier.get("untested") and earlier.get("source_hash") == blob_hash(source):
     seconds += earlier.get("seconds", 0)  # a resumed run: the time of all its invocations
-  rows = sqlite3.connect(os.path.join(work, ".mutmut-cache")).execute(
-      "SELECT Mutant.id, Mutant.status, Line.line_number, Mutant.\"index\" FROM Mutant "
-      "JOIN Line ON Mutant.line = Line.id").fetchall()
-  raw_rows = rows
-  rows = with_timeouts(rows, work)
-  # An explained survivor skipped by the hook keeps its verdict: survived.
-  equivalent_path = os.path.join(work, ".mutation-equivalent.json")
-  if os.path.exists(equivalent_path):
-    with open(equivalent_path) as f:
-      equivalent = set(json.load(f))
-    index_of = {mutant: index for mutant, _, _, index in raw_rows}
-    rows = [(mutant, "bad_survived" if status == "skipped"
-             and f"{number}:{index_of[mutant]}" in equivalent else status, number)
-            for mutant, status, number in rows]
+  rows = verdicts(_cache_rows(work), work)
   outside = 0
   if key in SCOPES:  # only the named functions' mutants count
     lines = scope_lines(os.path.join(work, source), SCOPES[key])
@@ -648,9 +652,7 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   survivors = []
   for mutant, status in rows:
     if status in ("bad_survived", "bad_timeout", "ok_suspicious"):
-      diff = subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
-                            capture_output=True, text=True, check=False).stdout
-      survivors.append((mutant, status, diff))
+      survivors.append((mutant, status, _show(mutant, work, python, env)))
   statuses = [status for _, status in rows]
   if not rows:
     raise SystemExit(f"{source}: mutmut recorded no mutants (did the tests fail unmutated? "
@@ -667,16 +669,21 @@ def run_file(key: str, python: str, report_only: bool = False) -> dict:
   return result
 
 
-def with_timeouts(rows: list, work: str) -> list:
+def verdicts(rows: list, work: str) -> list:
   """(id, status, line) of each (id, status, line, index) from mutmut's cache,
-  a mutant the fork server ended at its limit (listed in `.mutation-timeouts`,
-  "line:index") "bad_timeout": mutmut read it as killed."""
-  timeouts = set()
-  if os.path.exists(os.path.join(work, ".mutation-timeouts")):
-    with open(os.path.join(work, ".mutation-timeouts")) as f:
-      timeouts = set(f.read().split())
-  return [(mutant, "bad_timeout" if status == "ok_killed" and f"{number}:{index}" in timeouts
-           else status, number) for mutant, status, number, index in rows]
+  with what mutmut cannot know: a mutant the fork server ended at its limit
+  (TIMEOUTS_FILE) is "bad_timeout", not the kill mutmut read; an explained
+  survivor the hook skipped (EQUIVALENT_FILE) keeps its verdict, "bad_survived"."""
+  timeouts, equivalent = _noted(work, TIMEOUTS_FILE), _noted(work, EQUIVALENT_FILE)
+
+  def verdict(status, name):
+    if status == "ok_killed" and name in timeouts:
+      return "bad_timeout"
+    if status == "skipped" and name in equivalent:
+      return "bad_survived"
+    return status
+  return [(mutant, verdict(status, f"{number}:{index}"), number)
+          for mutant, status, number, index in rows]
 
 
 def _mutated_line(diff: str) -> str:

@@ -916,8 +916,12 @@ def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_sco
   # A mutant the fork server ended at its limit is reported as timed out.
   (tmp_path / ".mutation-timeouts").write_text("2:0\n")
   rows = [(1, "ok_killed", 2, 0), (2, "ok_killed", 2, 1), (3, "bad_survived", 5, 0)]
-  assert m.with_timeouts(rows, str(tmp_path)) == [
+  assert m.verdicts(rows, str(tmp_path)) == [
       (1, "bad_timeout", 2), (2, "ok_killed", 2), (3, "bad_survived", 5)]
+  # An explained survivor the hook skipped keeps its verdict; another skip stays one.
+  (tmp_path / ".mutation-equivalent.json").write_text(json.dumps(["6:0"]))
+  assert m.verdicts([(4, "skipped", 6, 0), (5, "skipped", 6, 1)], str(tmp_path)) == [
+      (4, "bad_survived", 6), (5, "skipped", 6)]
 
 
 @pytest.mark.slow
