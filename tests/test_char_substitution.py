@@ -1,6 +1,7 @@
 """The character-substitution attack against a brute-force search, its candidates, its metrics."""
 
 import itertools
+import os
 
 import keras
 import numpy as np
@@ -219,6 +220,55 @@ def test_pinyin_table_groups_homophones_and_leaves_other_tokens_out():
   for token in list(SPECIAL_TOKENS) + ["a", "1", "，"]:
     assert np.all(table[index(token)] == -1)
   assert attackable(VOCAB).sum() == len(CJK)
+
+
+def test_attack_defaults_are_the_documented_ones():
+  """What a config that binds nothing gets (the class docstring): B = 2, at
+  most 10% of the characters rounded up, 8 + 8 candidates, 8 verified per
+  round, greedy; a beam of 10 over 4 examples at a time; keras-hub's names."""
+  assert CharSubstitutionAttack().get_config() == {
+      "budget": 2, "max_fraction": 0.1, "budget_rule": "ceil", "search": "greedy",
+      "beam_width": 10, "beam_examples": 4, "pinyin_candidates": 8,
+      "embedding_candidates": 8, "top_k": 8, "token_ids_key": "token_ids",
+      "padding_mask_key": "padding_mask", "layer_name": "token_embedding"}
+
+
+def test_one_kind_of_candidate_is_enough_and_none_is_refused():
+  from tfadv.errors import SettingError  # pylint: disable=g-import-not-at-top
+  for pinyin, nearest in ((1, 0), (0, 1)):
+    attack = CharSubstitutionAttack(pinyin_candidates=pinyin, embedding_candidates=nearest)
+    assert (attack.pinyin_candidates, attack.embedding_candidates) == (pinyin, nearest)
+  with pytest.raises(SettingError, match="pinyin_candidates = 0 and embedding_candidates = 0: "
+                                         "expected at least one candidate"):
+    CharSubstitutionAttack(pinyin_candidates=0, embedding_candidates=0)
+
+
+def test_the_pinyin_table_is_cached_in_the_model_dir_per_vocabulary_and_width(tmp_path,
+                                                                            monkeypatch):
+  """Built once per (vocabulary, width) and kept in the model dir as
+  `char_substitution_pinyin.npz`; another vocabulary or width rebuilds it (and
+  replaces the file); without a model dir nothing is written."""
+  from tfadv.attacks import char_substitution  # pylint: disable=g-import-not-at-top
+  built = []
+  real = char_substitution.pinyin_table
+  monkeypatch.setattr(char_substitution, "pinyin_table",
+                      lambda vocabulary, width: built.append((len(vocabulary), width))
+                      or real(vocabulary, width))
+  cached = lambda vocabulary, width, where=str(tmp_path): char_substitution.cached_pinyin_table(
+      vocabulary, width, where)
+  first = cached(VOCAB, 4)
+  np.testing.assert_array_equal(first, real(VOCAB, 4))
+  assert os.listdir(tmp_path) == ["char_substitution_pinyin.npz"] and built == [(V, 4)]
+  np.testing.assert_array_equal(cached(VOCAB, 4), first)  # read back, not rebuilt
+  assert built == [(V, 4)]
+  np.testing.assert_array_equal(cached(VOCAB, 3), real(VOCAB, 3))  # another width
+  shorter = VOCAB[:-1]  # another vocabulary
+  np.testing.assert_array_equal(cached(shorter, 3), real(shorter, 3))
+  assert built == [(V, 4), (V, 3), (V - 1, 3)]
+  np.testing.assert_array_equal(cached(shorter, 3), real(shorter, 3))
+  assert len(built) == 3  # the file now holds the last one
+  np.testing.assert_array_equal(cached(VOCAB, 4, None), first)
+  assert len(built) == 4 and os.listdir(tmp_path) == ["char_substitution_pinyin.npz"]
 
 
 def test_trainer_reports_textattack_metrics(mirrored):

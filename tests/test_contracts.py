@@ -278,6 +278,31 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
                 for v in method.variables) == ["Generator", "float32"]
 
 
+def test_free_buffers_and_token_memory_are_checkpointed_untrained_state_none_before_build():
+  """Free's perturbation buffer (images: one replica's batch; text: batch ×
+  length × hidden) and the text form's token memory (vocabulary × hidden, only
+  with carry='token') are the method's `variables`, so checkpoints keep them;
+  none exists before `build`, and none is trainable."""
+  from test_embedding_output import tiny_masked_model  # pylint: disable=g-import-not-at-top
+  from tfadv.methods import EmbeddingOutputFree, FreeTraining  # pylint: disable=g-import-not-at-top
+  free = FreeTraining()
+  assert free.variables == []
+  shape = (builders.IB, builders.IH, builders.IH, 1)
+  free.build(builders.tiny_cnn(), input_shape=shape)
+  assert [(tuple(v.shape), v.dtype.name, v.trainable) for v in free.variables] == [
+      (shape, "float32", False)]
+  for carry in ("reset", "slot", "token"):
+    method = EmbeddingOutputFree(carry=carry)
+    assert method.variables == [], carry
+    method.build(tiny_masked_model()[0], input_shape=(builders.B, builders.L))
+    state = [v for v in method.variables if not isinstance(v, tf.random.Generator)]
+    assert len(method.variables) == len(state) + 1, carry  # and the start's generator
+    want = [((builders.B, builders.L, 3), "float32", False)]  # the buffer; hidden 3
+    if carry == "token":
+      want.append(((builders.V, 3), "float32", False))  # the memory
+    assert [(tuple(v.shape), v.dtype.name, v.trainable) for v in state] == want, carry
+
+
 def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():
   from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
   from tfadv.methods import Plain  # pylint: disable=g-import-not-at-top

@@ -543,6 +543,25 @@ def test_two_replicas_equal_one_device(method_fn, mirrored):
       np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5)
 
 
+def test_free_token_memory_on_two_replicas_is_the_one_device_memory(mirrored):
+  """After a trained replay on two replicas, each replica's copy of the token
+  memory holds the rows of the whole global batch (all-gathered), equal to a
+  one-device run's; the trainer hands the method the pipeline's replay index."""
+  arrays = batch_arrays(n=8)
+  make = lambda: EmbeddingOutputFree(epsilon=0.5, replays=2, carry="token")
+  one = _trainer(tf.distribute.get_strategy(), make(), global_batch=8)
+  two = _trainer(mirrored, make(), global_batch=8)
+  start = one.method.memory.numpy()
+  _train(one, arrays, 1, global_batch=8)
+  _train(two, arrays, 1, global_batch=8)
+  want = one.method.memory.numpy()
+  assert (np.abs(want - start).max(axis=1) > 0).sum() > 4  # the batch's tokens were written
+  copies = [v.numpy() for v in mirrored.experimental_local_results(two.method.memory)]
+  assert len(copies) == 2
+  for copy in copies:
+    np.testing.assert_allclose(copy, want, rtol=1e-5, atol=1e-7)
+
+
 def test_freelb_buffer_is_per_replica_and_masked(mirrored):
   arrays = batch_arrays(n=8)
   trainer = _trainer(mirrored, FreeLB(epsilon=0.5, step_size=0.3, ascent_steps=2),
@@ -619,6 +638,25 @@ def test_perturbation_random_starts_and_stuck_share_by_hand():
   share = perturbation.stuck_share(tf.constant(gradient), tf.constant(mask)).numpy()
   assert share == pytest.approx(3 / 12)  # 12 real entries: 3 tokens × 4
   assert perturbation.stuck_share(tf.constant(gradient)).numpy() == pytest.approx(7 / 24)
+
+
+def test_tiny_gradients_and_deltas_keep_their_direction():
+  """A confident example's gradient can be far below 1e-12 in norm: its unit
+  step still points along it (ascent, never descent), and a δ that small is
+  inside the ball, so projecting leaves it as it is; zero stays zero."""
+  from tfadv import perturbation  # pylint: disable=g-import-not-at-top
+  x = np.zeros([3, 2, 2], np.float32)
+  x[0] = [[3e-14, 0.0], [0.0, -4e-14]]  # norm 5e-14
+  x[1] = [[3.0, 0.0], [0.0, -4.0]]  # norm 5
+  unit = perturbation.normalize(tf.constant(x)).numpy()
+  assert np.sum(unit[0] * x[0]) > 0 and np.linalg.norm(unit[0]) <= 1.0
+  np.testing.assert_allclose(unit[0] / np.linalg.norm(unit[0]), x[0] / 5e-14, rtol=1e-5)
+  np.testing.assert_allclose(unit[1], x[1] / 5.0, rtol=1e-6)
+  assert not unit[2].any()
+  projected = perturbation.project(tf.constant(x), 0.5).numpy()
+  np.testing.assert_allclose(projected[0], x[0], rtol=1e-6)
+  np.testing.assert_allclose(projected[1], x[1] * 0.1, rtol=1e-6)
+  assert not projected[2].any()
 
 
 def test_embedding_attack_runs_in_inference_mode_and_follows_the_model_it_is_given():

@@ -152,6 +152,29 @@ def test_gradient_penalty_pass_is_a_training_pass():
   assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3
 
 
+def test_a_vanishing_gradient_keeps_fgms_direction_and_a_finite_penalty():
+  """A batch the model already fits well can give an embedding gradient far
+  below 1e-12 in norm (or exactly zero, e.g. every weight 0): FGM's Δ still
+  points along it (ascent, never descent), and the penalty ε‖g‖ stays finite,
+  about 0."""
+  gradient = np.zeros([V, 3], np.float32)
+  gradient[2] = [3e-14, 0.0, -4e-14]  # norm 5e-14
+  delta = EmbeddingFGM(epsilon=1.0).perturbation(tf.constant(gradient)).numpy()
+  assert np.sum(delta * gradient) > 0 and np.linalg.norm(delta) <= 1.0
+  np.testing.assert_allclose(delta[2] / np.linalg.norm(delta), gradient[2] / 5e-14, rtol=1e-5)
+  assert not np.delete(delta, 2, axis=0).any()
+  zero = EmbeddingFGM(epsilon=1.0).perturbation(tf.zeros([V, 3])).numpy()
+  assert np.isfinite(zero).all() and not zero.any()
+  penalty = EmbeddingGradientPenalty(epsilon=1.0, variant="norm").penalty
+  for squared_norm in (0.0, 2.5e-27):
+    s = tf.constant(squared_norm)
+    with tf.GradientTape() as tape:
+      tape.watch(s)
+      value = penalty(s)
+    assert np.isfinite(float(tape.gradient(value, s))), squared_norm  # no NaN in the update
+    assert np.isfinite(float(value)) and 0 <= float(value) < 1e-11, squared_norm
+
+
 def test_combine_rows_sums_duplicates_without_dense_table():
   g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                        tf.constant([7, 2, 7]), tf.constant([10, 2]))

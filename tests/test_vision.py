@@ -317,6 +317,32 @@ def test_free_with_one_replay_and_zero_buffer_is_plain_training_then_fgsm():
                                 EPS * np.sign(tape.gradient(loss, x).numpy()))
 
 
+def test_free_replays_are_training_passes():
+  """Free's one pass per replay runs the model in training mode: with batch
+  normalisation (batch statistics, not the moving ones) its weight gradients
+  and δ's ascent are those of a hand-made `training=True` pass."""
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((H, H, 1)), keras.layers.Conv2D(3, 3),
+                            keras.layers.BatchNormalization(), keras.layers.Flatten(),
+                            keras.layers.Dense(C)])
+  x, y = split(image_arrays(B))
+  fn = lambda labels, logits, weights: tf.reduce_sum(sparse_cross_entropy(labels, logits))
+  method = FreeTraining(epsilon=EPS, replays=1, clamp_rule="reference")
+  method.build(model, input_shape=(B, H, H, 1))
+  out = method.compute_gradients(model, fn, x, y, tf.ones([B]))
+  by_mode = {}
+  for training in (True, False):
+    with tf.GradientTape() as tape:
+      tape.watch(x)  # δ = 0: the pass is at x
+      loss = fn(y, model(x, training=training), None)
+    by_mode[training] = tape.gradient(loss, model.trainable_variables + [x])
+  *want, g = by_mode[True]
+  assert not np.allclose(by_mode[False][0].numpy(), want[0].numpy(), atol=1e-4)  # it matters
+  for got, expected in zip(out.gradients, want):
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(method.perturbation.numpy(), EPS * np.sign(g.numpy()))
+
+
 def test_free_buffer_is_distinct_per_replica(mirrored):
   method = FreeTraining(epsilon=EPS, replays=2)
   trainer = make_trainer(mirrored, method)
