@@ -352,6 +352,29 @@ EQUIVALENT = {
      "if across_replicas and context is not None and context.num_replicas_in_sync >= 1:"):
         "on one replica the all-reduce of the overflow flag is the identity: the same "
         "flag, one no-op collective more",
+    ("tfadv/attacks/char_substitution.py",
+     "sounds = {s for s in sounds if s.isalpha() or s.isascii()}  # a reading, not the char"):
+        "where pypinyin knows no reading it returns the character itself; kept as a "
+        "'reading', it is shared by no other token (a token here is one character), so it "
+        "adds no candidate; Style.NORMAL readings are ASCII letters, so no other string "
+        "passes one test and not both",
+    **{("tfadv/attacks/char_substitution.py", line): (
+        "the tolerance that rounds a share which is an integer in exact arithmetic to that "
+        "integer despite float32 error: 1e-6 and 2e-6 decide differently only for a share "
+        "between 1e-6 and 2e-6 from an integer, which 0.1·n (float32) gives for no n up to "
+        "512 characters") for line in (
+        "return tf.floor(share + 2e-06)",
+        "return tf.maximum(tf.math.ceil(share - 2e-06), tf.minimum(characters, 1.0))")},
+    ("tfadv/attacks/char_substitution.py",
+     "distance = (tf.reduce_sum(tf.square(table), +1)[None, None, :]"):
+        "axis +1 is axis −1 for the token-embedding table (vocabulary × hidden), its only rank",
+    ("tfadv/attacks/char_substitution.py",
+     "active = tf.logical_and(tf.equal(tf.argmax(logits, +1, output_type=tf.int32), labels),"):
+        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+    ("tfadv/attacks/char_substitution.py", "budget >= 0)"):
+        "an example whose budget is 0 changes nothing either way: each search's round runs "
+        "only below the example's budget (greedy's `running`, the beam's `ok`), so counted "
+        "active it is neither queried nor changed (the beam gives it an idle slot)",
 }
 
 

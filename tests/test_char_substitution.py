@@ -144,6 +144,32 @@ def test_greedy_attack_equals_brute_force_on_an_additive_model(budget):
       logits.numpy(), model({**inputs, "token_ids": extra["token_ids"].numpy()}).numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("nearest", [0, 1, 3, len(CJK)])
+def test_candidates_are_the_same_sound_row_then_the_nearest_cjk_rows(nearest):
+  """Every position's candidates, by hand: its same-pinyin row (−1 padded),
+  then its `nearest` closest CJK rows of the embedding table by Euclidean
+  distance, closest first, never itself, with −1 for one already among the
+  same-sound ones or for a slot no CJK row is left for (`nearest` = all CJK)."""
+  model = additive_model(3)
+  table = model.get_layer("token_embedding").embeddings.numpy()
+  ids = texts(3)["token_ids"][:4]
+  pinyin = random_pinyin(3)
+  attack = CharSubstitutionAttack(embedding_candidates=nearest)
+  attack.set_vocabulary(VOCAB, pinyin=pinyin)
+  got = attack.candidates(tf.constant(table), tf.constant(ids)).numpy()
+  assert got.shape == ids.shape + (3 + nearest,)
+  allowed = attackable(VOCAB)
+  for n, row in enumerate(ids):
+    for i, token in enumerate(row):
+      distance = ((table - table[token]) ** 2).sum(-1)
+      order = [c for c in np.argsort(distance, kind="stable") if allowed[c] and c != token]
+      want = [-1 if c in pinyin[token] else c for c in order[:nearest]]
+      want += [-1] * (nearest - len(want))
+      assert got[n, i].tolist() == pinyin[token].tolist() + want, (n, i)
+  if nearest:
+    assert (got[..., 3:] >= 0).mean() > 0.5  # the neighbours are there
+
+
 def test_substitutions_stay_on_cjk_characters_of_the_vocabulary():
   model = additive_model(1)
   inputs = texts(1)
@@ -269,6 +295,53 @@ def test_the_pinyin_table_is_cached_in_the_model_dir_per_vocabulary_and_width(tm
   assert len(built) == 3  # the file now holds the last one
   np.testing.assert_array_equal(cached(VOCAB, 4, None), first)
   assert len(built) == 4 and os.listdir(tmp_path) == ["char_substitution_pinyin.npz"]
+
+
+def test_the_vocabulary_gives_the_attack_pypinyins_table_of_its_width(tmp_path):
+  """`prepare`/`set_vocabulary` without a table of the test's: pypinyin's
+  same-sound table, `pinyin_candidates` wide, cached in the model dir; before
+  it, attacking says what to call."""
+  model = additive_model()
+  inputs = texts()
+  attack = CharSubstitutionAttack(pinyin_candidates=3, embedding_candidates=0)
+  with pytest.raises(ValueError, match=r"no vocabulary: .*prepare\(task, model_dir\).*"
+                                       r"set_vocabulary\(tokens\)"):
+    attack.adversarial_outputs(model, inputs, tf.zeros([N], tf.int32), None, per_example_ce)
+
+  class Task:  # the part of the task contract `prepare` reads
+    vocabulary = staticmethod(lambda: VOCAB)
+
+  attack.prepare(Task, str(tmp_path))
+  table = model.get_layer("token_embedding").embeddings
+  got = attack.candidates(table, tf.constant(inputs["token_ids"])).numpy()
+  np.testing.assert_array_equal(got, pinyin_table(VOCAB, 3)[inputs["token_ids"]])
+  assert os.listdir(tmp_path) == ["char_substitution_pinyin.npz"]
+
+
+def test_a_reader_sees_wordpieces_joined_and_special_tokens_dropped():
+  from tfadv.attacks.char_substitution import _detokenize  # pylint: disable=g-import-not-at-top
+  vocabulary = ["[PAD]", "[CLS]", "[SEP]", "中", "##国", "ab", "##cd", "1"]
+  assert _detokenize([1, 3, 4, 5, 6, 7, 2, 0], vocabulary) == "中国abcd1"
+
+
+def test_the_attack_queries_the_model_in_inference_mode():
+  """With a heavy dropout between the pooled embeddings and the head, the
+  attack (inference mode) finds what it finds on the same model without it;
+  `adversarial_logits` are the logits of the texts it returns."""
+  make = lambda dropout: pooled_model(lambda pooled: keras.layers.Dense(2)(
+      keras.layers.Dropout(0.9, seed=1)(pooled) if dropout else pooled))
+  inputs = texts()
+  plain, with_dropout = make(False), make(True)
+  labels = tf.constant(np.argmax(plain(inputs).numpy(), -1).astype(np.int32))
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin())
+  want, extra = attack.adversarial_outputs(plain, inputs, labels, None, per_example_ce)
+  assert extra["changed"].numpy().sum() > 0
+  got = attack.adversarial_logits(with_dropout, inputs, labels, None, per_example_ce)
+  np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      got.numpy(), plain({**inputs, "token_ids": extra["token_ids"].numpy()}).numpy(), rtol=1e-5,
+      atol=1e-6)
 
 
 def test_trainer_reports_textattack_metrics(mirrored):
