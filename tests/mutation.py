@@ -371,6 +371,37 @@ EQUIVALENT = {
     ("tfadv/attacks/char_substitution.py",
      "active = tf.logical_and(tf.equal(tf.argmax(logits, +1, output_type=tf.int32), labels),"):
         "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+    **{("tfadv/attacks/char_substitution.py", line):
+       "axis +1 is axis −1 for tensors of rank 2 (logits: batch × classes; the verified "
+       "texts' losses and flags: batch × top_k), the only rank here" for line in (
+           "best = tf.argmax(tried_loss, +1, output_type=tf.int32)",
+           "queries += tf.where(running, tf.reduce_sum(tf.cast(tried, tf.float32), +1), 0.0)",
+           "flipped = tf.not_equal(tf.argmax(logits, +1, output_type=tf.int32), labels)",
+           "greedy_broken = tf.not_equal(tf.argmax(greedy_logits, +1, output_type=tf.int32), "
+           "labels)")},
+    ("tfadv/attacks/char_substitution.py",
+     "gain = tf.einsum(\"blch,blh->blc\", tf.gather(table, tf.maximum(candidates, 1))"):
+        "the row gathered for a missing candidate (−1) only fills its slot: its gain is "
+        "replaced by −inf (`valid`) before anything reads it",
+    **{("tfadv/attacks/char_substitution.py", line): (
+        "a candidate is a CJK character of the vocabulary or −1; id 0 is [PAD] in a BERT "
+        "vocabulary (keras-hub's and Hugging Face's), never a candidate, so > 0, >= 1 and "
+        ">= 0 select the same slots") for line in (
+        "valid = (tf.logical_and(candidates > 0, position_ok[..., None])",
+        "valid = (tf.logical_and(candidates >= 1, position_ok[..., None])")},
+    ("tfadv/attacks/char_substitution.py",
+     "order = tf.argsort(tf.cast(~need, tf.int32), stable=False)"):
+        "either sort puts greedy's survivors first; which of them share a chunk changes no "
+        "example's result (each example's beam is its own: the chunk test runs chunks of "
+        "1, 3 and all)",
+    ("tfadv/attacks/char_substitution.py",
+     "use_beam = broken & ~(greedy_broken & (extra[\"changed\"] < found_changed))"):
+        "the beam attacks only greedy's survivors, so where greedy broke an example the "
+        "beam's `broken` is false and this comparison decides nothing",
+    ("tfadv/attacks/char_substitution.py",
+     "used = tf.reduce_max(tf.where(position_ok, tf.range(1, length + 1)[None, :], 1))"):
+        "performance only: with no attackable position in the chunk the beam also scores "
+        "position 0, whose candidates are all invalid there (−inf, not queried)",
     ("tfadv/attacks/char_substitution.py", "budget >= 0)"):
         "an example whose budget is 0 changes nothing either way: each search's round runs "
         "only below the example's budget (greedy's `running`, the beam's `ok`), so counted "

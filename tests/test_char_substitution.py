@@ -212,6 +212,63 @@ def test_budget_is_at_most_a_tenth_of_the_characters(rule):
   assert np.any(extra["queries"].numpy() > 1)
 
 
+@pytest.mark.parametrize("rule", ["floor", "ceil"])
+def test_the_beam_keeps_to_each_sentences_budget(rule):
+  """The beam search changes no more characters than the sentence's budget
+  (min(B, its share)): a sentence of 9 characters gets none under "floor"."""
+  model = pooled_model(lambda pooled: keras.layers.Dense(2)(
+      keras.layers.Dense(16, activation="tanh")(pooled)), 2)
+  inputs = texts(2)
+  labels = np.argmax(model(inputs).numpy(), -1)
+  attack = CharSubstitutionAttack(budget=2, budget_rule=rule, search="beam", max_fraction=0.1,
+                                  embedding_candidates=4)
+  attack.set_vocabulary(VOCAB, pinyin=random_pinyin(2, width=6))
+  logits, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                             per_example_ce)
+  characters = (inputs["padding_mask"] & (inputs["token_ids"] != 2)).sum(1)
+  share = (np.floor(0.1 * characters) if rule == "floor"
+           else np.maximum(np.ceil(0.1 * characters), 1))
+  allowed_changes = np.minimum(2, share)
+  changed = (extra["token_ids"].numpy() != inputs["token_ids"]).sum(1)
+  assert np.all(changed <= allowed_changes) and np.all(extra["changed"].numpy() == changed)
+  broken = np.argmax(logits.numpy(), -1) != labels
+  assert broken.any() and not broken[allowed_changes == 0].any()
+
+
+def test_an_example_with_fewer_candidates_than_top_k_verifies_only_those():
+  """One attackable character with 3 same-sound candidates, top_k 8: the
+  round verifies those 3 (4 queries with the clean one) and keeps the one of
+  highest loss if it raises the loss (by hand), nothing else."""
+  model = additive_model(4)
+  pinyin = random_pinyin(4)
+  ids = np.zeros((len(CJK), L), np.int32)
+  ids[:, :5] = [VOCAB.index("[CLS]"), 0, VOCAB.index("，"), VOCAB.index("a"), VOCAB.index("1")]
+  ids[:, 1] = np.arange(FIRST_CJK, V)  # every CJK character once
+  mask = np.zeros((len(CJK), L), bool)
+  mask[:, :5] = True
+  inputs = {"token_ids": ids, "padding_mask": mask}
+  labels = np.argmax(model(inputs).numpy(), -1)
+  attack = CharSubstitutionAttack(budget=2, max_fraction=1.0, embedding_candidates=0, top_k=8)
+  attack.set_vocabulary(VOCAB, pinyin=pinyin)
+  _, extra = attack.adversarial_outputs(model, inputs, tf.constant(labels), None,
+                                        per_example_ce)
+  np.testing.assert_array_equal(extra["queries"].numpy(), 1 + 3)
+  loss = lambda text: per_example_ce(labels, model({**inputs, "token_ids": text})).numpy()
+  clean = loss(ids)
+  tried = []
+  for slot in range(3):
+    text = ids.copy()
+    text[:, 1] = pinyin[ids[:, 1], slot]
+    tried.append((loss(text), text))
+  best = np.argmax(np.stack([t[0] for t in tried]), 0)
+  for n in range(len(ids)):
+    raised = tried[best[n]][0][n] > clean[n]
+    want = tried[best[n]][1][n] if raised else ids[n]
+    np.testing.assert_array_equal(extra["token_ids"].numpy()[n], want)
+    assert extra["changed"].numpy()[n] == int(raised)
+  assert extra["changed"].numpy().sum() > 0
+
+
 def test_a_substitution_that_lowers_the_loss_is_not_kept():
   """Every text holds the character that is worst for its (true) class, so any
   substitution lowers the loss: nothing changes, the candidates were queried."""
@@ -613,8 +670,8 @@ def test_the_beam_attacks_greedys_survivors_alone_in_chunks_that_change_nothing(
     return original(self, model, inputs, labels, loss_fn, ids, candidates, position_ok,
                     budget, active)
   monkeypatch.setattr(CharSubstitutionAttack, "_beam_examples", spy)
-  greedy_logits, _ = attack("greedy").adversarial_outputs(model, inputs, tf.constant(labels),
-                                                          None, per_example_ce)
+  greedy_logits, greedy_extra = attack("greedy").adversarial_outputs(
+      model, inputs, tf.constant(labels), None, per_example_ce)
   standing = ((np.argmax(model(inputs).numpy(), -1) == labels)
               & (np.argmax(greedy_logits.numpy(), -1) == labels))
   results = []
@@ -634,6 +691,11 @@ def test_the_beam_attacks_greedys_survivors_alone_in_chunks_that_change_nothing(
   beam_broken = results[0][0] != labels
   greedy_broken = np.argmax(greedy_logits.numpy(), -1) != labels
   assert np.all(beam_broken[greedy_broken]) and greedy_broken.sum() > 0
+  # Where the beam broke nothing greedy had not, the text and count are greedy's.
+  kept = ~(beam_broken & ~greedy_broken)
+  for key in ("token_ids", "changed"):
+    np.testing.assert_array_equal(results[0][1][key][kept], greedy_extra[key].numpy()[kept])
+  assert greedy_extra["changed"].numpy()[kept & ~greedy_broken].any()  # kept, not undone
   # Each survivor alone: the beam breaks it exactly when it did in the batch.
   for n in np.flatnonzero(standing):
     alone = {k: v[n:n + 1] for k, v in inputs.items()}
