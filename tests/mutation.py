@@ -378,7 +378,29 @@ EQUIVALENT = {
            "queries += tf.where(running, tf.reduce_sum(tf.cast(tried, tf.float32), +1), 0.0)",
            "flipped = tf.not_equal(tf.argmax(logits, +1, output_type=tf.int32), labels)",
            "greedy_broken = tf.not_equal(tf.argmax(greedy_logits, +1, output_type=tf.int32), "
-           "labels)")},
+           "labels)",
+           "flip = tf.reshape(tf.not_equal(tf.argmax(logits, +1, output_type=tf.int32),",
+           "queries += tf.reduce_sum(tf.cast(tf.math.is_finite(loss), tf.float32), +1)",
+           "flipping = tf.reduce_any(flip, +1) & ~broken",
+           "text, _ = text_of(tf.argmax(tf.where(flip, loss, -np.inf), +1, output_type=tf.int32))",
+           "clean = tf.argmax(model(inputs, training=False), +1).numpy()",
+           "after = tf.argmax(logits, +1).numpy()")},
+    **{("tfadv/attacks/char_substitution.py", line): (
+        "performance only: the beam's map over positions or kept texts runs its "
+        "iterations one at a time or two at a time, the same results") for line in (
+        "loss, flip = tf.map_fn(at_or_after_the_last, tf.range(length), parallel_iterations=2,",
+        "lambda j: text_of(top[:, j]), tf.range(keep), parallel_iterations=2,")},
+    ("tfadv/attacks/char_substitution.py",
+     "return tf.cond(i <= used, lambda: at_position(i), lambda: ("):
+        "performance only: position `used` is past the last attackable one, where every "
+        "candidate is invalid (−inf, not queried) whichever branch scores it",
+    **{("tfadv/attacks/char_substitution.py", line): (
+        "performance only: the beam is also refilled after its last round, and nothing reads "
+        "it then") for line in ("if round_ - 1 < self.budget:", "if round_ + 1 <= self.budget:")},
+    ("tfadv/attacks/char_substitution.py",
+     "def examples(self, model, task, arrays, count: int, batch_size: int = 33):"):
+        "the reader's batch size: each example's attack is its own (greedy per example, the "
+        "beam per chunk, which changes nothing), so the rows are the same for any batching",
     ("tfadv/attacks/char_substitution.py",
      "gain = tf.einsum(\"blch,blh->blc\", tf.gather(table, tf.maximum(candidates, 1))"):
         "the row gathered for a missing candidate (−1) only fills its slot: its gain is "
@@ -388,7 +410,9 @@ EQUIVALENT = {
         "vocabulary (keras-hub's and Hugging Face's), never a candidate, so > 0, >= 1 and "
         ">= 0 select the same slots") for line in (
         "valid = (tf.logical_and(candidates > 0, position_ok[..., None])",
-        "valid = (tf.logical_and(candidates >= 1, position_ok[..., None])")},
+        "valid = (tf.logical_and(candidates >= 1, position_ok[..., None])",
+        "valid = (ok[:, :, None] & (options > 0)[:, None, :]",
+        "valid = (ok[:, :, None] & (options >= 1)[:, None, :]")},
     ("tfadv/attacks/char_substitution.py",
      "order = tf.argsort(tf.cast(~need, tf.int32), stable=False)"):
         "either sort puts greedy's survivors first; which of them share a chunk changes no "

@@ -400,6 +400,19 @@ def test_the_attack_queries_the_model_in_inference_mode():
       got.numpy(), plain({**inputs, "token_ids": extra["token_ids"].numpy()}).numpy(), rtol=1e-5,
       atol=1e-6)
 
+  class Task:  # the parts of the task contract `examples` reads
+    label_names = ["neg", "pos"]
+    vocabulary = staticmethod(lambda: VOCAB)
+    split_batch = staticmethod(lambda b: ({k: b[k] for k in ("token_ids", "padding_mask")},
+                                          b["label"]))
+    per_example_loss = staticmethod(per_example_ce)
+
+  rows = attack.examples(with_dropout, Task, {**inputs, "label": labels.numpy()}, count=N)
+  assert [row["prediction"] for row in rows] == [
+      Task.label_names[p] for p in np.argmax(plain(inputs).numpy(), -1)]
+  assert [row["prediction_after"] for row in rows] == [
+      Task.label_names[p] for p in np.argmax(want.numpy(), -1)]
+
 
 def test_trainer_reports_textattack_metrics(mirrored):
   inputs = texts(3)
@@ -606,8 +619,10 @@ def test_beam_search_breaks_what_brute_force_breaks_where_greedy_provably_cannot
   for row in beam_ids:
     assert sorted(row[1:5][row[1:5] != VOCAB.index("中")].tolist()) == sorted([a, b])
   # Every single substitution verified (4 positions × 3), then each of the
-  # 10 kept texts' further ones, plus greedy's queries.
-  assert np.all(results["beam"][1]["queries"].numpy() > results["greedy"][1]["queries"].numpy())
+  # 10 kept texts' further ones (3 positions × 3), plus greedy's queries (the
+  # clean text, 12 single substitutions, then 9 on top of c).
+  np.testing.assert_array_equal(results["greedy"][1]["queries"].numpy(), 1 + 12 + 9)
+  np.testing.assert_array_equal(results["beam"][1]["queries"].numpy(), 1 + 12 + 9 + 12 + 10 * 9)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
