@@ -882,6 +882,32 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
   assert m._why("tfadv/data/sources.py", sizing) is None  # pylint: disable=protected-access
 
 
+def test_the_committed_mutation_report_covers_the_package_and_is_its_records(tmp_path):
+  """docs/mutation.md is the report of docs/mutation_runs.json as committed,
+  and the records hold every file under tfadv/methods/ and tfadv/attacks/, the
+  record store, its readers and pipeline, the selection, the trainer, the
+  perturbation helpers and the loss scaling: each with no survivor left
+  unexplained and a kill rate of at least 90%."""
+  m = _mutation_tool()
+  records = m.load_records(os.path.join(REPO, "docs", "mutation_runs.json"))
+  out = str(tmp_path / "mutation.md")
+  m.report(records, out)
+  with open(os.path.join(REPO, "docs", "mutation.md")) as f:
+    assert open(out).read() == f.read()
+  wanted = {f"tfadv/{package}/{name}" for package in ("methods", "attacks")
+            for name in os.listdir(os.path.join(REPO, "tfadv", package))
+            if name.endswith(".py") and name != "__init__.py"}
+  wanted |= {"tfadv/data/records.py", "tfadv/data/sources.py", "tfadv/data/pipeline.py",
+             "tfadv/tools/runs.py", "tfadv/trainer.py", "tfadv/perturbation.py",
+             "tfadv/loss_scaling.py"}
+  assert wanted <= set(records), sorted(wanted - set(records))
+  for source in wanted:
+    r = records[source]
+    assert r["killed"] + r["timeout"] + r["suspicious"] >= 0.9 * r["total"], source
+    assert all(m._is_equivalent(source, diff)  # pylint: disable=protected-access
+               for _, status, diff in r["survivors"] if status == "bad_survived"), source
+
+
 def test_a_mutant_runs_first_the_tests_of_its_line_fastest_first_and_only_in_scope(tmp_path):
   """The mutmut hook tests/mutation.py writes: a mutated line's tests from the
   line map (quoted, fastest first); a line the map does not know runs the
