@@ -463,14 +463,34 @@ EQUIVALENT_LINES = {
 }
 
 
+# What a run keeps in its scratch copy besides the repository's files.
+_RUN_STATE = (".mutmut-cache", ".mutation-lines.json", ".mutation-lines.json.raw",
+              ".mutation-equivalent.json", ".mutation-timeouts", ".mutation-last.log",
+              "mutmut_config.py")
+
+
 def scratch_copy(path: str) -> None:
-  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout.split()
+  """`path` as the repository's files (docs, benchmarks and launchers left out)
+  and the run's state, nothing else: whatever a mutant wrote there (a mutated
+  path can write a store into the working directory) would fail the next
+  run's unmutated baseline."""
+  files = [name for name in subprocess.run(
+      ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+      text=True, check=True).stdout.split()
+           if not name.startswith(("docs/", "benchmarks/", "launch/"))]
   for name in files:
-    if name.startswith(("docs/", "benchmarks/", "launch/")):
-      continue
     os.makedirs(os.path.join(path, os.path.dirname(name)), exist_ok=True)
     shutil.copy2(os.path.join(REPO, name), os.path.join(path, name))
+  wanted = set(files) | set(_RUN_STATE)
+  for root, dirs, names in os.walk(path, topdown=False):
+    for name in names:
+      full = os.path.join(root, name)
+      if os.path.relpath(full, path) not in wanted:
+        os.remove(full)
+    for name in dirs:
+      full = os.path.join(root, name)
+      if not os.path.islink(full) and not os.listdir(full):
+        os.rmdir(full)
 
 
 # A file of which only some functions are in question: its kill rate counts
@@ -619,6 +639,11 @@ def _cache_rows(work: str) -> list:
       "JOIN Line ON Mutant.line = Line.id").fetchall()
 
 
+def _not_run(work: str) -> list:
+  """The ids of the mutants mutmut's cache in `work` has not run."""
+  return sorted(mutant for mutant, status, _, _ in _cache_rows(work) if status == "untested")
+
+
 def _show(mutant: int, work: str, python: str, env: dict) -> str:
   """The mutant's diff, as `mutmut show` prints it."""
   return subprocess.run([python, "-m", "mutmut", "show", str(mutant)], cwd=work, env=env,
@@ -662,14 +687,20 @@ def _mutmut(key: str, source: str, tests: list, work: str, python: str, env: dic
   server = subprocess.Popen([python, "tests/mutation_server.py", "serve", sock,
                              os.path.join(work, ".mutation-last.log")],
                             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+  options = [f"--paths-to-mutate={source}", f"--runner={runner}", "--tests-dir=tests",
+             "--rerun-all", f"--disable-mutation-types={DISABLED}",
+             # generous: a loaded machine must not turn a survivor into a
+             # "timed out" (counted as killed)
+             "--test-time-multiplier=3", "--test-time-base=30"]
   try:
-    subprocess.run([python, "-m", "mutmut", "run", f"--paths-to-mutate={source}",
-                    f"--runner={runner}", "--tests-dir=tests", "--rerun-all",
-                    f"--disable-mutation-types={DISABLED}",
-                    # generous: a loaded machine must not turn a survivor into a
-                    # "timed out" (counted as killed)
-                    "--test-time-multiplier=3", "--test-time-base=30"],
+    subprocess.run([python, "-m", "mutmut", "run"] + options,
                    cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    # mutmut 2 looks a mutant's cached status up by its line's text: a mutant
+    # of the second of two identical lines takes the first one's status and
+    # is never run. Run alone (by id), it is looked up by its own row.
+    for mutant in _not_run(work):
+      subprocess.run([python, "-m", "mutmut", "run", str(mutant)] + options,
+                     cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
   finally:
     server.terminate()
     server.wait()

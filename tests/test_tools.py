@@ -882,6 +882,46 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
   assert m._why("tfadv/data/sources.py", sizing) is None  # pylint: disable=protected-access
 
 
+def test_a_mutation_scratch_copy_is_the_repository_and_the_runs_state_only(tmp_path):
+  """What a mutant wrote into the scratch copy (a store named after a mutated
+  URL, a stray file among the tests) is gone at the next run; the repository's
+  files are fresh copies and mutmut's cache and the line map stay."""
+  m = _mutation_tool()
+  work = tmp_path / "work"
+  (work / "ram:" / "tfadv-test").mkdir(parents=True)
+  (work / "ram:" / "tfadv-test" / "metadata.json").write_text("{}")
+  (work / "tests").mkdir()
+  (work / "tests" / "stray.txt").write_text("x")
+  (work / "tfadv").mkdir()
+  (work / "tfadv" / "trainer.py").write_text("# a mutant left behind\n")
+  (work / ".mutmut-cache").write_text("cache")
+  (work / ".mutation-lines.json").write_text("{}")
+  m.scratch_copy(str(work))
+  assert not (work / "ram:").exists() and not (work / "tests" / "stray.txt").exists()
+  assert (work / ".mutmut-cache").read_text() == "cache"
+  assert (work / ".mutation-lines.json").read_text() == "{}"
+  with open(os.path.join(REPO, "tfadv", "trainer.py")) as f:
+    assert (work / "tfadv" / "trainer.py").read_text() == f.read()
+  assert (work / "tests" / "mutation.py").exists() and not (work / "docs").exists()
+
+
+def test_the_mutants_mutmut_has_not_run_are_found_in_its_cache(tmp_path):
+  """mutmut 2 skips a mutant of the second of two identical lines (it reads
+  the first one's status); the runner finds those left "untested" in the cache
+  to run them one by one."""
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  m = _mutation_tool()
+  db = sqlite3.connect(str(tmp_path / ".mutmut-cache"))
+  db.execute("CREATE TABLE Line (id INTEGER, line_number INTEGER)")
+  db.execute('CREATE TABLE Mutant (id INTEGER, status TEXT, line INTEGER, "index" INTEGER)')
+  db.executemany("INSERT INTO Line VALUES (?, ?)", [(1, 10), (2, 20)])
+  db.executemany("INSERT INTO Mutant VALUES (?, ?, ?, ?)", [
+      (5, "ok_killed", 1, 0), (6, "untested", 2, 0), (4, "untested", 2, 1),
+      (7, "bad_survived", 1, 1)])
+  db.commit()
+  assert m._not_run(str(tmp_path)) == [4, 6]  # pylint: disable=protected-access
+
+
 def test_the_committed_mutation_report_covers_the_package_and_is_its_records(tmp_path):
   """docs/mutation.md is the report of docs/mutation_runs.json as committed,
   and the records hold every file under tfadv/methods/ and tfadv/attacks/, the
