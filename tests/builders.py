@@ -16,9 +16,11 @@ import tensorflow as tf
 
 from tfadv import experiment as experiment_lib
 from tfadv.data.base import TextDataset
+from tfadv.data.vocab import SPECIAL_TOKENS
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.experiment import build_trainer
 from tfadv.main import parse_config
+from tfadv.models.state import random_state_variables
 from tfadv.models.vision import small_cnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +147,118 @@ def loss_fn(global_batch=B):
 
 def dense(g):
   return tf.convert_to_tensor(g).numpy()
+
+
+def tiny_masked_model(seed=0):
+  """(model, its embedding, its head): embedding (hidden 3) -> flatten -> tanh
+  -> logits; padding positions still count."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  embedding = keras.layers.Embedding(V, 3, name="token_embedding")
+  head = keras.Sequential([keras.layers.Flatten(),
+                           keras.layers.Dense(5, activation="tanh"),
+                           keras.layers.Dense(C)], name="head")
+  model = keras.Model({"token_ids": ids, "padding_mask": mask}, head(embedding(ids)))
+  return model, embedding, head
+
+
+def text_inputs(arrays):
+  """A batch's model inputs: its token ids and padding mask."""
+  return {"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]}
+
+
+def tiny_masked_batch():
+  """(model, embedding, head, inputs, labels, float mask) of tiny_masked_model
+  and the tests' batch."""
+  model, embedding, head = tiny_masked_model()
+  arrays = batch_arrays()
+  return (model, embedding, head, text_inputs(arrays), arrays["label"],
+          arrays["padding_mask"].astype(np.float32))
+
+
+def dropout_model(seed=0):
+  """tiny_masked_model with dropout 0.5 after the embeddings and the hidden layer."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((L,), dtype="int32", name="token_ids")
+  mask = keras.Input((L,), dtype="bool", name="padding_mask")
+  x = keras.layers.Embedding(V, 3, name="token_embedding")(ids)
+  x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
+  x = keras.layers.Dropout(0.5)(keras.layers.Dense(5, activation="tanh")(x))
+  return keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(C)(x))
+
+
+def dropout_state(model):
+  """The model's dropout seed states (numpy): where its next training pass draws."""
+  return [state.numpy() for state in random_state_variables(model)]
+
+
+def rewound(model, step):
+  """(step(), the dropout state it left), with the model's dropout seed states
+  then put back as they were before it: a reference pass made by hand next
+  draws the masks step's first training pass drew."""
+  states = random_state_variables(model)
+  start = dropout_state(model)
+  out = step()
+  after = dropout_state(model)
+  for state, value in zip(states, start):
+    state.assign(value)
+  return out, after
+
+
+# --- characters: a toy Chinese vocabulary for the character attack ---------
+
+CHAR_CJK = list("中钟忠国果过行星航天田甜地第的得")
+CHAR_VOCAB = list(SPECIAL_TOKENS) + ["a", "b", "1", "2", "，", "。"] + CHAR_CJK
+CHAR_V, CHAR_H, CHAR_L, CHAR_N = len(CHAR_VOCAB), 4, 12, 24  # vocabulary, hidden, length, batch
+FIRST_CJK = CHAR_VOCAB.index(CHAR_CJK[0])
+
+
+def pooled_model(head, seed=0):
+  """logits = head(Σ_i mask_i E[x_i]), E the model's `token_embedding` table;
+  `head` maps the pooled tensor to logits (its layers built after E's)."""
+  keras.utils.set_random_seed(seed)
+  ids = keras.Input((CHAR_L,), dtype="int32", name="token_ids")
+  mask = keras.Input((CHAR_L,), dtype="bool", name="padding_mask")
+  embedded = keras.layers.Embedding(CHAR_V, CHAR_H, name="token_embedding")(ids)
+  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
+      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
+  return keras.Model({"token_ids": ids, "padding_mask": mask}, head(pooled))
+
+
+def additive_model(seed=0):
+  """logits = W·Σ_i mask_i E[x_i] + b: the effect of each position adds up, so
+  the first-order gain is exact and greedy equals brute force (2 classes)."""
+  return pooled_model(lambda pooled: keras.layers.Dense(2)(pooled), seed)
+
+
+def char_texts(seed=0):
+  """CHAR_N texts of CHAR_L ids: [CLS], random CJK characters, a comma and a
+  Latin letter at fixed positions, every third text padded after 9 tokens."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(FIRST_CJK, CHAR_V, size=(CHAR_N, CHAR_L)).astype(np.int32)
+  ids[:, 0] = CHAR_VOCAB.index("[CLS]")
+  ids[:, 5] = CHAR_VOCAB.index("，")  # punctuation and a Latin letter stay as they are
+  ids[:, 6] = CHAR_VOCAB.index("a")
+  mask = np.ones((CHAR_N, CHAR_L), bool)
+  mask[::3, 9:] = False  # padding
+  ids[~mask] = 0
+  return {"token_ids": ids, "padding_mask": mask}
+
+
+def random_pinyin(seed=0, width=3):
+  """A small same-sound table over the CJK ids (the test's, not pypinyin's)."""
+  rng = np.random.RandomState(seed)
+  table = np.full((CHAR_V, width), -1, np.int32)
+  for index in range(FIRST_CJK, CHAR_V):
+    others = [j for j in range(FIRST_CJK, CHAR_V) if j != index]
+    table[index] = rng.choice(others, width, replace=False)
+  return table
+
+
+def per_example_ce(labels, logits):
+  """Each example's cross-entropy of its logits."""
+  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 # --- images: a tiny CNN on 12x12 uint8 images ------------------------------------

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import builders
-from test_char_substitution import (VOCAB, additive_model, per_example_ce, random_pinyin,
-                                    texts)
+from builders import CHAR_VOCAB as VOCAB, additive_model, char_texts as texts, per_example_ce
+from builders import random_pinyin
 from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.methods import CharSubstitutionTraining, EmbeddingFGM
 

@@ -8,60 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from builders import CHAR_CJK as CJK, CHAR_H as H, CHAR_L as L, CHAR_N as N
+from builders import CHAR_V as V, CHAR_VOCAB as VOCAB, FIRST_CJK
+from builders import additive_model, char_texts as texts, per_example_ce, pooled_model, random_pinyin
 from tfadv.attacks.char_substitution import CharSubstitutionAttack, attackable, pinyin_table
 from tfadv.data.vocab import SPECIAL_TOKENS
 from tfadv.experiment import build_trainer
 from tfadv.data.pipeline import distributed_dataset
-
-CJK = list("中钟忠国果过行星航天田甜地第的得")
-VOCAB = list(SPECIAL_TOKENS) + ["a", "b", "1", "2", "，", "。"] + CJK
-V, H, L, N = len(VOCAB), 4, 12, 24
-FIRST_CJK = VOCAB.index(CJK[0])
-
-
-def pooled_model(head, seed=0):
-  """logits = head(Σ_i mask_i E[x_i]), E the model's `token_embedding` table;
-  `head` maps the pooled tensor to logits (its layers built after E's)."""
-  keras.utils.set_random_seed(seed)
-  ids = keras.Input((L,), dtype="int32", name="token_ids")
-  mask = keras.Input((L,), dtype="bool", name="padding_mask")
-  embedded = keras.layers.Embedding(V, H, name="token_embedding")(ids)
-  pooled = keras.layers.Lambda(lambda t: tf.reduce_sum(
-      t[0] * tf.cast(t[1], t[0].dtype)[..., None], 1))([embedded, mask])
-  return keras.Model({"token_ids": ids, "padding_mask": mask}, head(pooled))
-
-
-def additive_model(seed=0):
-  """logits = W·Σ_i mask_i E[x_i] + b: the effect of each position adds up, so
-  the first-order gain is exact and greedy equals brute force (2 classes)."""
-  return pooled_model(lambda pooled: keras.layers.Dense(2)(pooled), seed)
-
-
-def texts(seed=0):
-  rng = np.random.RandomState(seed)
-  ids = rng.randint(FIRST_CJK, V, size=(N, L)).astype(np.int32)
-  ids[:, 0] = VOCAB.index("[CLS]")
-  ids[:, 5] = VOCAB.index("，")  # punctuation and a Latin letter stay as they are
-  ids[:, 6] = VOCAB.index("a")
-  mask = np.ones((N, L), bool)
-  mask[::3, 9:] = False  # padding
-  ids[~mask] = 0
-  return {"token_ids": ids, "padding_mask": mask}
-
-
-def random_pinyin(seed=0, width=3):
-  """A small same-sound table over the CJK ids (the test's, not pypinyin's)."""
-  rng = np.random.RandomState(seed)
-  table = np.full((V, width), -1, np.int32)
-  for index in range(FIRST_CJK, V):
-    others = [j for j in range(FIRST_CJK, V) if j != index]
-    table[index] = rng.choice(others, width, replace=False)
-  return table
-
-
-def per_example_ce(labels, logits):
-  return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-
 
 def brute_force(model, inputs, labels, candidates, budget):
   """Fewest changes (≤ budget) that flip each clean-correct example, by trying

@@ -248,10 +248,9 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
   (checkpointed with the model, so a resumed run draws what the straight run
   draws), none before; it is seeded by the method's own `seed` where bound,
   else by the run's."""
-  from test_embedding_output import tiny_masked_model  # pylint: disable=g-import-not-at-top
   from tfadv.methods import EmbeddingOutputPGD, PGDTraining  # pylint: disable=g-import-not-at-top
   for make, model in ((PGDTraining, builders.tiny_cnn()),
-                      (EmbeddingOutputPGD, tiny_masked_model()[0])):
+                      (EmbeddingOutputPGD, builders.tiny_masked_model()[0])):
     for own, run, drawn in ((None, 3, 3), (7, 3, 7)):
       method = make(seed=own)
       assert method.variables == []
@@ -265,7 +264,7 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
   from tfadv.methods import EmbeddingOutputFGM  # pylint: disable=g-import-not-at-top
   for direction, count in (("adversarial", 0), ("random", 1)):
     method = EmbeddingOutputFGM(direction=direction)
-    method.build(tiny_masked_model()[0])
+    method.build(builders.tiny_masked_model()[0])
     kinds = [type(v).__name__ if isinstance(v, tf.random.Generator) else v.dtype.name
              for v in method.variables]
     assert sorted(kinds) == sorted(["Generator"] + ["int64"] * count), direction
@@ -273,7 +272,7 @@ def test_a_methods_random_draws_are_checkpointed_state_seeded_by_its_own_seed_or
   from tfadv.methods import FreeLB  # pylint: disable=g-import-not-at-top
   method = FreeLB(carry_over=True)
   assert method.variables == []
-  method.build(tiny_masked_model()[0], input_shape=(builders.B, builders.L))
+  method.build(builders.tiny_masked_model()[0], input_shape=(builders.B, builders.L))
   assert sorted(type(v).__name__ if isinstance(v, tf.random.Generator) else v.dtype.name
                 for v in method.variables) == ["Generator", "float32"]
 
@@ -283,7 +282,6 @@ def test_free_buffers_and_token_memory_are_checkpointed_untrained_state_none_bef
   length × hidden) and the text form's token memory (vocabulary × hidden, only
   with carry='token') are the method's `variables`, so checkpoints keep them;
   none exists before `build`, and none is trainable."""
-  from test_embedding_output import tiny_masked_model  # pylint: disable=g-import-not-at-top
   from tfadv.methods import EmbeddingOutputFree, FreeTraining  # pylint: disable=g-import-not-at-top
   free = FreeTraining()
   assert free.variables == []
@@ -294,7 +292,7 @@ def test_free_buffers_and_token_memory_are_checkpointed_untrained_state_none_bef
   for carry in ("reset", "slot", "token"):
     method = EmbeddingOutputFree(carry=carry)
     assert method.variables == [], carry
-    method.build(tiny_masked_model()[0], input_shape=(builders.B, builders.L))
+    method.build(builders.tiny_masked_model()[0], input_shape=(builders.B, builders.L))
     state = [v for v in method.variables if not isinstance(v, tf.random.Generator)]
     assert len(method.variables) == len(state) + 1, carry  # and the start's generator
     want = [((builders.B, builders.L, 3), "float32", False)]  # the buffer; hidden 3
@@ -304,19 +302,14 @@ def test_free_buffers_and_token_memory_are_checkpointed_untrained_state_none_bef
 
 
 def test_a_plain_step_is_one_training_pass_and_reports_no_metrics():
-  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
   from tfadv.methods import Plain  # pylint: disable=g-import-not-at-top
-  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
-  model = _dropout_model()
+  model = builders.dropout_model()
   arrays = builders.batch_arrays()
-  inputs, labels, weights = _inputs(arrays), arrays["label"], tf.ones([builders.B])
+  inputs, labels, weights = builders.text_inputs(arrays), arrays["label"], tf.ones([builders.B])
   fn = builders.loss_fn()
-  seeds = random_state_variables(model)
-  start = [s.numpy() for s in seeds]
-  out = Plain().compute_gradients(model, fn, inputs, labels, weights)
+  out, _ = builders.rewound(
+      model, lambda: Plain().compute_gradients(model, fn, inputs, labels, weights))
   assert out.metrics == {}
-  for state, value in zip(seeds, start):
-    state.assign(value)
   with tf.GradientTape() as tape:
     loss = fn(labels, model(inputs, training=True), weights)  # dropout on
   np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)

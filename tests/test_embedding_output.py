@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import builders
-from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
+from builders import B, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
+from builders import dropout_model, text_inputs, tiny_masked_batch, tiny_masked_model
 from tfadv.data.pipeline import distributed_dataset
 from tfadv.methods import random_direction
 from tfadv.methods import (EmbeddingOutputFGM, EmbeddingOutputFree, EmbeddingOutputPGD, FreeLB, Plain,
@@ -15,32 +16,6 @@ from tfadv.perturbation import per_example_norm
 from tfadv.models.hooks import EmbeddingOutputHook
 
 H = 16  # tiny_bert's hidden size
-
-
-def tiny_masked_model(seed=0):
-  """Embedding -> flatten -> tanh -> logits; padding positions still count."""
-  keras.utils.set_random_seed(seed)
-  ids = keras.Input((L,), dtype="int32", name="token_ids")
-  mask = keras.Input((L,), dtype="bool", name="padding_mask")
-  embedding = keras.layers.Embedding(V, 3, name="token_embedding")
-  head = keras.Sequential([keras.layers.Flatten(),
-                           keras.layers.Dense(5, activation="tanh"),
-                           keras.layers.Dense(C)], name="head")
-  model = keras.Model({"token_ids": ids, "padding_mask": mask}, head(embedding(ids)))
-  return model, embedding, head
-
-
-def _inputs(arrays):
-  return {"token_ids": arrays["token_ids"], "padding_mask": arrays["padding_mask"]}
-
-
-def tiny_masked_batch():
-  """(model, embedding, head, inputs, labels, float mask) of tiny_masked_model
-  and the tests' batch."""
-  model, embedding, head = tiny_masked_model()
-  arrays = batch_arrays()
-  return (model, embedding, head, _inputs(arrays), arrays["label"],
-          arrays["padding_mask"].astype(np.float32))
 
 
 def _hand_pass(model, embedding, head, inputs, labels, delta, fn):
@@ -113,7 +88,7 @@ def test_output_pgd_equals_hand_computed_ascent_then_update(form):
 def test_output_fgm_random_control_has_each_examples_adversarial_norm():
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   fn = loss_fn()
   method = EmbeddingOutputFGM(epsilon=0.4, direction="random", seed=7)
@@ -148,7 +123,7 @@ def _hand_uniform_start(seed, shape, mask, epsilon):
 def test_freelb_equals_hand_computed_averaged_ascent(start):
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   fn = loss_fn()
   if start == "zero":
@@ -202,7 +177,7 @@ def test_free_on_text_equals_hand_computed_replays_with_each_carry(carry):
       (V, 3), [5, 1], -1.0, 1.0, alg="philox").numpy()
   delta = np.zeros((B, L, 3), np.float32)
   for arrays, replay in ((first, 0), (first, 1), (second, 0)):
-    inputs, labels = _inputs(arrays), arrays["label"]
+    inputs, labels = text_inputs(arrays), arrays["label"]
     ids, real = arrays["token_ids"], arrays["padding_mask"]
     mask = real.astype(np.float32)
     out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]),
@@ -295,7 +270,7 @@ def test_freelb_projection_puts_large_steps_on_the_sphere():
   arrays = batch_arrays()
   method = FreeLB(epsilon=0.25, step_size=5.0, ascent_steps=2)
   method.build(model, input_shape=(B, L))
-  method.compute_gradients(model, loss_fn(), _inputs(arrays), arrays["label"], tf.ones([B]))
+  method.compute_gradients(model, loss_fn(), text_inputs(arrays), arrays["label"], tf.ones([B]))
   norms = per_example_norm(method.perturbation).numpy().ravel()
   np.testing.assert_allclose(norms, 0.25, rtol=1e-5)  # ε binds
   assert np.all(method.perturbation.numpy()[~arrays["padding_mask"]] == 0)
@@ -304,7 +279,7 @@ def test_freelb_projection_puts_large_steps_on_the_sphere():
 def test_freelb_carry_over_starts_from_the_previous_batchs_delta():
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   fn = loss_fn()
   carried = FreeLB(epsilon=0.3, step_size=0.2, ascent_steps=2, carry_over=True)
   carried.build(model, input_shape=(B, L))
@@ -331,7 +306,7 @@ def test_freelb_carry_over_starts_from_the_previous_batchs_delta():
 def test_freelb_with_one_replay_and_zero_start_is_plain_training():
   model, _, _ = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   fn = loss_fn()
   method = FreeLB(epsilon=0.3, ascent_steps=1, init_magnitude=0.0)
   method.build(model, input_shape=(B, L))
@@ -342,42 +317,27 @@ def test_freelb_with_one_replay_and_zero_start_is_plain_training():
     np.testing.assert_allclose(dense(got), dense(want), rtol=1e-6, atol=1e-8)
 
 
-def _dropout_model(seed=0):
-  """tiny_masked_model with dropout 0.5 after the embeddings and the hidden layer."""
-  keras.utils.set_random_seed(seed)
-  ids = keras.Input((L,), dtype="int32", name="token_ids")
-  mask = keras.Input((L,), dtype="bool", name="padding_mask")
-  x = keras.layers.Embedding(V, 3, name="token_embedding")(ids)
-  x = keras.layers.Dropout(0.5)(keras.layers.Flatten()(x))
-  x = keras.layers.Dropout(0.5)(keras.layers.Dense(5, activation="tanh")(x))
-  return keras.Model({"token_ids": ids, "padding_mask": mask}, keras.layers.Dense(C)(x))
-
-
 @pytest.mark.parametrize("sync", [True, False])
 def test_freelb_sync_dropout_gives_every_pass_the_first_pass_masks(sync):
   # δ never moves (δ₀ = 0, α = 0), so with the first pass's masks on all K
   # passes the K averaged gradients are one pass's: a plain pass drawn from
   # the same dropout seed state is the reference. Fresh masks per pass
   # (sync_dropout=False) average three different passes.
-  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
-  model = _dropout_model()
+  model = dropout_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   fn = loss_fn()
   method = FreeLB(epsilon=0.3, step_size=0.0, ascent_steps=3, init_magnitude=0.0,
                   sync_dropout=sync)
   method.build(model, input_shape=(B, L))
-  seeds = random_state_variables(model)
-  assert seeds  # the dropout layers' seed states
-  start = [s.numpy() for s in seeds]
-  out = method.compute_gradients(model, fn, inputs, labels, tf.ones([B]))
-  after_freelb = [s.numpy() for s in seeds]
-  for state, value in zip(seeds, start):
-    state.assign(value)
+  start = builders.dropout_state(model)
+  assert start  # the dropout layers' seed states
+  out, after_freelb = builders.rewound(
+      model, lambda: method.compute_gradients(model, fn, inputs, labels, tf.ones([B])))
   with tf.GradientTape() as tape:
     loss = fn(labels, model(inputs, training=True), tf.ones([B]))
   want = tape.gradient(loss, model.trainable_variables)
-  after_one_pass = [s.numpy() for s in seeds]
+  after_one_pass = builders.dropout_state(model)
   same = all(np.allclose(dense(g), dense(w), rtol=1e-5, atol=1e-7)
              for g, w in zip(out.gradients, want))
   assert same == sync
@@ -467,7 +427,7 @@ def test_embedding_attack_equals_hand_computed_pgd_in_inference_mode(random_star
   from tfadv.attacks import EmbeddingOutputAttack  # pylint: disable=g-import-not-at-top
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   eps, alpha, steps = 0.3, 0.2, 3
   attack = EmbeddingOutputAttack(epsilon=eps, step_size=alpha, num_steps=steps,
@@ -667,7 +627,7 @@ def test_embedding_attack_runs_in_inference_mode_and_follows_the_model_it_is_giv
   # same function.
   with_dropout = keras.Model(model.input, head(keras.layers.Dropout(0.9, seed=3)(embedding(ids))))
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   per_example = lambda y, z: keras.losses.sparse_categorical_crossentropy(y, z, from_logits=True)
   attack = EmbeddingOutputAttack(epsilon=0.3, num_steps=2, random_start=False)
   plain_logits = attack.adversarial_logits(model, inputs, labels, None, per_example).numpy()

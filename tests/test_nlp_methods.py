@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
+from builders import dropout_model, rewound, text_inputs
 from tfadv.data.pipeline import WEIGHTS, distributed_dataset
 from tfadv.methods import EmbeddingFGM, EmbeddingGradientPenalty, Plain, random_direction
 from tfadv.methods import embedding_matrix
@@ -102,20 +103,14 @@ def test_fgm_passes_are_training_passes_that_draw_fresh_dropout_masks():
   # a training pass with Δ = ε·g/‖g‖ added to the table. FGM's loss, its
   # adversarial loss and the seed state it leaves must be theirs: its
   # adversarial pass draws new masks and hands the seed on to the next step.
-  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
-  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
-  model = _dropout_model()
+  model = dropout_model()
   arrays = batch_arrays()
-  inputs, labels, weights, fn = _inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
+  inputs, labels, weights, fn = text_inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
   method = EmbeddingFGM(epsilon=0.3)
   method.build(model)
   assert method.variables == []  # no random control: nothing of its own to checkpoint
-  seeds = random_state_variables(model)
-  start = [s.numpy() for s in seeds]
-  out = method.compute_gradients(model, fn, inputs, labels, weights)
-  after_fgm = [s.numpy() for s in seeds]
-  for state, value in zip(seeds, start):
-    state.assign(value)
+  out, after_fgm = rewound(
+      model, lambda: method.compute_gradients(model, fn, inputs, labels, weights))
   table = model.get_layer("token_embedding").embeddings
   with tf.GradientTape() as tape:
     loss = fn(labels, model(inputs, training=True), weights)
@@ -126,7 +121,7 @@ def test_fgm_passes_are_training_passes_that_draw_fresh_dropout_masks():
   table.assign(original)
   np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)
   np.testing.assert_allclose(float(out.metrics["adv_loss"]), float(adv_loss), rtol=1e-6)
-  for got, want in zip(after_fgm, [s.numpy() for s in seeds]):
+  for got, want in zip(after_fgm, builders.dropout_state(model)):
     np.testing.assert_array_equal(got, want)
   # The masks matter here: inference gives another loss.
   assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3
@@ -135,18 +130,12 @@ def test_fgm_passes_are_training_passes_that_draw_fresh_dropout_masks():
 def test_gradient_penalty_pass_is_a_training_pass():
   # Its one forward pass draws dropout masks as a plain training pass does
   # from the same seed state: the same loss (not inference's).
-  from test_embedding_output import _dropout_model, _inputs  # pylint: disable=g-import-not-at-top
-  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
-  model = _dropout_model()
+  model = dropout_model()
   arrays = batch_arrays()
-  inputs, labels, weights, fn = _inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
+  inputs, labels, weights, fn = text_inputs(arrays), arrays["label"], tf.ones([B]), loss_fn()
   method = EmbeddingGradientPenalty(epsilon=0.5, form="matrix")
   method.build(model)
-  seeds = random_state_variables(model)
-  start = [s.numpy() for s in seeds]
-  out = method.compute_gradients(model, fn, inputs, labels, weights)
-  for state, value in zip(seeds, start):
-    state.assign(value)
+  out, _ = rewound(model, lambda: method.compute_gradients(model, fn, inputs, labels, weights))
   loss = fn(labels, model(inputs, training=True), weights)
   np.testing.assert_allclose(float(out.loss), float(loss), rtol=1e-6)
   assert abs(float(loss) - float(fn(labels, model(inputs, training=False), weights))) > 1e-3

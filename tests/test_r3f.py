@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import builders
 from builders import B, C, L, V, batch_arrays, dense, loss_fn, split, tiny_bert
-from test_embedding_output import _inputs, tiny_masked_batch, tiny_masked_model
+from builders import text_inputs, tiny_masked_batch, tiny_masked_model
 from tfadv.methods.r3f import R3F
 
 SIGMA, LAMBDA = 0.5, 2.0  # large enough that the KL term moves every gradient
@@ -61,7 +61,7 @@ def test_r3f_equals_hand_computed_loss_and_gradients(noise_type):
 def test_r3f_embedding_table_learns_only_from_the_clean_branch():
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=7)
   method.build(model)
@@ -97,7 +97,6 @@ def test_r3f_passes_are_training_passes_and_a_zero_weight_example_adds_no_kl():
   # tiny_masked_model with dropout in its head: the clean pass, then the noisy
   # one, draw masks as two training passes from the same seed state do; the
   # last example has weight 0 (a padding row) and adds nothing.
-  from tfadv.models.state import random_state_variables  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)
   ids = keras.Input((L,), dtype="int32", name="token_ids")
   mask_in = keras.Input((L,), dtype="bool", name="padding_mask")
@@ -106,17 +105,14 @@ def test_r3f_passes_are_training_passes_and_a_zero_weight_example_adds_no_kl():
                            keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(C)])
   model = keras.Model({"token_ids": ids, "padding_mask": mask_in}, head(embedding(ids)))
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   weights = np.ones(B, np.float32)
   weights[-1] = 0.0
   method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=7)
   method.build(model)
-  seeds = random_state_variables(model)
-  start = [s.numpy() for s in seeds]
-  out = method.compute_gradients(model, loss_fn(), inputs, labels, tf.constant(weights))
-  for state, value in zip(seeds, start):
-    state.assign(value)
+  out, _ = builders.rewound(model, lambda: method.compute_gradients(
+      model, loss_fn(), inputs, labels, tf.constant(weights)))
   clean_embeddings = embedding(inputs["token_ids"])
   logits = head(clean_embeddings, training=True)
   noisy = head(clean_embeddings + _hand_noise("uniform", 7, 0, mask), training=True)
@@ -181,7 +177,7 @@ def test_r3f_noise_follows_the_runs_seed_unless_its_own_is_bound(run_seed, own_s
   was 0 in every run before)."""
   model, embedding, head = tiny_masked_model()
   arrays = batch_arrays()
-  inputs, labels = _inputs(arrays), arrays["label"]
+  inputs, labels = text_inputs(arrays), arrays["label"]
   mask = arrays["padding_mask"].astype(np.float32)
   method = R3F(epsilon=SIGMA, r3f_lambda=LAMBDA, seed=own_seed)
   builders.build_trainer(lambda: model, method, global_batch_size=B, split_batch=split,

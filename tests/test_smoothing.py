@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_char_substitution import VOCAB, V, H, L
+from builders import CHAR_H as H, CHAR_L as L, CHAR_V as V, CHAR_VOCAB as VOCAB
 from tfadv.attacks.char_substitution import CharSubstitutionAttack
 from tfadv.experiment import build_trainer
 from tfadv.data.pipeline import distributed_dataset
