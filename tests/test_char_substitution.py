@@ -16,6 +16,15 @@ from tfadv.data.vocab import SPECIAL_TOKENS
 from tfadv.experiment import build_trainer
 from tfadv.data.pipeline import distributed_dataset
 
+class Task:
+  """The parts of the task contract the attack reads (`prepare`, `examples`)."""
+  label_names = ["neg", "pos"]
+  vocabulary = staticmethod(lambda: VOCAB)
+  split_batch = staticmethod(lambda b: ({k: b[k] for k in ("token_ids", "padding_mask")},
+                                        b["label"]))
+  per_example_loss = staticmethod(per_example_ce)
+
+
 def brute_force(model, inputs, labels, candidates, budget):
   """Fewest changes (≤ budget) that flip each clean-correct example, by trying
   every set of positions and every candidate at each; None when none does."""
@@ -318,9 +327,6 @@ def test_the_vocabulary_gives_the_attack_pypinyins_table_of_its_width(tmp_path):
                                        r"set_vocabulary\(tokens\)"):
     attack.adversarial_outputs(model, inputs, tf.zeros([N], tf.int32), None, per_example_ce)
 
-  class Task:  # the part of the task contract `prepare` reads
-    vocabulary = staticmethod(lambda: VOCAB)
-
   attack.prepare(Task, str(tmp_path))
   table = model.get_layer("token_embedding").embeddings
   got = attack.candidates(table, tf.constant(inputs["token_ids"])).numpy()
@@ -352,13 +358,6 @@ def test_the_attack_queries_the_model_in_inference_mode():
   np.testing.assert_allclose(
       got.numpy(), plain({**inputs, "token_ids": extra["token_ids"].numpy()}).numpy(), rtol=1e-5,
       atol=1e-6)
-
-  class Task:  # the parts of the task contract `examples` reads
-    label_names = ["neg", "pos"]
-    vocabulary = staticmethod(lambda: VOCAB)
-    split_batch = staticmethod(lambda b: ({k: b[k] for k in ("token_ids", "padding_mask")},
-                                          b["label"]))
-    per_example_loss = staticmethod(per_example_ce)
 
   rows = attack.examples(with_dropout, Task, {**inputs, "label": labels.numpy()}, count=N)
   assert [row["prediction"] for row in rows] == [
@@ -432,13 +431,6 @@ def test_examples_for_a_reader_show_each_substitution():
   inputs = texts()
   labels = np.argmax(model(inputs).numpy(), -1).astype(np.int32)
   labels[0] = 1 - labels[0]  # wrong already: skipped
-
-  class Task:  # the parts of the task contract `examples` reads
-    label_names = ["neg", "pos"]
-    vocabulary = staticmethod(lambda: VOCAB)
-    split_batch = staticmethod(lambda b: ({k: b[k] for k in ("token_ids", "padding_mask")},
-                                          b["label"]))
-    per_example_loss = staticmethod(per_example_ce)
 
   attack = CharSubstitutionAttack(budget=2, max_fraction=1.0)
   attack.set_vocabulary(VOCAB, pinyin=random_pinyin())
