@@ -508,12 +508,17 @@ def test_free_token_memory_on_two_replicas_is_the_one_device_memory(mirrored):
   memory holds the rows of the whole global batch (all-gathered), equal to a
   one-device run's; the trainer hands the method the pipeline's replay index."""
   arrays = batch_arrays(n=8)
-  make = lambda: EmbeddingOutputFree(epsilon=0.5, replays=2, carry="token")
-  one = _trainer(tf.distribute.get_strategy(), make(), global_batch=8)
-  two = _trainer(mirrored, make(), global_batch=8)
-  start = one.method.memory.numpy()
-  _train(one, arrays, 1, global_batch=8)
-  _train(two, arrays, 1, global_batch=8)
+
+  def trained(strategy):
+    trainer = builders.trainer(
+        lambda: tiny_masked_model()[0], EmbeddingOutputFree(epsilon=0.5, replays=2, carry="token"),
+        split, 8, strategy=strategy, input_shape=(8 // strategy.num_replicas_in_sync, L))
+    start = trainer.method.memory.numpy()
+    builders.train(trainer, arrays, 1, 8, replays=2)
+    return trainer, start
+
+  one, start = trained(tf.distribute.get_strategy())
+  two, _ = trained(mirrored)
   want = one.method.memory.numpy()
   assert (np.abs(want - start).max(axis=1) > 0).sum() > 4  # the batch's tokens were written
   copies = [v.numpy() for v in mirrored.experimental_local_results(two.method.memory)]
