@@ -163,6 +163,12 @@ _ONCE = ("the piece after the first occurrence differs only where the marker occ
 _RANK2_ROWS = ("axis +1 is axis −1 for the embedding matrix's gradient and its rows "
                "(rank 2: rows × hidden), the only rank here")
 _LOGITS_AXIS = "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here"
+_IDS_RANK2 = "token ids have rank 2 (batch × length): their shape's first 3 entries are its first 2"
+_BASE_DEFAULT = ("the base class's default is never used: each method built on it passes its "
+                 "own ε (their defaults are tested)")
+_STATEFUL_READ = ("a read of the same indices returns the same rows: marking it stateful only "
+                  "keeps TensorFlow from folding or deduplicating the call, which changes no "
+                  "batch")
 _SET_IN_BUILD = "the initial value is never read: build() sets it before any step runs"
 _SAME_ROWS = ("every column of a chunk has the chunk's rows: the first column's count "
               "is the second's")
@@ -195,10 +201,10 @@ EQUIVALENT = {
         "reads it only when there are two or more (the same test, > 1, decides there)",
     ("tfadv/attacks/pgd.py",
      "broken = tf.not_equal(tf.argmax(logits, +1, output_type=labels.dtype), labels)"):
-        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+        _LOGITS_AXIS,
     ("tfadv/attacks/apgd.py",
      "correct = tf.equal(tf.argmax(logits, +1, output_type=tf.int32), tf.cast(labels, tf.int32))"):
-        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+        _LOGITS_AXIS,
     ("tfadv/attacks/apgd.py",
      "t = t / (tf.reduce_max(tf.abs(t), axis=axes, keepdims=True) - 1e-12)"): _RANDOM_NORM,
     ("tfadv/attacks/apgd.py",
@@ -209,7 +215,7 @@ EQUIVALENT = {
     ("tfadv/attacks/apgd.py", "return -(true - other) / (top3[:, 0] - top3[:, 2] + 2e-12)"): _GUARD,
     ("tfadv/perturbation.py", "TINY = 2e-12"): _GUARD_SIZE,
     ("tfadv/perturbation.py", "return tf.ones(tf.concat([tf.shape(ids)[:3], [1]], 0), tf.float32)"):
-        "token ids have rank 2 (batch × length): their shape's first 3 entries are its first 2",
+        _IDS_RANK2,
     ("tfadv/perturbation.py", "dims = tf.reduce_sum(tf.cast(mask, dtype) / tf.ones(shape, dtype),"):
         _ONES,
     ("tfadv/perturbation.py", "mask = tf.cast(mask, tf.float32) / tf.ones_like(zero)"): _ONES,
@@ -219,7 +225,7 @@ EQUIVALENT = {
      "return tf.reduce_sum(zero * mask) / tf.maximum(tf.reduce_sum(mask), 2.0)"): _COUNT,
     ("tfadv/attacks/apgd.py",
      "clean_wrong = tf.not_equal(tf.argmax(clean_logits, +1, output_type=tf.int32),"):
-        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+        _LOGITS_AXIS,
     ("tfadv/attacks/apgd.py",
      "window = tf.constant([float(checks.get(i, 2)) for i in range(self.num_steps)])"):
         "the window is read only at check iterations (`is_check`); the filler for the "
@@ -263,14 +269,13 @@ EQUIVALENT = {
     ("tfadv/methods/embedding_output.py", 'self.perturbation = ""'): _SET_IN_BUILD,
     ("tfadv/methods/embedding_output.py",
      "def __init__(self, epsilon: float = 2.0, init_magnitude: Optional[float] = None,"):
-        "the base class's default is never used: each method built on it passes its own "
-        "ε (their defaults are tested)",
+        _BASE_DEFAULT,
     ("tfadv/methods/embedding_output.py",
      "return ramped(self.init_magnitude) * uniform * mask / tf.sqrt(tf.maximum(dims, 2.0))"):
         _COUNT,
     ("tfadv/methods/embedding_output.py",
      "tf.zeros(tuple(input_shape[:3]) + (self.hook.output_dim,), tf.float32),"):
-        "token ids have rank 2 (batch × length): their shape's first 3 entries are its first 2",
+        _IDS_RANK2,
     **{("tfadv/methods/char_at.py", line): _LOGITS_AXIS for line in (
         "broken = tf.not_equal(tf.argmax(logits, +1, output_type=tf.int32),",
         "tf.argmax(logits, +1, output_type=tf.int32), tf.cast(labels, tf.int32)))")},
@@ -285,16 +290,14 @@ EQUIVALENT = {
         ("embedding_output", 'self._rng = ""'), ("embedding_output", 'self.hook = ""'))},
     ("tfadv/methods/embedding_output.py",
      'def __init__(self, epsilon: float = 2.0, layer_name: str = "token_embedding",'):
-        "the base class's default is never used: each method built on it passes its own "
-        "ε (their defaults are tested)",
+        _BASE_DEFAULT,
     **{("tfadv/methods/r3f.py", line): _LOGITS_AXIS for line in (
         "log_p = tf.nn.log_softmax(tf.cast(logits_p, tf.float32), axis=+1)",
         "log_q = tf.nn.log_softmax(tf.cast(logits_q, tf.float32), axis=+1)",
         "return tf.reduce_sum((tf.exp(log_p) - tf.exp(log_q)) * (log_p - log_q), axis=+1)")},
     ("tfadv/data/sources.py",
      "serialized = tf.numpy_function(py_read, [indices], tf.string, stateful=True)"):
-        "a read of the same indices returns the same rows: marking it stateful only "
-        "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+        _STATEFUL_READ,
     **{(f"tfadv/methods/{name}.py", "buffer_name = None"): (
         "the buffer variable's name only labels it (None: TensorFlow names it); "
         "checkpoints key a method's variables by their position (Experiment's "
@@ -308,8 +311,7 @@ EQUIVALENT = {
         "weight 0: which row fills it counts nowhere",
     ("tfadv/data/sources.py",
      "columns = tf.numpy_function(py_read, [indices], out_types, stateful=True)"):
-        "a read of the same indices returns the same rows: marking it stateful only "
-        "keeps TensorFlow from folding or deduplicating the call, which changes no batch",
+        _STATEFUL_READ,
     ("tfadv/data/sources.py", "name, split=split, data_dir=data_dir, download=True,"):
         "the builder is prepared by then (checked just above, or refused): TFDS's "
         "download=True has nothing left to do",
@@ -370,7 +372,7 @@ EQUIVALENT = {
         "axis +1 is axis −1 for the token-embedding table (vocabulary × hidden), its only rank",
     ("tfadv/attacks/char_substitution.py",
      "active = tf.logical_and(tf.equal(tf.argmax(logits, +1, output_type=tf.int32), labels),"):
-        "axis +1 is axis −1 for logits of rank 2 (batch × classes), the only rank here",
+        _LOGITS_AXIS,
     **{("tfadv/attacks/char_substitution.py", line):
        "axis +1 is axis −1 for tensors of rank 2 (logits: batch × classes; the verified "
        "texts' losses and flags: batch × top_k), the only rank here" for line in (
@@ -814,18 +816,12 @@ def _original_line(diff: str) -> str:
 
 
 def _why(source: str, diff: str) -> Optional[str]:
-  """The reason a survivor is equivalent, or None. A file since split into a
-  package (attacks.py -> attacks/) takes the reasons given for its parts."""
+  """The reason a survivor is equivalent, or None."""
   line = _mutated_line(diff)
   if (source, line) in EQUIVALENT:
     return EQUIVALENT[(source, line)]
   if (source, _original_line(diff)) in EQUIVALENT_LINES:
     return EQUIVALENT_LINES[(source, _original_line(diff))]
-  package = source[:-len(".py")] + "/"
-  if not os.path.exists(os.path.join(REPO, source)):
-    for (part, mutated), why in EQUIVALENT.items():
-      if part.startswith(package) and mutated == line:
-        return why
   return None
 
 
@@ -845,8 +841,7 @@ def report(records: dict, out: str) -> None:
            "times out, or fails slowly: mutmut's 'suspicious'); a survivor is listed with its diff, and either the reason it is equivalent to the "
            "original or \"not explained\" (a test to write). "
            f"Mutation types off: {DISABLED} (messages and gin names, not behaviour). "
-           "A file marked † changed after it was measured; ‡ was measured as the file named "
-           "in its section, since split.", "",
+           "A file marked † changed (or was removed) after it was measured.", "",
            "| file | mutants | killed | timed out | survived (explained equivalent) "
            "| kill rate | kill rate of the non-equivalent |", "|---|---|---|---|---|---|---|"]
   results = [records[k] for k in sorted(records)]
@@ -859,9 +854,8 @@ def report(records: dict, out: str) -> None:
                      and _is_equivalent(r["source"], diff))
     rate_real = 100.0 * killed / max(r["total"] - equivalent, 1)
     untested = f" (+{r['untested']} not run yet)" if r.get("untested") else ""
-    if not os.path.exists(os.path.join(REPO, r["source"])):
-      mark = " ‡"
-    elif r.get("source_hash") != blob_hash(r["source"]):
+    if (not os.path.exists(os.path.join(REPO, r["source"]))
+        or r.get("source_hash") != blob_hash(r["source"])):
       mark = " †"
     else:
       mark = ""
@@ -870,8 +864,6 @@ def report(records: dict, out: str) -> None:
                  f"{rate:.1f}% | {rate_real:.1f}% |")
   for r in results:
     lines += ["", f"## `{r['source']}`", ""]
-    if r.get("note"):
-      lines += [r["note"], ""]
     if r.get("scope"):
       lines += ["Scope: the mutants of " + ", ".join(f"`{n}`" for n in r["scope"])
                 + f" (the evaluation accounting); {r['outside_scope']} mutants elsewhere in "

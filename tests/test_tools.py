@@ -854,7 +854,7 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
   survivor = "@@ -1 +1 @@\n-  if x > 1:\n+  if across_replicas and context is not None and " \
              "context.num_replicas_in_sync >= 1:\n"
   for source, digest in (("tfadv/loss_scaling.py", m.blob_hash("tfadv/loss_scaling.py")),
-                         ("tfadv/tools/runs.py", "0" * 40)):
+                         ("tfadv/tools/runs.py", "0" * 40), ("tfadv/removed.py", "0" * 40)):
     m.save_record({"key": source, "source": source, "tests": ["tests/x.py"], "seconds": 1,
                    "source_hash": digest, "total": 10, "untested": 0, "killed": 9,
                    "survived": 1, "timeout": 0, "suspicious": 0,
@@ -864,6 +864,7 @@ def test_mutation_report_is_written_from_every_files_record_and_marks_a_changed_
   rows = [l for l in open(out).read().splitlines() if l.startswith("| `")]
   assert rows == [
       "| `tfadv/loss_scaling.py` | 10 | 9 | 0 | 1 (1) | 90.0% | 100.0% |",
+      "| `tfadv/removed.py` † | 10 | 9 | 0 | 1 (0) | 90.0% | 90.0% |",
       "| `tfadv/tools/runs.py` † | 10 | 9 | 0 | 1 (0) | 90.0% | 90.0% |"]
   assert "- mutant 7 (bad_survived): not explained" in open(out).read()
   # mutmut's "suspicious" is a kill that took long: counted killed, not listed.
